@@ -1,0 +1,48 @@
+"""Typed errors with messages a microscopist can act on.
+
+Every error says what was wrong, the offending value and, where it applies,
+the limit it broke and what to do about it. The command-line interface turns
+any :class:`MicrographyError` into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class MicrographyError(Exception):
+    """Base class of every error Micrography raises on purpose."""
+
+
+class ConfigError(MicrographyError, ValueError):
+    """A configuration file is missing, unreadable or invalid."""
+
+
+class ScanRequestError(MicrographyError, ValueError):
+    """A scan request cannot be executed by this instrument; nothing was exposed."""
+
+
+class OutsideStageError(ScanRequestError):
+    """The requested field of view extends beyond the stage limits."""
+
+
+class OutOfRangeError(ScanRequestError):
+    """A scan parameter (pixel size, dwell, shape, detector) is outside the instrument range."""
+
+
+class DoseLimitError(ScanRequestError):
+    """The scan would push part of the specimen past its per-area dose limit."""
+
+
+class DriverClosedError(MicrographyError, RuntimeError):
+    """The driver was closed; open a new one to acquire again."""
+
+
+class AcquisitionAborted(MicrographyError, RuntimeError):
+    """An acquisition was stopped by :meth:`agent.driver.MicroscopeDriver.abort`."""
+
+
+class DataFileError(MicrographyError, OSError):
+    """A data file is missing, unreadable, or lacks an expected key."""
+
+
+class InvalidImageError(MicrographyError, ValueError):
+    """An image has the wrong shape or contains non-finite pixels."""

@@ -1,0 +1,1 @@
+"""Offline analysis: replay of recorded sessions, policy comparisons and full-frame analyses."""

@@ -1,0 +1,1 @@
+"""The instrument side: synthetic Sm-BFO specimen, image formation and drivers that serve tiles."""

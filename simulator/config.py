@@ -1,0 +1,120 @@
+"""Configuration of the simulated instrument: specimen, image formation and instrument limits.
+
+``configs/simulator.yaml`` is loaded into :class:`SimulatorConfig`; every key is
+documented on the field that holds it. Units are in the field names.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from agent.config import StrictModel
+
+
+class SpecimenConfig(StrictModel):
+    """Procedural Sm-doped BiFeO3 specimen viewed along [001].
+
+    Sizes are in nanometres, fractions in [0, 1]. Counts of planted features may
+    be zero to switch a feature off.
+    """
+
+    size_nm: tuple[float, float] = Field((160.0, 160.0), description="specimen extent (x, y)")
+    lattice_nm: float = Field(0.396, gt=0.1, lt=2.0, description="pseudo-cubic lattice parameter")
+    sm_fraction: float = Field(0.10, ge=0.0, le=1.0, description="mean Sm fraction on A sites")
+    atoms_per_column: int = Field(40, ge=1, description="atoms in a column (sets thickness)")
+    polar_displacement_nm: float = Field(
+        0.025, ge=0.0, description="B-column shift from the A-cell centre in a fully polar domain"
+    )
+    position_jitter_nm: float = Field(0.0, ge=0.0, description="static random column displacement")
+
+    domain_walls: int = Field(4, ge=0, description="number of straight ferroelectric walls")
+    wall_width_nm: float = Field(0.6, gt=0.0, description="tanh half-width of a wall")
+    wall_meander_nm: float = Field(1.5, ge=0.0, description="amplitude of the walls' slow meander")
+
+    dislocations: int = Field(6, ge=0, description="edge dislocations")
+    dislocation_core_radius_nm: float = Field(0.5, gt=0.0, description="core label radius")
+    strain_radius_nm: float = Field(2.5, gt=0.0, description="'strained' label radius around a core")
+    strained_patches: int = Field(2, ge=0, description="locally rotated lattice patches")
+    strained_patch_radius_nm: float = Field(3.0, gt=0.0)
+    strained_patch_rotation_deg: float = Field(3.0, description="peak lattice rotation in a patch")
+
+    vacancy_clusters: int = Field(8, ge=0)
+    vacancies_per_cluster: tuple[int, int] = Field((3, 8), description="(min, max) per cluster")
+    substitution_clusters: int = Field(8, ge=0)
+    substitution_sm_fraction: float = Field(0.6, ge=0.0, le=1.0, description="Sm in a cluster")
+    cluster_radius_nm: float = Field(1.2, gt=0.0)
+    cluster_near_feature_probability: float = Field(
+        0.75, ge=0.0, le=1.0, description="chance a cluster sits near a wall or dislocation"
+    )
+    cluster_near_distance_nm: float = Field(4.0, gt=0.0)
+
+    phase_patches: int = Field(1, ge=0, description="Sm-rich non-polar patches")
+    phase_patch_radius_nm: float = Field(9.0, gt=0.0)
+    phase_sm_fraction: float = Field(0.20, ge=0.0, le=1.0)
+    amorphous_patches: int = Field(1, ge=0)
+    amorphous_patch_radius_nm: float = Field(6.0, gt=0.0)
+
+    thickness_gradient: float = Field(
+        0.3, ge=0.0, lt=1.0, description="relative thickness change across the specimen"
+    )
+    edge_margin_nm: float = Field(
+        8.0, ge=0.0, description="planted features keep this distance from the specimen edge"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if min(self.size_nm) < 4 * self.lattice_nm:
+            raise ValueError(f"size_nm {self.size_nm} must span at least four lattice spacings")
+        low, high = self.vacancies_per_cluster
+        if not 1 <= low <= high:
+            raise ValueError(
+                f"vacancies_per_cluster must be (min, max) with 1 <= min <= max, got {(low, high)}"
+            )
+        return self
+
+
+class ImagingConfig(StrictModel):
+    """HAADF image formation: probe, detector, noise and scan distortions."""
+
+    column_sigma_nm: float = Field(0.035, gt=0.0, description="Gaussian width of a column image")
+    haadf_peak_fraction: float = Field(
+        0.08, gt=0.0, le=1.0, description="fraction of electrons scattered to the detector on a Bi column"
+    )
+    background_fraction: float = Field(0.01, ge=0.0, le=1.0, description="diffuse background fraction")
+    detector_noise_counts: float = Field(0.5, ge=0.0, description="Gaussian read noise, in counts")
+    poisson_noise: bool = Field(True, description="counting noise; off only for tests and figures")
+    line_jitter_nm: float = Field(0.004, ge=0.0, description="random x shift of each scan line")
+    drift_nm_per_s: tuple[float, float] = Field((0.05, 0.03), description="slow drift (x, y)")
+    flyback_us: float = Field(20.0, ge=0.0, description="dead time at the end of each scan line")
+
+    @property
+    def distortions(self) -> bool:
+        """True when line jitter or drift move the image away from the ideal lattice."""
+        return self.line_jitter_nm > 0 or any(v != 0 for v in self.drift_nm_per_s)
+
+
+class InstrumentConfig(StrictModel):
+    """Limits of the simulated instrument, as reported by ``describe()``."""
+
+    name: str = "Micrography simulated STEM"
+    beam_current_pa: float = Field(20.0, gt=0.0)
+    dwell_us: tuple[float, float] = Field((0.5, 100.0), description="(min, max) dwell per pixel")
+    pixel_size_nm: tuple[float, float] = Field((0.005, 2.0), description="(min, max) pixel size")
+    max_tile_shape: tuple[int, int] = Field((4096, 4096))
+    detectors: tuple[str, ...] = ("HAADF",)
+    max_dose_e_per_a2: float | None = Field(
+        None, gt=0.0, description="per-area dose limit; None disables the check"
+    )
+    dose_map_cell_nm: float = Field(0.5, gt=0.0, description="resolution of the dose bookkeeping")
+    stage_settle_s: float = Field(0.5, ge=0.0, description="instrument time spent per stage move")
+
+
+class SimulatorConfig(StrictModel):
+    """Everything ``micrography simulate`` and the simulated microscope need."""
+
+    seed: int = Field(0, description="specimen seed; noise streams are derived from it")
+    specimen: SpecimenConfig = SpecimenConfig()
+    imaging: ImagingConfig = ImagingConfig()
+    instrument: InstrumentConfig = InstrumentConfig()

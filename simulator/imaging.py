@@ -1,0 +1,326 @@
+"""HAADF-STEM image formation for the synthetic specimen.
+
+Each column images as a Gaussian blob (probe convolved with the column's
+spread) whose height is proportional to its scattering weight, the sum of
+Z**1.7 over its atoms. The signal of a pixel is the blob averaged over the
+pixel's area, so the same code serves atomic-resolution tiles (0.01 nm/px)
+and survey scans where columns blur into contrast (several Å/px). Counting
+noise is Poisson in the number of electrons per pixel (beam current x dwell);
+the detector adds Gaussian read noise; the scan adds line-to-line jitter and
+slow drift.
+
+Only the columns inside the window (plus a margin) are touched, so the cost
+depends on the window, not on the specimen size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from simulator.config import ImagingConfig
+from simulator.specimen import Specimen
+
+_COLUMN_CHUNK = 8192
+_SQRT_2PI = math.sqrt(2 * math.pi)
+
+
+def line_time_us(cols: int, dwell_us: float, imaging: ImagingConfig) -> float:
+    """Time to scan one line, flyback included, in microseconds."""
+    return cols * dwell_us + imaging.flyback_us
+
+
+def frame_time_s(shape: tuple[int, int], dwell_us: float, imaging: ImagingConfig) -> float:
+    """Time to scan a whole tile, in seconds.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(rows, cols)`` in pixels.
+    dwell_us : float
+        Dwell per pixel, microseconds.
+    imaging : ImagingConfig
+        Gives the flyback time.
+
+    Returns
+    -------
+    float
+        Frame time in seconds.
+    """
+    return shape[0] * line_time_us(shape[1], dwell_us, imaging) * 1e-6
+
+
+def scan_offsets_px(
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    dwell_us: float,
+    imaging: ImagingConfig,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each scan line really was, relative to where it was meant to be.
+
+    Drift accumulates from the start of the frame; jitter is drawn per line.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(rows, cols)`` in pixels.
+    pixel_size_nm : float
+        Pixel size, nanometres.
+    dwell_us : float
+        Dwell per pixel, microseconds.
+    imaging : ImagingConfig
+        Drift, jitter and flyback.
+    rng : numpy.random.Generator
+        Source of the jitter.
+
+    Returns
+    -------
+    dx_px, dy_px : numpy.ndarray
+        Per-row offsets along x and y, in pixels.
+    """
+    rows = shape[0]
+    t_row_s = np.arange(rows) * line_time_us(shape[1], dwell_us, imaging) * 1e-6
+    dx_nm = imaging.drift_nm_per_s[0] * t_row_s
+    dy_nm = imaging.drift_nm_per_s[1] * t_row_s
+    if imaging.line_jitter_nm > 0:
+        dx_nm = dx_nm + rng.normal(0.0, imaging.line_jitter_nm, rows)
+    return dx_nm / pixel_size_nm, dy_nm / pixel_size_nm
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    """Standard normal CDF in float32; torch's vectorised erf is an order of magnitude faster than scipy's."""
+    values = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    return (0.5 * (1.0 + torch.erf(values * (1.0 / math.sqrt(2.0))))).numpy()
+
+
+def _pixel_averaged_gaussian(edges: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Mean of exp(-d²/2σ²) over consecutive pixel intervals whose edges are ``edges`` (last axis)."""
+    cdf = _normal_cdf(edges / sigma_px)
+    return (cdf[..., 1:] - cdf[..., :-1]) * np.float32(sigma_px * _SQRT_2PI)
+
+
+def column_signal(
+    x_px: np.ndarray,
+    y_px: np.ndarray,
+    weight: np.ndarray,
+    shape: tuple[int, int],
+    sigma_px: float,
+    dx_px: np.ndarray | None = None,
+    dy_px: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sum of pixel-averaged Gaussian blobs, one per column.
+
+    Parameters
+    ----------
+    x_px, y_px : numpy.ndarray
+        Column positions in pixel coordinates (x along columns, y along rows; integers are pixel centres).
+    weight : numpy.ndarray
+        Peak height of each blob before pixel averaging.
+    shape : tuple of int
+        Output ``(rows, cols)``.
+    sigma_px : float
+        Blob width, pixels.
+    dx_px, dy_px : numpy.ndarray, optional
+        Per-row scan offsets (see :func:`scan_offsets_px`): row ``i`` images the
+        specimen at ``(col + dx[i], i + dy[i])``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 image of shape ``shape``.
+
+    Examples
+    --------
+    >>> image = column_signal(np.array([4.3]), np.array([5.0]), np.array([1.0]), (10, 10), 1.0)
+    >>> int(image.argmax() // 10), int(image.argmax() % 10)
+    (5, 4)
+    """
+    rows, cols = shape
+    image = np.zeros(rows * cols, dtype=np.float64)
+    if x_px.size == 0:
+        return image.reshape(shape)
+    distorted = dx_px is not None or dy_px is not None
+    dx = np.zeros(rows) if dx_px is None else np.asarray(dx_px, dtype=float)
+    dy = np.zeros(rows) if dy_px is None else np.asarray(dy_px, dtype=float)
+    line_y = np.arange(rows) + dy  # where each line really sampled the specimen
+    reach = math.ceil(4.0 * sigma_px) + 1
+    span = 2 * reach + 1
+    offsets = np.arange(span)
+
+    for start in range(0, x_px.size, _COLUMN_CHUNK):
+        u = x_px[start : start + _COLUMN_CHUNK]
+        v = y_px[start : start + _COLUMN_CHUNK]
+        w = weight[start : start + _COLUMN_CHUNK]
+        centre_row = np.clip(np.searchsorted(line_y, v), 0, rows - 1)
+        row0 = centre_row - reach
+        patch_rows = row0[:, None] + offsets[None, :]  # (k, span)
+        valid_row = (patch_rows >= 0) & (patch_rows < rows)
+        safe_rows = np.clip(patch_rows, 0, rows - 1)
+        # The pixel height is averaged like its width, so survey pixels integrate the columns.
+        line_to_column = line_y[safe_rows] - v[:, None]
+        gy = (
+            (_normal_cdf((line_to_column + 0.5) / sigma_px) - _normal_cdf((line_to_column - 0.5) / sigma_px))
+            * (sigma_px * _SQRT_2PI)
+            * valid_row
+        )
+        col0 = np.rint(u - dx[centre_row]).astype(np.int64) - reach
+        if distorted:
+            # Each line has its own x offset: (k, span rows, span + 1 edges).
+            edges = (
+                (col0[:, None] - 0.5 - u[:, None])[:, :, None]
+                + dx[safe_rows][:, :, None]
+                + np.arange(span + 1)[None, None, :]
+            )
+            gx = _pixel_averaged_gaussian(edges, sigma_px)
+            patch = gx * (gy * w[:, None])[:, :, None]
+        else:
+            edges = col0[:, None] + np.arange(span + 1)[None, :] - 0.5 - u[:, None]
+            gx = _pixel_averaged_gaussian(edges, sigma_px)
+            patch = (gy * w[:, None])[:, :, None] * gx[:, None, :]
+        patch_cols = col0[:, None] + offsets[None, :]
+        valid_col = (patch_cols >= 0) & (patch_cols < cols)
+        flat = safe_rows[:, :, None] * cols + np.clip(patch_cols, 0, cols - 1)[:, None, :]
+        keep = valid_row[:, :, None] & valid_col[:, None, :]
+        flat, values = flat[keep], patch[keep]
+        if flat.size == 0:
+            continue
+        low = int(flat.min())
+        image[low : int(flat.max()) + 1] += np.bincount(flat - low, weights=values)
+    return image.reshape(shape)
+
+
+def render_expected_counts(
+    specimen: Specimen,
+    origin_nm: tuple[float, float],
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    electrons_per_pixel: float,
+    imaging: ImagingConfig,
+    dx_px: np.ndarray | None = None,
+    dy_px: np.ndarray | None = None,
+) -> np.ndarray:
+    """Noise-free HAADF signal of a window, in detected electrons per pixel.
+
+    Parameters
+    ----------
+    specimen : Specimen
+        The specimen to image.
+    origin_nm : tuple of float
+        Stage position ``(x, y)`` of pixel ``(0, 0)``'s centre, nanometres.
+    shape : tuple of int
+        ``(rows, cols)`` in pixels.
+    pixel_size_nm : float
+        Pixel size, nanometres.
+    electrons_per_pixel : float
+        Incident electrons per pixel (beam current x dwell).
+    imaging : ImagingConfig
+        Probe width, detector fractions.
+    dx_px, dy_px : numpy.ndarray, optional
+        Per-row scan offsets in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 expected counts, shape ``shape``.
+    """
+    rows, cols = shape
+    sigma_px = imaging.column_sigma_nm / pixel_size_nm
+    shift_x = 0.0 if dx_px is None else float(np.abs(dx_px).max())
+    shift_y = 0.0 if dy_px is None else float(np.abs(dy_px).max())
+    margin_x = (4 * sigma_px + 2 + shift_x) * pixel_size_nm
+    margin_y = (4 * sigma_px + 2 + shift_y) * pixel_size_nm
+    x0, y0 = origin_nm
+    index = specimen.columns_in(
+        x0 - margin_x,
+        x0 + (cols - 1) * pixel_size_nm + margin_x,
+        y0 - margin_y,
+        y0 + (rows - 1) * pixel_size_nm + margin_y,
+    )
+    x_px = (specimen.x_nm[index] - x0) / pixel_size_nm
+    y_px = (specimen.y_nm[index] - y0) / pixel_size_nm
+    columns = column_signal(
+        x_px, y_px, specimen.weight[index].astype(np.float64), shape, sigma_px, dx_px, dy_px
+    )
+    # The diffuse background follows the thickness, evaluated on the nominal grid.
+    x_line = x0 + np.arange(cols) * pixel_size_nm
+    y_line = y0 + np.arange(rows) * pixel_size_nm
+    background = imaging.background_fraction * specimen.thickness_factor(x_line[None, :], y_line[:, None])
+    return electrons_per_pixel * (background + imaging.haadf_peak_fraction * columns)
+
+
+def add_detector_noise(
+    expected_counts: np.ndarray, imaging: ImagingConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Poisson counting noise plus Gaussian read noise.
+
+    Parameters
+    ----------
+    expected_counts : numpy.ndarray
+        Noise-free detected electrons per pixel.
+    imaging : ImagingConfig
+        Whether to add Poisson noise and the read-noise level.
+    rng : numpy.random.Generator
+        Noise source.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 noisy image in counts.
+    """
+    if imaging.poisson_noise:
+        image = rng.poisson(expected_counts).astype(np.float32)
+    else:
+        image = expected_counts.astype(np.float32)
+    if imaging.detector_noise_counts > 0:
+        read_noise = rng.standard_normal(image.shape, dtype=np.float32)
+        read_noise *= np.float32(imaging.detector_noise_counts)
+        image += read_noise
+    return image
+
+
+def render_tile_image(
+    specimen: Specimen,
+    origin_nm: tuple[float, float],
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    dwell_us: float,
+    electrons_per_pixel: float,
+    imaging: ImagingConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A noisy HAADF tile with scan distortions, in detected electrons per pixel.
+
+    Parameters
+    ----------
+    specimen : Specimen
+        The specimen to image.
+    origin_nm : tuple of float
+        Stage position ``(x, y)`` of pixel ``(0, 0)``'s centre, nanometres.
+    shape : tuple of int
+        ``(rows, cols)`` in pixels.
+    pixel_size_nm : float
+        Pixel size, nanometres.
+    dwell_us : float
+        Dwell per pixel, microseconds (sets line time for drift).
+    electrons_per_pixel : float
+        Incident electrons per pixel.
+    imaging : ImagingConfig
+        Image formation parameters.
+    rng : numpy.random.Generator
+        Source of jitter and noise.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 image.
+    """
+    dx_px = dy_px = None
+    if imaging.distortions:
+        dx_px, dy_px = scan_offsets_px(shape, pixel_size_nm, dwell_us, imaging, rng)
+    expected = render_expected_counts(
+        specimen, origin_nm, shape, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px
+    )
+    return add_detector_noise(expected, imaging, rng)

@@ -1,0 +1,311 @@
+"""A microscope that serves crops of a recorded image.
+
+:class:`ReplayMicroscope` places a recorded image (for example a 4000 px
+Sm-BFO HAADF frame) on a virtual stage and answers scan requests with the
+part of it they cover, resampled to the requested pixel size and degraded to
+the requested dose. It lets the agent run on real data offline.
+
+Stage frame: the centre of recorded pixel ``(row, col)`` lies at stage
+``x = (col + 0.5) * p``, ``y = (row + 0.5) * p`` nanometres, ``p`` the recorded
+pixel size, so the image covers ``[0, W p] x [0, H p]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from scipy import ndimage
+
+from agent.driver import InstrumentDescription, MicroscopeDriver, ScanRequest, Tile
+from agent.errors import ConfigError
+from simulator.dataset import RecordedImage, UnitCellParameters, load_image
+
+MAX_PIXEL_SIZE_FACTOR = 64.0
+DEFAULT_BEAM_CURRENT_PA = 50.0
+"""Probe current assumed for a recording that does not state one, pA."""
+DEFAULT_RECORDED_DWELL_US = 10.0
+"""Dwell assumed for a recording that does not state one, µs."""
+"""Largest pixel size offered, as a multiple of the recorded pixel size."""
+
+_PIXEL_SIZE_RTOL = 1e-6
+_ALIGNMENT_TOL_PX = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class StageUnitCells:
+    """Ground-truth unit cells inside a stage rectangle.
+
+    Parameters
+    ----------
+    cells : UnitCellParameters
+        The selected cells, positions still in recorded-image pixels.
+    x_nm, y_nm : numpy.ndarray
+        Cell centres on the stage, in nanometres, shape ``(N,)``.
+    """
+
+    cells: UnitCellParameters
+    x_nm: np.ndarray
+    y_nm: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x_nm.shape[0])
+
+
+class ReplayMicroscope(MicroscopeDriver):
+    """Serve tiles cut from a recorded image as if it were a microscope.
+
+    Parameters
+    ----------
+    recorded : RecordedImage
+        The recorded image (see :func:`simulator.dataset.load_image`).
+    pixel_size_nm : float, optional
+        Recorded pixel size in nanometres; overrides the one in ``recorded``. Required if
+        the file carries none.
+    beam_current_pa : float, optional
+        Probe current the recording was made with, in picoamperes; by default the file's
+        ``beam_current_pa`` attribute, else 50 pA.
+    recorded_dwell_us : float, optional
+        Dwell time per pixel of the recording, in microseconds; by default the file's
+        ``dwell_us`` attribute, else 10 µs.
+    counts_per_unit : float
+        Detected electrons per unit of recorded signal at ``recorded_dwell_us``; sets the
+        shot noise of lower-dose requests.
+    seed : int
+        Seed of the shot noise; the same sequence of requests gives the same tiles.
+    max_tile_shape : tuple of int
+        Largest tile ``(rows, cols)``, in pixels.
+    dwell_range_us : tuple of float
+        Shortest and longest dwell per pixel accepted, in microseconds.
+
+    Notes
+    -----
+    Signal model: the expected signal of a requested pixel is the recorded signal at
+    that stage position (low-passed to the requested pixel size), scaled by
+    ``dwell / recorded_dwell_us`` in detected electrons. The electrons a pixel receives
+    depend on dwell only, not on the pixel area, so a larger pixel is not brighter. For a
+    dwell shorter than the recording, detected counts are drawn from a Poisson law with
+    mean ``signal * counts_per_unit * dwell / recorded_dwell_us`` and divided back to the
+    recorded units, so the tile has the recorded mean and a variance of
+    ``signal * recorded_dwell_us / (dwell * counts_per_unit)``. Pixels with a negative
+    recorded signal (background-subtracted data) keep their value without shot noise. A
+    dwell equal to or longer than the recording returns the noise-free resampled signal:
+    a replay cannot add information that was never recorded.
+    """
+
+    def __init__(
+        self,
+        recorded: RecordedImage,
+        *,
+        pixel_size_nm: float | None = None,
+        beam_current_pa: float | None = None,
+        recorded_dwell_us: float | None = None,
+        counts_per_unit: float = 1.0,
+        seed: int = 0,
+        max_tile_shape: tuple[int, int] = (4096, 4096),
+        dwell_range_us: tuple[float, float] = (0.1, 100.0),
+    ) -> None:
+        super().__init__()
+        if beam_current_pa is None:
+            beam_current_pa = float(recorded.attrs.get("beam_current_pa", DEFAULT_BEAM_CURRENT_PA))
+        if recorded_dwell_us is None:
+            recorded_dwell_us = float(recorded.attrs.get("dwell_us", DEFAULT_RECORDED_DWELL_US))
+        pixel = pixel_size_nm if pixel_size_nm is not None else recorded.pixel_size_nm
+        if pixel is None:
+            raise ConfigError(
+                f"{recorded.source}: the pixel size of this image is unknown; "
+                "pass pixel_size_nm (nanometres per pixel) to replay it"
+            )
+        for name, value in (
+            ("pixel_size_nm", pixel),
+            ("recorded_dwell_us", recorded_dwell_us),
+            ("counts_per_unit", counts_per_unit),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        self._recorded = recorded
+        self._pixel_size_nm = float(pixel)
+        self._recorded_dwell_us = float(recorded_dwell_us)
+        self._counts_per_unit = float(counts_per_unit)
+        self._seed = int(seed)
+        rows, cols = recorded.image.shape
+        try:
+            self._description = InstrumentDescription(
+                name=f"replay of {recorded.source.name}",
+                stage_x_nm=(0.0, cols * self._pixel_size_nm),
+                stage_y_nm=(0.0, rows * self._pixel_size_nm),
+                pixel_size_nm=(self._pixel_size_nm, MAX_PIXEL_SIZE_FACTOR * self._pixel_size_nm),
+                max_tile_shape=max_tile_shape,
+                detectors=("HAADF",),
+                beam_current_pa=beam_current_pa,
+                dwell_us=dwell_range_us,
+            )
+        except ValidationError as error:
+            raise ConfigError(f"invalid replay settings: {error}") from None
+        self._clock = time.time()
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs: Any) -> ReplayMicroscope:
+        """Open a recorded image file and replay it.
+
+        Parameters
+        ----------
+        path : str or pathlib.Path
+            Anything :func:`simulator.dataset.load_image` reads.
+        **kwargs
+            Keyword arguments of :class:`ReplayMicroscope`; ``pixel_size_nm`` also overrides
+            the file's pixel size.
+
+        Returns
+        -------
+        ReplayMicroscope
+            The driver.
+        """
+        return cls(load_image(path, kwargs.get("pixel_size_nm")), **kwargs)
+
+    # ------------------------------------------------------------------------- state
+
+    @property
+    def recorded(self) -> RecordedImage:
+        """The recorded image being replayed."""
+        return self._recorded
+
+    @property
+    def pixel_size_nm(self) -> float:
+        """Recorded pixel size, in nanometres."""
+        return self._pixel_size_nm
+
+    @property
+    def ground_truth(self) -> UnitCellParameters | None:
+        """Unit cells of the recording, in recorded pixels; for evaluation only."""
+        return self._recorded.uc_parameters
+
+    def uc_parameters_in(self, extent_nm: tuple[float, float, float, float]) -> StageUnitCells | None:
+        """Ground-truth unit cells whose centre lies in a stage rectangle.
+
+        Parameters
+        ----------
+        extent_nm : tuple of float
+            ``(x_min, x_max, y_min, y_max)`` in nanometres, e.g. :attr:`Tile.extent_nm`; the
+            lower edges are included and the upper ones excluded, so adjacent tiles share no
+            cell.
+
+        Returns
+        -------
+        StageUnitCells or None
+            The cells with their centres in stage nanometres; None if the recording has no
+            unit-cell parameters.
+        """
+        cells = self._recorded.uc_parameters
+        if cells is None:
+            return None
+        x_min, x_max, y_min, y_max = extent_nm
+        x_nm = (cells.x_px + 0.5) * self._pixel_size_nm
+        y_nm = (cells.y_px + 0.5) * self._pixel_size_nm
+        inside = (x_nm >= x_min) & (x_nm < x_max) & (y_nm >= y_min) & (y_nm < y_max)
+        return StageUnitCells(cells=cells.select(inside), x_nm=x_nm[inside], y_nm=y_nm[inside])
+
+    # ------------------------------------------------------------------------- driver
+
+    def describe(self) -> InstrumentDescription:
+        """Return the stage, pixel-size, dwell and tile limits of the replay.
+
+        Returns
+        -------
+        InstrumentDescription
+            Stage ``[0, W p] x [0, H p]`` nm, pixel sizes from the recorded ``p`` to
+            64 ``p``, detector ``"HAADF"``.
+        """
+        return self._description
+
+    def _acquire(self, request: ScanRequest) -> Tile:
+        self._raise_if_aborted(request)
+        signal, resampled = self._signal(request)
+        image, shot_noise = self._expose(signal, request.dwell_us, self.exposures)
+        frame_s = request.shape[0] * request.shape[1] * request.dwell_us * 1e-6
+        # Virtual instrument clock: scans never overlap and nobody sleeps through them.
+        t_start = max(self._clock, time.time())
+        t_end = t_start + frame_s
+        dose = self._description.dose_of(request)
+        tile = Tile(
+            image=image,
+            request=request,
+            origin_nm=request.origin_nm,
+            pixel_size_nm=request.pixel_size_nm,
+            dose_e_per_a2=dose,
+            t_start=t_start,
+            t_end=t_end,
+            metadata={
+                "source": self._recorded.source.name,
+                "recorded_pixel_size_nm": self._pixel_size_nm,
+                "resampled": resampled,
+                "shot_noise": shot_noise,
+                "beam_current_pa": self._description.beam_current_pa,
+                "recorded_dwell_us": self._recorded_dwell_us,
+                "exposure": self.exposures,
+                "detector": request.detector,
+            },
+        )
+        self._clock = t_end
+        return tile
+
+    def _signal(self, request: ScanRequest) -> tuple[np.ndarray, bool]:
+        """Noise-free recorded signal at the requested pixel centres; True if resampled."""
+        source = self._recorded.image
+        height, width = source.shape
+        rows, cols = request.shape
+        step = request.pixel_size_nm / self._pixel_size_nm
+        x0, y0 = request.origin_nm
+        row0 = y0 / self._pixel_size_nm - 0.5
+        col0 = x0 / self._pixel_size_nm - 0.5
+        r0, c0 = round(row0), round(col0)
+        aligned = (
+            abs(step - 1.0) <= _PIXEL_SIZE_RTOL
+            and abs(row0 - r0) <= _ALIGNMENT_TOL_PX
+            and abs(col0 - c0) <= _ALIGNMENT_TOL_PX
+            and r0 >= 0
+            and r0 + rows <= height
+            and c0 >= 0
+            and c0 + cols <= width
+        )
+        if aligned:
+            return np.array(source[r0 : r0 + rows, c0 : c0 + cols], dtype=np.float32), False
+        # Same second moment as averaging over the coarse pixel, less what the recorded pixel
+        # already averaged: removes what the coarse grid would alias without over-blurring.
+        sigma = math.sqrt(max(step * step - 1.0, 0.0) / 12.0)
+        margin = math.ceil(4.0 * sigma) + 2
+        r_lo = max(0, math.floor(row0) - margin)
+        r_hi = min(height, math.ceil(row0 + step * (rows - 1)) + margin + 1)
+        c_lo = max(0, math.floor(col0) - margin)
+        c_hi = min(width, math.ceil(col0 + step * (cols - 1)) + margin + 1)
+        window = source[r_lo:r_hi, c_lo:c_hi].astype(np.float64)
+        if sigma > 0:
+            window = ndimage.gaussian_filter(window, sigma, mode="nearest")
+        # A uniform axis-aligned grid is an affine map; this is map_coordinates at the
+        # requested pixel centres without materialising a (2, rows, cols) coordinate array.
+        signal = ndimage.affine_transform(
+            window,
+            matrix=np.array([step, step]),
+            offset=(row0 - r_lo, col0 - c_lo),
+            output_shape=(rows, cols),
+            order=1,
+            mode="nearest",
+        )
+        return signal.astype(np.float32), True
+
+    def _expose(self, signal: np.ndarray, dwell_us: float, exposure: int) -> tuple[np.ndarray, bool]:
+        """Apply the shot noise of ``dwell_us``; returns the image and whether noise was added."""
+        dose_ratio = dwell_us / self._recorded_dwell_us
+        if dose_ratio >= 1.0:
+            return signal, False
+        rng = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(exposure,)))
+        scale = self._counts_per_unit * dose_ratio
+        expected = signal.astype(np.float64) * scale
+        counts = rng.poisson(np.clip(expected, 0.0, None))
+        noisy = np.where(expected > 0, counts, expected) / scale
+        return noisy.astype(np.float32), True
