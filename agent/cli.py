@@ -26,6 +26,8 @@ Commands:
   describe   print what an instrument can do (stage, pixel sizes, dwell, detectors)
   acquire    take one tile from the simulated or a replayed microscope and save it
   bench      measure speed against the project's targets (prints a table, writes JSON)
+  serve      serve the simulated or a replayed microscope over ZeroMQ as an instrument server
+  keys       generate CurveZMQ key pairs for an authenticated instrument link
 
 Run `micrography COMMAND --help` for the options of each command.
 """
@@ -151,12 +153,129 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = benchmark_simulator(
             _simulator_config(args.config, None), repeats=args.repeats, pixel_size_nm=args.pixel_size
         )
+    elif args.target == "link":
+        from simulator.link_bench import benchmark_link
+        from simulator.link_bench import format_report as format_link_report
+
+        report = benchmark_link(repeats=args.repeats)
+        print(format_link_report(report))
+        write_report(report, args.json)
+        if args.json:
+            print(f"written: {args.json}")
+        return 0
     else:  # argparse restricts the choices; kept for type checkers
         raise ConfigError(f"unknown benchmark {args.target!r}")
     print(format_report(report))
     write_report(report, args.json)
     if args.json:
         print(f"written: {args.json}")
+    return 0
+
+
+def _server_logger(log_file: str | None) -> tuple[Any, list[Any]]:
+    """The ``micrography`` logger writing to stderr (and ``log_file``); returns it and its handlers."""
+    import logging
+
+    logger = logging.getLogger("micrography")
+    logger.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger, handlers
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the simulated or replayed microscope as an instrument server until Ctrl-C or SIGTERM."""
+    import hashlib
+    import signal
+    import threading
+
+    from agent.protocol.security import CurveServerKeys
+    from simulator.server import InstrumentServer, instrument_fingerprint, require_safe_bind
+
+    if bool(args.curve_secret_key) != bool(args.allowed_clients):
+        raise ConfigError(
+            "--curve-secret-key and --allowed-clients go together: the server's key pair, and the "
+            "public keys of the clients it accepts (make both with `micrography keys generate`)"
+        )
+    curve = (
+        CurveServerKeys.from_files(args.curve_secret_key, args.allowed_clients)
+        if args.curve_secret_key
+        else None
+    )
+    # Refuse an unsafe address before spending time on the specimen.
+    require_safe_bind(args.bind, args.events_bind, curve is not None, args.insecure)
+    logger, handlers = _server_logger(args.log)
+    stop = threading.Event()
+    # SIGTERM (systemd, docker stop, kill) stops as gracefully as Ctrl-C; only the main thread may
+    # install a handler.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main_thread else None
+    try:
+        with _progress_status("preparing the instrument"):
+            microscope = _open_driver(args)
+        with microscope:
+            journal = None
+            if not args.no_journal:
+                # One journal per instrument and configuration: a restart of the same server
+                # resumes it, a differently configured one starts its own.
+                digest = hashlib.sha256(
+                    json.dumps(instrument_fingerprint(microscope), sort_keys=True).encode()
+                ).hexdigest()[:12]
+                journal = Path(args.journal) if args.journal else Path("runs") / "serve-journal" / digest
+            server = InstrumentServer(
+                microscope,
+                args.bind,
+                events_bind=args.events_bind,
+                curve=curve,
+                journal=journal,
+                heartbeat_s=args.heartbeat,
+                allow_insecure=args.insecure,
+                logger=logger.getChild("server"),
+            )
+            server.start()
+            try:
+                if args.endpoint_file:
+                    Path(args.endpoint_file).write_text(
+                        json.dumps({"endpoint": server.endpoint, "events_endpoint": server.events_endpoint})
+                    )
+                status = server.status()
+                print(
+                    f"serving {microscope.describe().name} on {server.endpoint} "
+                    f"(events {server.events_endpoint or 'off'}, CURVE {'on' if curve else 'off'}, "
+                    f"journal {journal or 'off'}: {status.exposures} earlier exposure(s)); "
+                    "Ctrl-C stops it",
+                    flush=True,
+                )
+                while not stop.wait(0.2):
+                    pass
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.stop(grace_s=args.grace)
+        print("instrument server stopped", flush=True)
+        return 0
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Generate a CurveZMQ key pair."""
+    from agent.protocol.security import generate_keys, load_public_key
+
+    public_file, secret_file = generate_keys(args.out, args.name)
+    print(f"public key: {public_file}  (give it to the other side of the link)")
+    print(f"secret key: {secret_file}  (stays on this machine, readable by you only)")
+    print(f"Z85 public key: {load_public_key(public_file).decode()}")
     return 0
 
 
@@ -270,9 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure speed against the targets",
         description="Run a benchmark, print its table and optionally write the figures as JSON. "
         "simulator: median time to render 512x512 and 4096x4096 high-resolution tiles "
-        "(targets 0.05 s and 3 s on 2 cores).",
+        "(targets 0.05 s and 3 s on 2 cores). "
+        "link: round-trip latency and throughput of 512x512 and 4096x4096 float32 tiles over "
+        "loopback TCP, with and without CURVE, for the Micrography protocol, a bare pyzmq exchange "
+        "and JSON lists (targets: >= 80 %% of bare pyzmq, >= 100x JSON lists, <= 2 ms at 512x512; "
+        "takes about a minute).",
     )
-    bench.add_argument("target", choices=["simulator"], help="what to measure")
+    bench.add_argument("target", choices=["simulator", "link"], help="what to measure")
     bench.add_argument("--json", metavar="PATH", help="write the figures here")
     bench.add_argument("--config", metavar="YAML", help="simulator configuration (default: built-in)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per case (default 5)")
@@ -284,6 +407,96 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixel size of the high-resolution tiles, nm (default 0.02)",
     )
     bench.set_defaults(handler=cmd_bench)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a microscope over ZeroMQ (instrument server)",
+        description=(
+            "Serve the simulated microscope (or a replayed recording) as an instrument server "
+            "speaking the Micrography link protocol (docs/protocol.md), so an agent on another "
+            "process or computer drives it with ZmqMicroscope. Listens on 127.0.0.1 unless told "
+            "otherwise; any other address needs CURVE (--curve-secret-key, --allowed-clients) or "
+            "--insecure. Every command is logged. Ctrl-C or SIGTERM stops it gracefully: the "
+            "exposure in progress is finished and answered first."
+        ),
+    )
+    _add_instrument_options(serve)
+    serve.add_argument(
+        "--bind",
+        default="tcp://127.0.0.1:5555",
+        metavar="ENDPOINT",
+        help="command endpoint (default tcp://127.0.0.1:5555; tcp://127.0.0.1:* takes a free port)",
+    )
+    serve.add_argument(
+        "--events-bind",
+        default="auto",
+        metavar="ENDPOINT",
+        help="event endpoint for heartbeats, tile-ready, dose warnings, state "
+        "(default: same host, command port + 1)",
+    )
+    serve.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="the server's .key_secret file: turns on CurveZMQ authentication and encryption",
+    )
+    serve.add_argument(
+        "--allowed-clients",
+        metavar="DIR_OR_FILE",
+        help="public .key file(s) of the clients allowed in (a file, or a folder of *.key)",
+    )
+    journal_options = serve.add_mutually_exclusive_group()
+    journal_options.add_argument(
+        "--journal",
+        metavar="DIR",
+        help="exposure journal folder: retried request ids are answered across restarts, never "
+        "exposed twice (default: runs/serve-journal/<instrument hash>)",
+    )
+    journal_options.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="keep the request-id bookkeeping in memory only (a restart forgets it)",
+    )
+    serve.add_argument(
+        "--heartbeat", type=float, default=1.0, metavar="S", help="heartbeat interval, seconds (default 1)"
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on stop, seconds the exposure in progress may take before it is aborted (default 10)",
+    )
+    serve.add_argument("--log", metavar="FILE", help="also write the command log to this file")
+    serve.add_argument(
+        "--endpoint-file",
+        metavar="FILE",
+        help="write the bound endpoints as JSON here once listening (for scripts using port *)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without CURVE (isolated instrument networks only)",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    keys = commands.add_parser(
+        "keys",
+        help="CurveZMQ key pairs for the instrument link",
+        description="Manage CurveZMQ keys for an authenticated instrument link.",
+    )
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    generate = keys_commands.add_parser(
+        "generate",
+        help="write a new key pair",
+        description=(
+            "Write NAME.key (public: give it to the other side, e.g. into the server's "
+            "--allowed-clients folder) and NAME.key_secret (secret: stays on this machine, created "
+            "readable by its owner only). Existing files are never overwritten."
+        ),
+    )
+    generate.add_argument("--out", required=True, metavar="DIR", help="folder for the two files (created)")
+    generate.add_argument("--name", default="micrography", help="file stem (default micrography)")
+    generate.set_defaults(handler=cmd_keys)
     return parser
 
 

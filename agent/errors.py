@@ -46,3 +46,43 @@ class DataFileError(MicrographyError, OSError):
 
 class InvalidImageError(MicrographyError, ValueError):
     """An image has the wrong shape or contains non-finite pixels."""
+
+
+class LinkError(MicrographyError, ConnectionError):
+    """The ZeroMQ link to an instrument server failed or cannot be set up."""
+
+
+class LinkTimeoutError(LinkError, TimeoutError):
+    """The instrument server did not answer within the configured time, after every retry."""
+
+
+class ProtocolError(LinkError):
+    """A message broke the wire protocol (malformed header, wrong frames, bad byte length)."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """The two sides of the link speak different major versions of the protocol."""
+
+
+class FrameMismatchError(ProtocolError):
+    """The frames of a message do not match its header (count or byte length)."""
+
+
+class MessageTooLargeError(ProtocolError):
+    """A message is larger than the receiving side accepts; it was not sent or not processed."""
+
+
+class AuthenticationError(LinkError):
+    """The CURVE handshake was refused: unknown client key, wrong server key or missing keys."""
+
+
+class RemoteInstrumentError(LinkError):
+    """The instrument server reported a failure of its own (a bug or a fault of the instrument)."""
+
+
+class ExposureInterruptedError(MicrographyError, RuntimeError):
+    """An exposure was cut short by a restart of the instrument server; it may have delivered dose.
+
+    The request id is spent: retrying it never exposes again. Send a new request to scan the
+    area again, after deciding whether the extra dose is acceptable.
+    """
