@@ -15,10 +15,14 @@ Node features (:data:`NODE_FEATURES`, physical units in the names):
   largest departure of their angles from a square, and the orientation of the
   local square lattice;
 * polarization proxy: shift of a B column from the centre of its four A
-  neighbours (for A columns, the mean shift of their B neighbours), in pm;
+  neighbours (for A columns, the mean shift of their B neighbours), in pm, and
+  its largest change to a same-species neighbour (high on domain walls);
 * coordination deviation: columns within the first A-B and A-A shells minus
   the 8 of the ideal perovskite projection;
-* intensity and width relative to the same-species neighbours, species, fit quality.
+* intensity relative to the same-species neighbours and to the same-species
+  columns of the surrounding ~5 x 5 nm (clusters of substituted columns are
+  uniform inside, so only the wider reference sees them), width relative to
+  the neighbours, species, fit quality.
 
 Nodes whose neighbourhood reaches beyond the scanned area are marked not
 :attr:`MoleculeGraph.interior`: their missing neighbours are the edge of the
@@ -48,8 +52,10 @@ NODE_FEATURES: tuple[str, ...] = (
     "polarization_x_pm",
     "polarization_y_pm",
     "polarization_pm",
+    "polarization_contrast_pm",
     "coordination_deviation",
     "relative_intensity",
+    "regional_intensity",
     "relative_width",
     "is_b_site",
     "fit_quality",
@@ -61,6 +67,7 @@ EDGE_FEATURES: tuple[str, ...] = ("distance_pm", "cos_angle", "sin_angle", "pair
 
 _FEATURE_INDEX = {name: index for index, name in enumerate(NODE_FEATURES)}
 _PERFECT_COORDINATION = 8  # four A-B plus four same-species neighbours in the [001] projection
+_REGION_CELLS = 2  # the regional intensity reference spans (2 * 2 + 1)^2 cells around a node
 
 
 class GraphConfig(StrictModel):
@@ -77,6 +84,9 @@ class GraphConfig(StrictModel):
         0.7, gt=0, description="observations this close to their tile edge (x spacing) weigh less"
     )
     cell_nm: float = Field(1.0, gt=0, description="cell of the spatial index")
+    region_cell_nm: float = Field(
+        1.0, gt=0, description="cell of the regional intensity reference (5 x 5 cells around a node)"
+    )
 
 
 @dataclass(frozen=True)
@@ -499,6 +509,9 @@ class MoleculeGraph:
         features[:, _FEATURE_INDEX["polarization_x_pm"]] = shift[:, 0] * 1e3
         features[:, _FEATURE_INDEX["polarization_y_pm"]] = shift[:, 1] * 1e3
         features[:, _FEATURE_INDEX["polarization_pm"]] = np.hypot(shift[:, 0], shift[:, 1]) * 1e3
+        # Largest change of the polarization proxy to a same-species neighbour: high on domain walls.
+        jump = np.hypot(*(displacement[safe] - shift[:, None, :]).transpose(2, 0, 1))
+        features[:, _FEATURE_INDEX["polarization_contrast_pm"]] = np.where(has, jump, 0.0).max(axis=1) * 1e3
 
         ab_shell = 1.2 * spacing / math.sqrt(2)
         same_shell = 1.2 * spacing
@@ -516,10 +529,53 @@ class MoleculeGraph:
             features[:, _FEATURE_INDEX[name]] = np.where(
                 np.isfinite(reference) & (reference > 0), own / np.where(reference > 0, reference, 1) - 1, 0.0
             )
+        features[:, _FEATURE_INDEX["regional_intensity"]] = self._regional_intensity(
+            positions, species, scattering, local
+        )
         features[:, _FEATURE_INDEX["is_b_site"]] = own_species == SPECIES_B
         features[:, _FEATURE_INDEX["fit_quality"]] = self._quality[affected]
         self._features[affected] = np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
         self._interior[affected] = self._inside_scanned(self._x[affected], self._y[affected])
+
+    def _regional_intensity(
+        self, positions: np.ndarray, species: np.ndarray, scattering: np.ndarray, local: np.ndarray
+    ) -> np.ndarray:
+        """Intensity over the median of same-species cell medians in the surrounding 5 x 5 cells, minus 1.
+
+        A median of cell medians ignores a cluster covering a few cells, so a uniformly
+        substituted cluster stands out against the lattice around it.
+        """
+        cell = self.config.region_cell_nm
+        ix = np.floor(positions[:, 0] / cell).astype(np.int64)
+        iy = np.floor(positions[:, 1] / cell).astype(np.int64)
+        result = np.zeros(local.size)
+        for code in (SPECIES_A, SPECIES_B):
+            members = np.flatnonzero(species == code)
+            targets = np.flatnonzero(species[local] == code)
+            if members.size == 0 or targets.size == 0:
+                continue
+            x0, y0 = ix[members].min() - _REGION_CELLS, iy[members].min() - _REGION_CELLS
+            width = ix[members].max() - x0 + _REGION_CELLS + 1
+            height = iy[members].max() - y0 + _REGION_CELLS + 1
+            flat = (iy[members] - y0) * width + (ix[members] - x0)
+            order = np.lexsort((scattering[members], flat))
+            flat_sorted, values = flat[order], scattering[members][order]
+            cells, start, count = np.unique(flat_sorted, return_index=True, return_counts=True)
+            medians = np.full(width * height, np.nan)
+            medians[cells] = 0.5 * (values[start + (count - 1) // 2] + values[start + count // 2])
+            grid = medians.reshape(height, width)
+            node = local[targets]
+            gy, gx = iy[node] - y0, ix[node] - x0
+            offsets = np.arange(-_REGION_CELLS, _REGION_CELLS + 1)
+            block = grid[
+                (gy[:, None, None] + offsets[None, :, None]), (gx[:, None, None] + offsets[None, None, :])
+            ]
+            reference = np.nanmedian(block.reshape(targets.size, -1), axis=1)
+            own = scattering[node]
+            result[targets] = np.where(
+                reference > 0, own / np.where(reference > 0, reference, 1.0) - 1.0, 0.0
+            )
+        return result
 
     def _inside_scanned(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """True where probes 1.5 spacings around a point all fall inside some scanned tile."""

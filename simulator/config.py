@@ -30,7 +30,9 @@ class SpecimenConfig(StrictModel):
     position_jitter_nm: float = Field(0.0, ge=0.0, description="static random column displacement")
 
     domain_walls: int = Field(4, ge=0, description="number of straight ferroelectric walls")
-    wall_width_nm: float = Field(0.6, gt=0.0, description="tanh half-width of a wall")
+    wall_width_nm: float = Field(
+        0.6, gt=0.0, description="tanh half-width of a wall; columns within it carry the wall label"
+    )
     wall_meander_nm: float = Field(1.5, ge=0.0, description="amplitude of the walls' slow meander")
 
     dislocations: int = Field(6, ge=0, description="edge dislocations")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -22,12 +23,19 @@ from simulator.specimen import Specimen, generate_specimen
 _NOISE_STREAM = 1  # spawn-key prefix of the per-exposure noise streams (0 is the specimen)
 
 
+def _id_words(request_id: str) -> tuple[int, ...]:
+    """A request id as four 32-bit words (a stable hash), to key its noise stream."""
+    digest = hashlib.sha256(request_id.encode("utf-8")).digest()
+    return tuple(int.from_bytes(digest[index : index + 4], "little") for index in range(0, 16, 4))
+
+
 class SimulatedMicroscope(MicroscopeDriver):
     """A STEM that scans the synthetic Sm-BFO specimen.
 
     The stage spans the specimen, ``[0, width] x [0, height]`` nanometres. Each
     exposure is rendered with its own noise stream derived from the seed and the
-    exposure count, so the same sequence of requests gives identical tiles.
+    request id, so the same requests give identical tiles, also across a restart
+    of the instrument (which is what lets an interrupted session resume exactly).
     A dose map records every exposure; with ``instrument.max_dose_e_per_a2`` set,
     a scan that would push any area past the limit is refused before exposure.
 
@@ -91,7 +99,9 @@ class SimulatedMicroscope(MicroscopeDriver):
     def _acquire(self, request: ScanRequest) -> Tile:
         self._raise_if_aborted(request)
         rng = np.random.default_rng(
-            np.random.SeedSequence(self.config.seed, spawn_key=(_NOISE_STREAM, self.exposures))
+            np.random.SeedSequence(
+                self.config.seed, spawn_key=(_NOISE_STREAM, *_id_words(request.request_id))
+            )
         )
         per_pixel = electrons_per_pixel(self._description.beam_current_pa, request.dwell_us)
         image = render_tile_image(

@@ -535,7 +535,7 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
         )
         features.append(feature)
         label_masks["domain_wall"].append(
-            (np.abs(distance) < max(1.5 * config.wall_width_nm, a), feature.feature_id)
+            (np.abs(distance) < max(config.wall_width_nm, 0.5 * a), feature.feature_id)
         )
 
     # Non-polar, Sm-rich patches: polarization fades to zero inside.

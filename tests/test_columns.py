@@ -36,7 +36,14 @@ def acquire(
     microscope: SimulatedMicroscope, x: float, y: float, size: int = 384, dwell: float = 64.0
 ) -> Tile:
     return microscope.acquire(
-        ScanRequest(x_nm=x, y_nm=y, shape=(size, size), pixel_size_nm=PIXEL_NM, dwell_us=dwell)
+        ScanRequest(
+            x_nm=x,
+            y_nm=y,
+            shape=(size, size),
+            pixel_size_nm=PIXEL_NM,
+            dwell_us=dwell,
+            request_id=f"columns-{x:.2f}-{y:.2f}-{size}-{dwell:g}",
+        )
     )
 
 

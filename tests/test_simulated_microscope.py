@@ -132,3 +132,15 @@ def test_abort_stops_an_acquisition(small_config: SimulatorConfig, small_specime
 def test_ground_truth_is_the_specimen(small_config: SimulatorConfig, small_specimen: Specimen) -> None:
     with SimulatedMicroscope(small_config, small_specimen) as microscope:
         assert microscope.ground_truth is small_specimen
+
+
+def test_a_restarted_microscope_gives_the_same_tile_for_the_same_request(
+    small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    request = scan(request_id="session-00007")
+    with SimulatedMicroscope(small_config, small_specimen) as first:
+        first.acquire(scan(x_nm=10.0))  # a different history before it
+        before = first.acquire(request).image
+    with SimulatedMicroscope(small_config, small_specimen) as restarted:
+        after = restarted.acquire(request).image
+    np.testing.assert_array_equal(before, after)

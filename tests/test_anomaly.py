@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from agent.anomaly import (
+    AnomalyConfig,
+    AnomalyScorer,
+    CheckpointError,
+    baseline_scores,
+    cluster_embeddings,
+    region_scores,
+)
+from agent.errors import MicrographyError
+from agent.graph import NODE_FEATURES
+from analysis.training import LabelledGraph, scan_specimen
+from simulator.config import SimulatorConfig
+from simulator.specimen import LABEL_CODE
+
+FAST = AnomalyConfig(device="cpu", warmup_steps=80, batch_nodes=3000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def labelled(small_config: SimulatorConfig) -> LabelledGraph:
+    return scan_specimen(small_config.seed, small_config, tile_px=1024, dwell_us=32.0)
+
+
+@pytest.fixture(scope="module")
+def trained(labelled: LabelledGraph) -> AnomalyScorer:
+    scorer = AnomalyScorer(FAST)
+    scorer.fit([labelled.graph.to_pyg()])
+    return scorer
+
+
+def surrounding_contrast(labelled: LabelledGraph, scores: np.ndarray, kind: str) -> list[float]:
+    """For each planted feature of a kind: AUROC of its nodes against normal nodes within 3 nm."""
+    graph, labels = labelled.graph, labelled.label
+    interior = graph.interior
+    results = []
+    for feature in labelled.specimen.features:
+        if feature.kind != kind:
+            continue
+        members = np.flatnonzero((labels == LABEL_CODE[kind]) & interior)
+        x, y = feature.center_nm
+        if kind == "domain_wall":
+            members = members[np.hypot(graph.x_nm[members] - 15, graph.y_nm[members] - 15) < 10]
+        else:
+            members = members[np.hypot(graph.x_nm[members] - x, graph.y_nm[members] - y) < 3]
+        if members.size < 3:
+            continue
+        centre = (graph.x_nm[members].mean(), graph.y_nm[members].mean())
+        around = graph.nodes_near(*centre, 4.0)
+        around = around[(labels[around] == LABEL_CODE["normal"]) & interior[around]]
+        truth = np.r_[np.ones(members.size), np.zeros(around.size)]
+        results.append(roc_auc_score(truth, np.r_[scores[members], scores[around]]))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("kind", "minimum"), [("vacancy", 0.95), ("dislocation_core", 0.95), ("domain_wall", 0.8)]
+)
+def test_planted_defects_score_above_the_surrounding_lattice(
+    labelled: LabelledGraph, trained: AnomalyScorer, kind: str, minimum: float
+) -> None:
+    scores = trained.score(labelled.graph.to_pyg()).score
+    contrasts = surrounding_contrast(labelled, scores, kind)
+    assert contrasts, f"no {kind} in the small specimen's scanned interior"
+    assert min(contrasts) >= minimum
+
+
+def test_scores_are_about_one_on_normal_lattice(labelled: LabelledGraph, trained: AnomalyScorer) -> None:
+    result = trained.score(labelled.graph.to_pyg())
+    normal = (labelled.label == LABEL_CODE["normal"]) & labelled.graph.interior
+    assert 0.5 < np.median(result.score[normal]) < 2.0
+    assert result.feature_z.shape == (len(labelled.graph), len(NODE_FEATURES))
+
+
+def test_explain_names_the_feature_that_made_a_node_unusual(
+    labelled: LabelledGraph, trained: AnomalyScorer
+) -> None:
+    data = labelled.graph.to_pyg()
+    vacancy_nodes = np.flatnonzero((labelled.label == LABEL_CODE["vacancy"]) & labelled.graph.interior)
+    scores = trained.score(data).score
+    worst = int(vacancy_nodes[np.argmax(scores[vacancy_nodes])])
+    explanation = trained.explain(data, worst)
+    assert next(iter(explanation)) in {
+        "coordination_deviation", "nn_distance_mean_pm", "nn_distance_std_pm", "nn_distance_min_pm",
+        "lattice_distance_pm", "lattice_angle_deviation_deg", "polarization_pm", "polarization_x_pm",
+        "polarization_y_pm", "polarization_contrast_pm", "lattice_orientation_deg",
+    }  # fmt: skip
+    assert "edge_geometry" in explanation
+    values = list(explanation.values())
+    assert values == sorted(values, reverse=True)
+
+
+def test_training_is_deterministic_on_cpu(labelled: LabelledGraph) -> None:
+    data = labelled.graph.to_pyg()
+    runs = []
+    for _ in range(2):
+        scorer = AnomalyScorer(FAST.model_copy(update={"warmup_steps": 10}))
+        losses = scorer.fit([data])
+        runs.append((losses, scorer.score(data).score))
+    assert runs[0][0] == runs[1][0]
+    # Multi-threaded scatter sums may add in another order: equal to float32 rounding.
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5)
+
+
+def test_checkpoint_round_trip(tmp_path: Path, labelled: LabelledGraph, trained: AnomalyScorer) -> None:
+    data = labelled.graph.to_pyg()
+    path = trained.save(tmp_path / "gae.pt")
+    loaded = AnomalyScorer.load(path, device="cpu")
+    np.testing.assert_allclose(loaded.score(data).score, trained.score(data).score, rtol=1e-6)
+    assert loaded.steps_trained == trained.steps_trained
+    assert loaded.config == trained.config
+
+
+def test_checkpoint_schema_and_format_errors(tmp_path: Path, trained: AnomalyScorer) -> None:
+    path = trained.save(tmp_path / "gae.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["node_features"] = [*checkpoint["node_features"][:-1], "mystery_feature"]
+    torch.save(checkpoint, tmp_path / "schema.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"node features differ.*missing \['fit_quality'\].*unexpected \['mystery_feature'\]",
+    ):
+        AnomalyScorer.load(tmp_path / "schema.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["version"] = 99
+    torch.save(checkpoint, tmp_path / "version.pt")
+    with pytest.raises(CheckpointError, match="checkpoint version 99"):
+        AnomalyScorer.load(tmp_path / "version.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        AnomalyScorer.load(tmp_path / "garbage.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        AnomalyScorer.load(tmp_path / "absent.pt")
+
+
+def test_untrained_scorer_and_empty_graphs_are_clear_errors(labelled: LabelledGraph) -> None:
+    scorer = AnomalyScorer(FAST)
+    with pytest.raises(MicrographyError, match="not trained yet"):
+        scorer.score(labelled.graph.to_pyg())
+    with pytest.raises(MicrographyError, match="empty graphs"):
+        scorer.fit([labelled.graph.to_pyg(np.zeros(0, dtype=np.int64))])
+
+
+def test_online_update_follows_new_tiles(labelled: LabelledGraph, trained: AnomalyScorer) -> None:
+    scorer = trained.copy()
+    before = scorer.steps_trained
+    nodes = labelled.graph.nodes_in(5, 12, 5, 12)
+    losses = scorer.update(labelled.graph.to_pyg(nodes))
+    assert len(losses) == scorer.config.online_steps
+    assert scorer.steps_trained == before + scorer.config.online_steps
+    assert trained.steps_trained == before  # the copy is independent
+
+
+@pytest.mark.parametrize("architecture", ["gatv2", "gcn", "seed"])
+def test_other_architectures_train_and_score(labelled: LabelledGraph, architecture: str) -> None:
+    data = labelled.graph.to_pyg()
+    scorer = AnomalyScorer(FAST.model_copy(update={"architecture": architecture, "warmup_steps": 5}))
+    scorer.fit([data])
+    assert np.all(np.isfinite(scorer.score(data).score))
+
+
+def test_region_scores_average_the_top_share() -> None:
+    scores = np.array([1.0, 2.0, 3.0, 10.0, 5.0, 0.5])
+    region = np.array([0, 0, 0, 0, 1, -1])
+    result = region_scores(scores, region, 3, top_fraction=0.5)
+    np.testing.assert_allclose(result[:2], [6.5, 5.0])
+    assert np.isnan(result[2])
+
+
+def test_baselines_and_clusters(labelled: LabelledGraph, trained: AnomalyScorer) -> None:
+    data = labelled.graph.to_pyg()
+    baselines = baseline_scores(data)
+    assert set(baselines) == {"nn_distance", "intensity", "polarization"}
+    walls = labelled.label == LABEL_CODE["domain_wall"]
+    assert np.median(baselines["polarization"][walls]) > np.median(baselines["polarization"][~walls])
+    embedding = trained.embed(data)
+    assert embedding.shape == (len(labelled.graph), FAST.latent)
+    for method in ("dbscan", "hdbscan"):
+        clusters = cluster_embeddings(embedding, method=method)
+        assert clusters.shape == (len(labelled.graph),) and clusters.max() >= 0
