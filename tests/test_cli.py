@@ -154,3 +154,14 @@ def test_replay_via_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     np.testing.assert_array_equal(np.load(tmp_path / "crop.npy"), image[90:110, 90:110])
     assert main(["describe", "--replay", str(tmp_path / "scan.npy")]) == 1
     assert "pixel_size_nm" in capsys.readouterr().err
+
+
+def test_train_writes_a_loadable_checkpoint(tmp_path: Path, small_config_file: Path) -> None:
+    from agent.anomaly import AnomalyScorer
+
+    out = tmp_path / "gae.pt"
+    status = main(["train", "--out", str(out), "--simulator-config", str(small_config_file),
+                   "--seeds", "5", "--steps", "3"])  # fmt: skip
+    assert status == 0
+    scorer = AnomalyScorer.load(out, device="cpu")
+    assert scorer.steps_trained == 3 and scorer.fitted

@@ -1,0 +1,35 @@
+"""The benchmark JSON reports keep the keys their consumers rely on (full runs are too slow for tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.bench_anomaly import DEFECT_CLASSES, _class_rows
+from analysis.bench_columns import _row, format_report
+from simulator.specimen import LABEL_CODE
+
+
+def test_anomaly_rows_have_the_documented_keys() -> None:
+    labels = [np.array([0, 0, 0, LABEL_CODE["vacancy"], LABEL_CODE["domain_wall"], 0])]
+    scores = [np.array([0.1, 0.2, 0.3, 5.0, 0.25, 0.4])]
+    rows = _class_rows("gae", scores, labels)
+    assert [row["defect_class"] for row in rows] == list(DEFECT_CLASSES)
+    vacancy = next(row for row in rows if row["defect_class"] == "vacancy")
+    assert vacancy["auroc"] == 1.0 and vacancy["average_precision"] == 1.0
+    assert set(rows[0]) >= {"scorer", "defect_class", "auroc", "average_precision"}
+    strained = next(row for row in rows if row["defect_class"] == "strained")
+    assert strained["auroc"] is None  # no positives: no figure, rather than a made-up one
+
+
+def test_column_rows_pool_tiles_and_format() -> None:
+    score = {"recall": 1.0, "precision": 0.5, "rms_px": 0.1, "rms_a_px": 0.05, "rms_b_px": 0.2,
+             "species_accuracy": 1.0, "found": 10, "true": 10}  # fmt: skip
+    other = {**score, "rms_px": 0.3, "precision": 1.0}
+    row = _row("peaks", 512, 32.0, 1e5, [score, other], [0.1, 0.3])
+    assert set(row) >= {"method", "default_dose", "size_px", "dose", "recall", "precision", "rms_px",
+                        "species_accuracy", "seconds"}  # fmt: skip
+    assert row["default_dose"] is True
+    assert row["rms_px"] == np.sqrt((0.1**2 + 0.3**2) / 2)
+    assert row["precision"] == 0.75
+    report = {"rows": [row], "merge_500k": {"graph_nodes": 500_000, "median_s": 0.01, "target_s": 0.05}}
+    assert "peaks" in format_report(report)
