@@ -28,6 +28,7 @@ Commands:
   bench      measure speed against the project's targets (prints a table, writes JSON)
   serve      serve the simulated or a replayed microscope over ZeroMQ as an instrument server
   keys       generate CurveZMQ key pairs for an authenticated instrument link
+  run        run a guided acquisition session (the main job; resumable from its journal)
   train      train the graph autoencoder on synthetic specimens (writes a checkpoint)
 
 Run `micrography COMMAND --help` for the options of each command.
@@ -173,6 +174,127 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(f"written: {args.json}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or resume) a guided session and write its journal, report figure and summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agent.config import load_config, validate_config
+    from agent.session import Session, SessionConfig
+    from simulator.config import SimulatorConfig
+
+    if args.resume:
+        from agent.journal import read_journal
+
+        recorded = read_journal(args.resume)
+        config = validate_config(recorded.config, SessionConfig, f"{args.resume} (recorded configuration)")
+        for problem in recorded.problems:
+            print(f"micrography: warning: {args.resume}: {problem}", file=sys.stderr)
+    else:
+        config = load_config(args.config, SessionConfig) if args.config else SessionConfig()
+    updates: dict[str, Any] = {}
+    if args.policy:
+        updates["policy"] = args.policy
+    if args.seed is not None:
+        updates["seed"] = args.seed
+    if args.checkpoint:
+        updates["checkpoint"] = args.checkpoint
+    if args.budget is not None:
+        updates["budget"] = config.budget.model_copy(update={"max_tiles": args.budget})
+    config = validate_config(
+        {**config.model_dump(mode="json"), **_jsonable(updates)}, SessionConfig, "options"
+    )
+    simulator = validate_config(
+        {**(config.simulator or {}), "seed": config.seed},
+        SimulatorConfig,
+        f"{args.config or 'built-in'}: simulator",
+    )
+    out = Path(
+        args.out
+        or (Path(args.resume).parent if args.resume else f"runs/session-{config.policy}-seed{config.seed}")
+    )
+    journal = Path(args.resume) if args.resume else out / "journal.h5"
+    if not args.resume and journal.exists():
+        raise ConfigError(f"{journal} exists; resume it with --resume {journal} or choose another --out")
+
+    specimen = None
+    if args.instrument:
+        from agent.protocol.client import ZmqMicroscope
+
+        driver: Any = ZmqMicroscope(args.instrument)
+    else:
+        from simulator.drivers import SimulatedMicroscope
+        from simulator.specimen import generate_specimen
+
+        with _progress_status(f"generating specimen (seed {simulator.seed})"):
+            specimen = generate_specimen(simulator.specimen, simulator.seed)
+        driver = SimulatedMicroscope(simulator, specimen)
+
+    with driver:
+        tracker = None
+        truth = None
+        if specimen is not None:
+            from agent.survey import CandidateGrid
+            from analysis.guidance import DiscoveryTracker
+
+            grid = CandidateGrid.tiling(driver.describe(), config.tiles.shape, config.tiles.pixel_size_nm)
+            tracker = DiscoveryTracker(specimen, grid)
+            truth = tracker.candidates if config.policy == "oracle" else None
+        elif config.policy == "oracle":
+            raise ConfigError(
+                "the oracle policy needs the simulator's ground truth; it cannot run on --instrument"
+            )
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} tiles"),
+            TextColumn("dose {task.fields[dose]:.0f} e-/A^2"),
+            TextColumn("{task.fields[found]}"),
+            TimeElapsedColumn(),
+        ]
+        with Progress(*columns) as progress:
+            task = progress.add_task(
+                f"{config.policy} session", total=config.budget.max_tiles, dose=0.0, found=""
+            )
+
+            def on_step(record: Any) -> None:
+                if tracker is not None:
+                    tracker(record)
+                if record.kind == "survey":
+                    return
+                found = (
+                    f"features imaged {len(tracker.imaged)}/{tracker.total}" if tracker is not None else ""
+                )
+                progress.update(
+                    task, advance=1, dose=record.extra.get("mean_dose_e_per_a2", 0.0), found=found
+                )
+
+            if args.resume:
+                session = Session.resume(driver, journal, config, on_step=on_step, truth=truth)
+            else:
+                session = Session(driver, config, journal, on_step=on_step, truth=truth)
+            summary = session.run()
+
+    from analysis.guidance import detected_features, session_summary_table, write_session_report
+
+    if specimen is not None and tracker is not None:
+        summary["planted_features"] = tracker.total
+        summary["imaged_features"] = len(tracker.imaged)
+        summary["detected_features"] = len(detected_features(session, specimen))
+        summary["discovery_curve"] = tracker.curve
+    report = write_session_report(session, out / "report.png", tracker)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    print(session_summary_table(summary))
+    print(f"journal: {journal}\nreport:  {report}\nsummary: {out / 'summary.json'}")
+    return 0
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        for key, value in values.items()
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -412,6 +534,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="FILE", help="where to save the tile (.npy, .tif, .png)"
     )
     acquire.set_defaults(handler=cmd_acquire)
+
+    run = commands.add_parser(
+        "run",
+        help="run a guided acquisition session (default: on the built-in synthetic specimen)",
+        description=(
+            "Run a guided session: a low-dose survey of the whole stage, a few spread-out start tiles, "
+            "then tile after tile chosen by the policy until the budget is spent. Writes DIR/journal.h5 "
+            "(every step, resumable), DIR/report.png (tile path, anomaly map, surrogate mean and "
+            "uncertainty, discovery curve) and DIR/summary.json. With no options it runs the guided "
+            "policy on the built-in synthetic specimen."
+        ),
+    )
+    run.add_argument("--config", metavar="YAML", help="session configuration (configs/session.yaml)")
+    run.add_argument("--policy", help="guided (default), raster, random, survey, image_gp or oracle")
+    run.add_argument("--budget", type=int, metavar="TILES", help="high-resolution tiles to acquire")
+    run.add_argument("--seed", type=int, help="seed of the session and of the synthetic specimen")
+    run.add_argument(
+        "--checkpoint", metavar="PT", help="GAE checkpoint (default: trained on the start tiles)"
+    )
+    run.add_argument("--out", metavar="DIR", help="output folder (default runs/session-POLICY-seedN)")
+    run.add_argument("--resume", metavar="JOURNAL", help="continue an interrupted session from its journal")
+    run.add_argument("--instrument", metavar="ENDPOINT", help="run over ZeroMQ, e.g. tcp://127.0.0.1:5555")
+    run.set_defaults(handler=cmd_run)
 
     train = commands.add_parser(
         "train",

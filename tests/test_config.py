@@ -53,3 +53,9 @@ def test_dump_then_load_round_trips(tmp_path: Path) -> None:
     config = SimulatorConfig(seed=11)
     dump_config(config, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml", SimulatorConfig) == config
+
+
+def test_shipped_session_config_matches_the_defaults() -> None:
+    from agent.session import SessionConfig
+
+    assert load_config(REPO / "configs" / "session.yaml", SessionConfig) == SessionConfig()

@@ -1,0 +1,361 @@
+"""The session journal: an append-only HDF5 record of every step of a session.
+
+Each step stores the request, the tile (image and metadata), the columns
+found, the scores, the surrogate summary, the decision that followed and the
+timings. The journal is written in HDF5's single-writer/multiple-reader (SWMR)
+mode: all datasets are created up front and only ever extended, data first and
+the step's index row last, with a flush after every step. A reader sees a
+consistent prefix of steps at any time, and a session killed mid-step leaves a
+file whose complete steps can all be read back (:func:`read_journal` says what
+was recovered and what was lost).
+
+Layout (one row of each ``*_index`` dataset per step)::
+
+    /                      attrs: format, version, created, config (JSON), instrument (JSON)
+    /records, /record_index        JSON record of each step (bytes, (offset, length))
+    /images, /image_index          float32 images, flattened ((offset, rows, cols))
+    /columns/<field>, /column_index  the Columns table of each step ((offset, count))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from agent.columns import Columns
+from agent.errors import MicrographyError
+
+JOURNAL_FORMAT = "micrography-session-journal"
+JOURNAL_VERSION = 1
+_COLUMN_DTYPES: dict[str, Any] = {
+    "x_nm": np.float64, "y_nm": np.float64, "row_px": np.float64, "col_px": np.float64,
+    "intensity": np.float64, "scattering": np.float64, "peak_height": np.float64,
+    "background": np.float64, "width_px": np.float64, "species": np.int8, "abnormal": np.bool_,
+    "quality": np.float64,
+}  # fmt: skip
+
+
+class JournalError(MicrographyError, OSError):
+    """A journal cannot be created, written or read."""
+
+
+@dataclass
+class JournalStep:
+    """One step of a session as recorded.
+
+    Parameters
+    ----------
+    index : int
+        Step number, from 0.
+    record : dict
+        JSON record: ``kind``, ``request``, tile metadata, scores, decision, timings, ...
+    image : numpy.ndarray or None
+        The tile image (None if the step stored none).
+    columns : Columns or None
+        The columns found (None if the step stored none).
+    """
+
+    index: int
+    record: dict[str, Any]
+    image: np.ndarray | None = None
+    columns: Columns | None = None
+
+
+@dataclass
+class JournalContents:
+    """Everything recovered from a journal file.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file.
+    config : dict
+        Session configuration recorded at creation.
+    instrument : dict
+        Instrument description recorded at creation.
+    steps : list of JournalStep
+        Complete steps, in order.
+    problems : list of str
+        What could not be recovered, if anything.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    instrument: dict[str, Any]
+    steps: list[JournalStep] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+class SessionJournal:
+    """Append-only writer of a session journal (SWMR HDF5).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The journal file; must not exist yet (use :meth:`continue_from` to resume).
+    config : dict
+        Session configuration (JSON-serialisable).
+    instrument : dict
+        Instrument description (JSON-serialisable).
+
+    Examples
+    --------
+    >>> with SessionJournal("run.h5", config={}, instrument={}) as journal:  # doctest: +SKIP
+    ...     journal.append({"kind": "survey"}, image=tile.image)
+    """
+
+    def __init__(self, path: str | Path, config: dict[str, Any], instrument: dict[str, Any]) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise JournalError(
+                f"{self.path}: a journal already exists; resume it with `micrography run --resume "
+                f"{self.path}` or choose another output"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._file = h5py.File(self.path, "w", libver="latest")
+        except OSError as error:
+            raise JournalError(f"{self.path}: cannot create the journal ({error})") from None
+        attrs = self._file.attrs
+        attrs["format"] = JOURNAL_FORMAT
+        attrs["version"] = JOURNAL_VERSION
+        attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        attrs["config"] = json.dumps(config, default=_json_default)
+        attrs["instrument"] = json.dumps(instrument, default=_json_default)
+        self._create(self._file)
+        # From here on nothing may be created, only extended: the file stays readable after a crash.
+        self._file.swmr_mode = True
+        self.steps = 0
+
+    @staticmethod
+    def _create(file: h5py.File) -> None:
+        def extendable(name: str, dtype: Any, width: int | None = None, chunk: int = 4096) -> None:
+            shape = (0,) if width is None else (0, width)
+            maxshape = (None,) if width is None else (None, width)
+            chunks = (chunk,) if width is None else (max(1, chunk // width), width)
+            file.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=chunks)
+
+        extendable("records", np.uint8, chunk=16384)
+        extendable("record_index", np.int64, width=2, chunk=256)
+        extendable("images", np.float32, chunk=1 << 18)
+        extendable("image_index", np.int64, width=3, chunk=384)
+        for name, dtype in _COLUMN_DTYPES.items():
+            extendable(f"columns/{name}", dtype, chunk=8192)
+        extendable("column_index", np.int64, width=2, chunk=256)
+
+    @staticmethod
+    def _extend(dataset: h5py.Dataset, values: np.ndarray) -> int:
+        """Append rows; returns the offset they start at."""
+        start = dataset.shape[0]
+        dataset.resize(start + values.shape[0], axis=0)
+        if values.shape[0]:
+            dataset[start:] = values
+        return start
+
+    def append(
+        self, record: dict[str, Any], image: np.ndarray | None = None, columns: Columns | None = None
+    ) -> int:
+        """Record one step and flush it to disk.
+
+        Parameters
+        ----------
+        record : dict
+            JSON-serialisable step record.
+        image : numpy.ndarray, optional
+            The tile image.
+        columns : Columns, optional
+            The columns found in the tile.
+
+        Returns
+        -------
+        int
+            The step index.
+        """
+        file = self._file
+        try:
+            if image is not None:
+                image = np.asarray(image, dtype=np.float32)
+                offset = self._extend(file["images"], image.ravel())
+                image_row = np.array([[offset, image.shape[0], image.shape[1]]], dtype=np.int64)
+            else:
+                image_row = np.array([[-1, 0, 0]], dtype=np.int64)
+            if columns is not None:
+                offsets = [
+                    self._extend(file[f"columns/{name}"], np.asarray(getattr(columns, name), dtype=dtype))
+                    for name, dtype in _COLUMN_DTYPES.items()
+                ]
+                column_row = np.array([[offsets[0], len(columns)]], dtype=np.int64)
+                record = {
+                    **record,
+                    "columns_meta": {
+                        "pixel_size_nm": columns.pixel_size_nm,
+                        "lattice_spacing_nm": columns.lattice_spacing_nm,
+                        "reason": columns.reason,
+                        "tile_id": columns.tile_id,
+                        "masked_pixels": columns.masked_pixels,
+                    },
+                }
+            else:
+                column_row = np.array([[-1, 0]], dtype=np.int64)
+            payload = np.frombuffer(json.dumps(record, default=_json_default).encode("utf-8"), dtype=np.uint8)
+            record_offset = self._extend(file["records"], payload)
+            file.flush()
+            # The index rows are the commit: a reader counts a step only once all three exist.
+            self._extend(file["image_index"], image_row)
+            self._extend(file["column_index"], column_row)
+            self._extend(file["record_index"], np.array([[record_offset, payload.size]], dtype=np.int64))
+            file.flush()
+        except (OSError, ValueError) as error:
+            raise JournalError(f"{self.path}: could not record step {self.steps} ({error})") from None
+        self.steps += 1
+        return self.steps - 1
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> SessionJournal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @classmethod
+    def continue_from(cls, path: str | Path) -> tuple[SessionJournal, JournalContents]:
+        """Reopen an interrupted journal for appending, keeping every complete step.
+
+        The recovered steps are rewritten into a fresh file at the same path (the old
+        file is kept beside it as ``<name>.interrupted.h5``), so a file left in an
+        unclean state by a crash never needs repair tools.
+
+        Parameters
+        ----------
+        path : str or pathlib.Path
+            The journal of the interrupted session.
+
+        Returns
+        -------
+        journal : SessionJournal
+            Writer positioned after the last complete step.
+        contents : JournalContents
+            What was recovered.
+        """
+        path = Path(path)
+        contents = read_journal(path)
+        backup = path.with_name(path.stem + ".interrupted.h5")
+        if backup.exists():
+            backup.unlink()
+        os.replace(path, backup)
+        journal = cls(path, contents.config, contents.instrument)
+        for step in contents.steps:
+            record = {key: value for key, value in step.record.items() if key != "columns_meta"}
+            journal.append(record, step.image, step.columns)
+        return journal, contents
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    if not path.exists():
+        raise JournalError(f"{path}: journal not found")
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+    except OSError as error:
+        raise JournalError(
+            f"{path}: cannot be opened as an HDF5 journal ({error}); nothing could be recovered from it"
+        ) from None
+
+
+def read_journal(path: str | Path) -> JournalContents:
+    """Read every complete step of a journal, and say what could not be recovered.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The journal file.
+
+    Returns
+    -------
+    JournalContents
+        Configuration, instrument, complete steps and a list of problems (empty for a clean file).
+
+    Raises
+    ------
+    JournalError
+        If the file is missing, is not HDF5, or is not a Micrography journal.
+    """
+    path = Path(path)
+    with _open_for_reading(path) as file:
+        if file.attrs.get("format") != JOURNAL_FORMAT:
+            raise JournalError(f"{path}: not a Micrography session journal")
+        if int(file.attrs.get("version", -1)) != JOURNAL_VERSION:
+            raise JournalError(
+                f"{path}: journal version {file.attrs.get('version')} but this Micrography reads "
+                f"version {JOURNAL_VERSION}"
+            )
+        contents = JournalContents(
+            path=path,
+            config=json.loads(file.attrs["config"]),
+            instrument=json.loads(file.attrs["instrument"]),
+        )
+        try:
+            record_index = file["record_index"][()]
+            image_index = file["image_index"][()]
+            column_index = file["column_index"][()]
+        except (KeyError, OSError) as error:
+            contents.problems.append(f"the step index is unreadable ({error}); no step could be recovered")
+            return contents
+        complete = min(len(record_index), len(image_index), len(column_index))
+        if complete < max(len(record_index), len(image_index), len(column_index)):
+            contents.problems.append("the last step was interrupted while being written and is lost")
+        for index in range(complete):
+            try:
+                contents.steps.append(_read_step(file, index, record_index, image_index, column_index))
+            except (OSError, ValueError, KeyError) as error:
+                contents.problems.append(
+                    f"step {index} is unreadable ({error}); steps 0-{index - 1} were recovered"
+                )
+                break
+    return contents
+
+
+def _read_step(
+    file: h5py.File, index: int, record_index: np.ndarray, image_index: np.ndarray, column_index: np.ndarray
+) -> JournalStep:
+    offset, length = record_index[index]
+    record = json.loads(file["records"][offset : offset + length].tobytes().decode("utf-8"))
+    image = None
+    image_offset, rows, cols = image_index[index]
+    if image_offset >= 0:
+        image = file["images"][image_offset : image_offset + rows * cols].reshape(rows, cols)
+    columns = None
+    column_offset, count = column_index[index]
+    if column_offset >= 0:
+        arrays = {
+            name: file[f"columns/{name}"][column_offset : column_offset + count] for name in _COLUMN_DTYPES
+        }
+        meta = record.get("columns_meta", {})
+        columns = Columns(**arrays, **meta)
+    return JournalStep(index=index, record=record, image=image, columns=columns)
+
+
+def iter_steps(path: str | Path) -> Iterator[JournalStep]:
+    """Iterate over the complete steps of a journal (see :func:`read_journal`)."""
+    yield from read_journal(path).steps

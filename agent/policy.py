@@ -1,0 +1,1007 @@
+"""Acquisition policies: which candidate region the microscope scans next.
+
+Every policy speaks the interface bluesky-adaptive agents use, so a session (or any
+outside driver) can run it step by step:
+
+``suggest(n)`` -> list of :class:`~agent.driver.ScanRequest`
+    The next ``n`` scans (fewer when fewer remain, an empty list when none does),
+    ordered by a greedy nearest-neighbour tour from the current stage position.
+``ingest(requests, scores)``
+    The interest measured on those tiles (NaN: no lattice found, treated as low interest).
+``ask`` / ``tell``
+    Aliases of ``suggest`` / ``ingest``.
+
+Whatever the policy, a suggestion never repeats a candidate (acquired or already
+suggested), never leaves the stage, never pushes any area past the per-area dose limit
+(the policy's and the instrument's) and never exceeds the total dose budget. Exposures the
+session makes on its own (survey, start tiles) are reported with :meth:`mark_exposed`.
+
+The per-area check is exact: the policy keeps the dose of every exposure on the
+arrangement of exposure edges (:class:`PeakDoseLedger`), where dose is constant on each
+cell, and admits a candidate only if the highest dose anywhere in its area stays within the
+limit. A cell of any :class:`~agent.driver.DoseMap` holds the area-weighted *mean* dose over
+the cell, never more than the highest pointwise dose in it, so the instrument's own dose
+map (whatever its cell size and alignment) can never see the limit crossed either.
+
+Policies
+--------
+:class:`GuidedPolicy`
+    Gaussian-process surrogate of graph-based interest, UCB / EI / Thompson / uncertainty.
+:class:`ImageGPPolicy`
+    The same on raw tile image statistics (the image-based active-learning anchor).
+:class:`RasterPolicy`, :class:`RandomPolicy`, :class:`SurveyContrastPolicy`
+    Baselines without learning.
+:class:`OraclePolicy`
+    Knows the ground truth; for evaluation only.
+
+:func:`make_policy` builds any of them by name. Stage positions are in nm, dwell in µs,
+dose in e-/Å², scores in the units of whatever interest the session ingests.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+from scipy.special import ndtr
+
+from agent.config import StrictModel
+from agent.driver import DoseMap, InstrumentDescription, ScanRequest
+from agent.errors import MicrographyError, OutsideStageError
+from agent.surrogate import GPSurrogate, SurrogateConfig
+from agent.survey import CandidateGrid
+
+POLICY_NAMES: tuple[str, ...] = ("guided", "raster", "random", "survey", "image_gp", "oracle")
+"""Names :func:`make_policy` accepts."""
+
+Acquisition = Literal["ucb", "ei", "thompson", "uncertainty"]
+
+_SNAP_DECIMALS = 6
+"""Exposure edges are rounded to 1e-6 nm so equal edges computed two ways coincide."""
+
+_DOSE_RTOL = 1e-9
+"""Relative tolerance of dose comparisons (the instrument's DoseMap allows the same)."""
+
+
+class PolicyError(MicrographyError, ValueError):
+    """A policy was asked for something it cannot do (unknown name, bad ingest, missing input)."""
+
+
+class PolicyConfig(StrictModel):
+    """Acquisition policy settings.
+
+    ``name`` labels the policy in reports and prefixes its request ids
+    (``f"{name}-{counter:05d}"``), so a session replays identically.
+    """
+
+    name: str = Field("guided", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$", description="label, id prefix")
+    acquisition: Acquisition = Field("ucb", description="acquisition function of GP policies")
+    beta: float = Field(2.0, ge=0, description="UCB: mean + beta * standard deviation")
+    xi: float = Field(0.0, ge=0, description="EI: improvement margin, score units")
+    travel_cost_per_um: float = Field(
+        0.05, ge=0, description="acquisition penalty per micrometre of stage travel, score units"
+    )
+    dose_cost: float = Field(
+        0.0, ge=0, description="penalty per per-area limit already used in a candidate's area, score units"
+    )
+    dwell_us: float = Field(2.0, gt=0, description="dwell of the suggested scans, µs per pixel")
+    detector: str = Field("HAADF", min_length=1, description="detector of the suggested scans")
+    max_dose_e_per_a2: float | None = Field(None, gt=0, description="per-area dose limit, e-/Å²; None: none")
+    total_dose_budget_e_per_a2: float | None = Field(
+        None, gt=0, description="sum of the doses of all exposures (as the driver counts), e-/Å²; None: none"
+    )
+    nan_score: float | None = Field(
+        None, description="value ingested for a NaN score; None: the lowest finite score seen (0 before any)"
+    )
+    dose_map_cell_nm: float = Field(1.0, gt=0, description="cell of the reported DoseMap, nm")
+    seed: int = Field(0, description="seeds random choices (random policy, Thompson samples)")
+
+
+def _snap(values: Any) -> np.ndarray:
+    return np.round(np.asarray(values, dtype=np.float64), _SNAP_DECIMALS)
+
+
+def nearest_neighbour_tour(points_nm: np.ndarray, start_nm: Sequence[float] | None = None) -> list[int]:
+    """Visiting order of ``points_nm`` by the greedy nearest-neighbour rule.
+
+    Parameters
+    ----------
+    points_nm : numpy.ndarray
+        Stage positions ``(x, y)``, shape ``(k, 2)``, in nm.
+    start_nm : sequence of float or None
+        Where the stage starts, ``(x, y)`` nm; None starts at the first point.
+
+    Returns
+    -------
+    list of int
+        Row indices of ``points_nm`` in visiting order (ties go to the lower index, so a
+        batch ranked best-first keeps its order among equally near members).
+    """
+    points = np.asarray(points_nm, dtype=np.float64).reshape(-1, 2)
+    remaining = list(range(points.shape[0]))
+    if not remaining:
+        return []
+    here = points[0] if start_nm is None else np.asarray(start_nm, dtype=np.float64)
+    order = []
+    while remaining:
+        distance = np.hypot(points[remaining, 0] - here[0], points[remaining, 1] - here[1])
+        order.append(remaining.pop(int(np.argmin(distance))))
+        here = points[order[-1]]
+    return order
+
+
+def tour_length_nm(points_nm: np.ndarray, start_nm: Sequence[float] | None = None) -> float:
+    """Stage travel visiting ``points_nm`` in the given order from ``start_nm`` (None: the first), nm."""
+    points = np.asarray(points_nm, dtype=np.float64).reshape(-1, 2)
+    if start_nm is not None:
+        points = np.vstack([np.asarray(start_nm, dtype=np.float64), points])
+    return float(np.hypot(*np.diff(points, axis=0).T).sum()) if len(points) > 1 else 0.0
+
+
+class PeakDoseLedger:
+    """Exact pointwise dose from rectangular exposures, on a coordinate-compressed grid.
+
+    The lines ``xs`` and ``ys`` include every exposure edge, so the accumulated dose is
+    constant on each cell between them and the highest dose inside any rectangle is the
+    maximum over the cells it overlaps. New edges split cells as exposures arrive.
+
+    Parameters
+    ----------
+    x_edges_nm, y_edges_nm : array_like
+        Initial lines (for example the stage limits and all candidate edges), in nm.
+    """
+
+    def __init__(self, x_edges_nm: Any, y_edges_nm: Any) -> None:
+        self._xs = np.unique(_snap(x_edges_nm))
+        self._ys = np.unique(_snap(y_edges_nm))
+        if self._xs.size < 2 or self._ys.size < 2:
+            raise ValueError("a dose ledger needs at least two distinct edges along each axis")
+        self._dose = np.zeros((self._ys.size - 1, self._xs.size - 1), dtype=np.float64)
+
+    @staticmethod
+    def _insert(edges: np.ndarray, dose: np.ndarray, edge: float, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(edges, edge))
+        if k < edges.size and edges[k] == edge:
+            return edges, dose
+        if k == 0 or k == edges.size:
+            # Outside the current lines: a new cell with no dose yet.
+            shape = list(dose.shape)
+            shape[axis] = 1
+            dose = np.concatenate([np.zeros(shape), dose] if k == 0 else [dose, np.zeros(shape)], axis=axis)
+        else:
+            # Split cell k - 1 in two, both keeping its dose.
+            dose = np.insert(dose, k - 1, np.take(dose, k - 1, axis=axis), axis=axis)
+        return np.insert(edges, k, edge), dose
+
+    def _cells(self, extent: np.ndarray) -> tuple[slice, slice]:
+        """Cells overlapping ``extent`` by a positive area."""
+        x0 = max(int(np.searchsorted(self._xs, extent[0], side="right")) - 1, 0)
+        x1 = min(int(np.searchsorted(self._xs, extent[1], side="left")), self._xs.size - 1)
+        y0 = max(int(np.searchsorted(self._ys, extent[2], side="right")) - 1, 0)
+        y1 = min(int(np.searchsorted(self._ys, extent[3], side="left")), self._ys.size - 1)
+        return slice(y0, max(y1, y0)), slice(x0, max(x1, x0))
+
+    def add(self, extent_nm: Sequence[float], dose_e_per_a2: float) -> None:
+        """Add a uniform exposure of ``extent_nm`` = (x_min, x_max, y_min, y_max), e-/Å² (negative undoes)."""
+        extent = _snap(extent_nm)
+        for edge in extent[:2]:
+            self._xs, self._dose = self._insert(self._xs, self._dose, float(edge), axis=1)
+        for edge in extent[2:]:
+            self._ys, self._dose = self._insert(self._ys, self._dose, float(edge), axis=0)
+        rows, cols = self._cells(extent)
+        self._dose[rows, cols] += dose_e_per_a2
+        if dose_e_per_a2 < 0:
+            # Undoing leaves rounding residue; dose is never negative.
+            np.clip(self._dose[rows, cols], 0.0, None, out=self._dose[rows, cols])
+
+    def peak(self, extent_nm: Sequence[float]) -> float:
+        """Highest accumulated dose anywhere inside ``extent_nm``, e-/Å² (0 outside all exposures)."""
+        rows, cols = self._cells(_snap(extent_nm))
+        block = self._dose[rows, cols]
+        return float(block.max()) if block.size else 0.0
+
+    @property
+    def max_dose(self) -> float:
+        """Highest accumulated dose anywhere, e-/Å²."""
+        return float(self._dose.max()) if self._dose.size else 0.0
+
+
+class AcquisitionPolicy(ABC):
+    """Common interface and bookkeeping of all policies.
+
+    Subclasses implement :meth:`_choose` (the next candidate among the admissible ones) and,
+    if they learn, :meth:`_observe`. The base class owns the admissibility rules (not
+    acquired, not pending, inside the stage, per-area dose limit, total dose budget), the
+    nearest-neighbour ordering of batches, deterministic request ids and the report.
+
+    Parameters
+    ----------
+    grid : CandidateGrid
+        Candidate regions.
+    description : InstrumentDescription
+        The instrument: stage limits, dose per scan (:meth:`InstrumentDescription.dose_of`)
+        and its own per-area dose limit, if any.
+    config : PolicyConfig or None
+        Policy settings; None for the defaults.
+
+    Raises
+    ------
+    ScanRequestError
+        If the candidates cannot be scanned on this instrument with this dwell and detector.
+    """
+
+    kind: ClassVar[str] = "base"
+    """Name of the policy family, as :func:`make_policy` knows it."""
+    score_source: ClassVar[Literal["graph", "image"]] = "graph"
+    """What :meth:`ingest` expects: graph interest scores or raw tile image statistics.
+
+    Policies that do not learn (raster, random, survey, oracle) ignore the scores for their
+    choices but keep them for :meth:`report`; always ingest executed scans, NaN if unscored.
+    """
+
+    def __init__(
+        self, grid: CandidateGrid, description: InstrumentDescription, config: PolicyConfig | None = None
+    ) -> None:
+        self.grid = grid
+        self.description = description
+        self.config = config if config is not None else PolicyConfig(name=self.kind)
+        m = len(grid)
+        limits = [v for v in (self.config.max_dose_e_per_a2, description.max_dose_e_per_a2) if v is not None]
+        self.dose_limit_e_per_a2: float | None = min(limits) if limits else None
+        # One probe request validates dwell, detector, shape and pixel size once; only the
+        # stage check differs between candidates.
+        self._inside = np.ones(m, dtype=bool)
+        self._dose_per_scan = 0.0
+        for index in range(m):
+            probe = grid.request(index, self.config.dwell_us, self.config.detector, request_id="probe")
+            try:
+                description.check(probe)
+            except OutsideStageError:
+                self._inside[index] = False
+            if index == 0:
+                self._dose_per_scan = description.dose_of(probe)
+        self._acquired = np.zeros(m, dtype=bool)
+        self._pending: dict[str, int] = {}  # request id -> candidate, suggested but not ingested
+        self._reserved: list[int] = []  # candidates chosen in the batch being built
+        self._exposed_ids: set[str] = set()  # request ids whose dose is recorded
+        self._ingested_ids: set[str] = set()
+        self._acquisition_order: list[int] = []
+        self._observations: list[tuple[int, float, float, float]] = []  # (index, x, y, score)
+        self._counter = 0
+        self._total_dose = 0.0
+        self._travel_nm = 0.0
+        self._stage_nm: np.ndarray | None = None
+        self._ledger = PeakDoseLedger(
+            np.concatenate([grid.extents[:, 0], grid.extents[:, 1], description.stage_x_nm]),
+            np.concatenate([grid.extents[:, 2], grid.extents[:, 3], description.stage_y_nm]),
+        )
+        self._peak = np.zeros(m, dtype=np.float64)  # highest dose already inside each candidate
+        self.dose_map = DoseMap(description.stage_x_nm, description.stage_y_nm, self.config.dose_map_cell_nm)
+        self._lowest_score = math.inf
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def stage_position_nm(self) -> tuple[float, float] | None:
+        """Where the stage is (or will be after the pending scans), ``(x, y)`` nm; None if unknown."""
+        return None if self._stage_nm is None else (float(self._stage_nm[0]), float(self._stage_nm[1]))
+
+    def set_stage_position(self, x_nm: float, y_nm: float) -> None:
+        """Tell the policy where the stage is, in nm (travel costs are measured from here)."""
+        self._stage_nm = np.array([x_nm, y_nm], dtype=np.float64)
+
+    @property
+    def acquired(self) -> np.ndarray:
+        """Boolean mask of candidates already imaged (or marked exposed), shape ``(m,)``."""
+        view = self._acquired.view()
+        view.setflags(write=False)
+        return view
+
+    @property
+    def acquisition_order(self) -> list[int]:
+        """Candidate indices in the order they were acquired."""
+        return list(self._acquisition_order)
+
+    @property
+    def dose_per_scan_e_per_a2(self) -> float:
+        """Dose one candidate scan delivers, e-/Å²."""
+        return self._dose_per_scan
+
+    @property
+    def total_dose_e_per_a2(self) -> float:
+        """Sum of the doses of all exposures recorded or pending, e-/Å²."""
+        return self._total_dose
+
+    def admissible(self) -> np.ndarray:
+        """Mask of candidates :meth:`suggest` may return now, shape ``(m,)``.
+
+        A candidate is admissible if it lies inside the stage, is neither acquired nor
+        pending, its scan keeps every point of its area within the per-area dose limit, and
+        its dose fits the remaining total dose budget.
+        """
+        mask = self._inside & ~self._acquired
+        mask[list(self._pending.values())] = False
+        mask[self._reserved] = False
+        dose = self._dose_per_scan
+        if self.dose_limit_e_per_a2 is not None:
+            mask &= self._peak + dose <= self.dose_limit_e_per_a2 * (1.0 + _DOSE_RTOL)
+        budget = self.config.total_dose_budget_e_per_a2
+        if budget is not None and self._total_dose + dose > budget * (1.0 + _DOSE_RTOL):
+            mask[:] = False
+        return mask
+
+    # ------------------------------------------------------------------ exposures
+
+    def _expose(self, extent: Sequence[float], dose: float) -> None:
+        """Record dose on the ledger, the dose map and the candidates it touches."""
+        self._ledger.add(extent, dose)
+        if dose >= 0:
+            self.dose_map.add(tuple(extent), dose)  # type: ignore[arg-type]
+        else:
+            self.dose_map.map_e_per_a2 -= self.dose_map.exposure(tuple(extent), -dose)  # type: ignore[arg-type]
+            np.clip(self.dose_map.map_e_per_a2, 0.0, None, out=self.dose_map.map_e_per_a2)
+        self._total_dose = max(self._total_dose + dose, 0.0)
+        e = self.grid.extents
+        touched = np.flatnonzero(
+            (e[:, 0] < extent[1]) & (e[:, 1] > extent[0]) & (e[:, 2] < extent[3]) & (e[:, 3] > extent[2])
+        )
+        for index in touched:
+            self._peak[index] = self._ledger.peak(e[index])
+
+    def mark_exposed(self, request: ScanRequest) -> None:
+        """Record an exposure the policy did not suggest (survey, start tiles, manual scans).
+
+        Its dose enters the dose bookkeeping (once per request id) and, if it scans a
+        candidate exactly, that candidate counts as acquired and is never suggested. Pass
+        its score to :meth:`ingest` as well if it should inform the model.
+
+        Parameters
+        ----------
+        request : ScanRequest
+            The scan that was executed.
+        """
+        self._record_exposure(request)
+        index = self.grid.match(request)
+        if index >= 0 and not self._acquired[index]:
+            self._mark_acquired(index)
+        self._stage_nm = np.array([request.x_nm, request.y_nm], dtype=np.float64)
+
+    def _record_exposure(self, request: ScanRequest) -> None:
+        if request.request_id in self._exposed_ids:
+            return
+        self._exposed_ids.add(request.request_id)
+        self._expose(request.extent_nm, self.description.dose_of(request))
+
+    def _mark_acquired(self, index: int) -> None:
+        self._acquired[index] = True
+        self._acquisition_order.append(index)
+        self._on_acquired(index)
+
+    def release(self, requests: Iterable[ScanRequest]) -> None:
+        """Return suggested but never executed requests to the pool and undo their dose.
+
+        Parameters
+        ----------
+        requests : iterable of ScanRequest
+            Requests from :meth:`suggest` that were not (and will not be) executed. A
+            request that did expose (even partly) must be ingested or marked exposed instead.
+        """
+        for request in requests:
+            index = self._pending.pop(request.request_id, None)
+            if index is None:
+                continue
+            self._exposed_ids.discard(request.request_id)
+            self._expose(request.extent_nm, -self.description.dose_of(request))
+            self._on_released(index)
+
+    # ------------------------------------------------------------------ interface
+
+    def suggest(self, n: int = 1) -> list[ScanRequest]:
+        """The next scans to make.
+
+        Parameters
+        ----------
+        n : int
+            Number of scans wanted.
+
+        Returns
+        -------
+        list of ScanRequest
+            Up to ``n`` requests, ordered by a greedy nearest-neighbour tour from the current
+            stage position; fewer when fewer candidates remain admissible, empty when none
+            does. They count as pending (and their dose as spent) until ingested or released.
+        """
+        if n < 0:
+            raise PolicyError(f"suggest(n) needs n >= 0, got {n}")
+        if n == 0:
+            return []
+        chosen: list[int] = []
+        self._reserved = chosen
+        try:
+            self._begin_batch(n)
+            for _ in range(n):
+                mask = self.admissible()
+                if not mask.any():
+                    break
+                index = self._choose(mask, chosen)
+                if index is None:
+                    break
+                if not mask[index]:
+                    raise AssertionError(f"{type(self).__name__} chose inadmissible candidate {index}")
+                chosen.append(int(index))
+                # Book the dose now: the next batch member must respect this one's exposure.
+                self._expose(self.grid.extents[index], self._dose_per_scan)
+        except BaseException:
+            # Leave no half-built batch behind: undo the booked dose and any claims.
+            for index in chosen:
+                self._expose(self.grid.extents[index], -self._dose_per_scan)
+            self._reserved = []
+            for index in chosen:
+                self._on_released(index)
+            raise
+        self._reserved = []
+        requests = []
+        for index in self._tour(chosen):
+            request_id = f"{self.config.name}-{self._counter:05d}"
+            self._counter += 1
+            request = self.grid.request(index, self.config.dwell_us, self.config.detector, request_id)
+            self._pending[request_id] = index
+            self._exposed_ids.add(request_id)
+            if self._stage_nm is not None:
+                self._travel_nm += float(np.hypot(*(self.grid.centres[index] - self._stage_nm)))
+            self._stage_nm = self.grid.centres[index].astype(np.float64)
+            requests.append(request)
+        return requests
+
+    def ingest(self, requests: Sequence[ScanRequest], scores: Sequence[float]) -> None:
+        """Learn the interest measured on executed scans.
+
+        Parameters
+        ----------
+        requests : sequence of ScanRequest
+            Executed scans: usually ones :meth:`suggest` returned, but any scan is accepted
+            (its dose is recorded if it was not already).
+        scores : sequence of float
+            Interest of each tile, in the units of :attr:`score_source`; NaN means no lattice
+            was found and is ingested as low interest (``config.nan_score``, or the lowest
+            finite score seen so far).
+
+        Raises
+        ------
+        PolicyError
+            If the lengths differ or a request id was already ingested.
+        """
+        values = np.asarray(list(scores), dtype=np.float64)
+        if values.ndim != 1 or values.shape[0] != len(requests):
+            raise PolicyError(
+                f"ingest needs one score per request: {len(requests)} requests, {values.size} scores"
+            )
+        if np.isinf(values).any():
+            raise PolicyError(
+                "scores must be finite numbers or NaN (no lattice found), got an infinite value"
+            )
+        ids = [request.request_id for request in requests]
+        repeated = sorted({rid for rid in ids if rid in self._ingested_ids or ids.count(rid) > 1})
+        if repeated:
+            raise PolicyError(
+                f"request(s) {', '.join(repeated)} were already ingested; a tile's score is learned once"
+            )
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            self._lowest_score = min(self._lowest_score, float(finite.min()))
+        fill = self.config.nan_score
+        if fill is None:
+            fill = self._lowest_score if math.isfinite(self._lowest_score) else 0.0
+        values = np.where(np.isnan(values), fill, values)
+        indices = np.empty(len(requests), dtype=np.int64)
+        for k, request in enumerate(requests):
+            index = self._pending.pop(request.request_id, None)
+            if index is None:
+                self._record_exposure(request)
+                index = self.grid.match(request)
+            if index >= 0 and not self._acquired[index]:
+                self._mark_acquired(index)
+            indices[k] = index
+            self._ingested_ids.add(request.request_id)
+            self._observations.append((int(index), request.x_nm, request.y_nm, float(values[k])))
+        if requests:
+            self._stage_nm = np.array([requests[-1].x_nm, requests[-1].y_nm], dtype=np.float64)
+        positions = np.array([[r.x_nm, r.y_nm] for r in requests], dtype=np.float64).reshape(-1, 2)
+        self._observe(indices, positions, values)
+
+    def ask(self, n: int = 1) -> list[ScanRequest]:
+        """Alias of :meth:`suggest` (the bluesky-adaptive name)."""
+        return self.suggest(n)
+
+    def tell(self, requests: Sequence[ScanRequest], scores: Sequence[float]) -> None:
+        """Alias of :meth:`ingest` (the bluesky-adaptive name)."""
+        self.ingest(requests, scores)
+
+    def report(self) -> dict[str, Any]:
+        """State of the policy, JSON-serialisable.
+
+        Returns
+        -------
+        dict
+            ``policy`` (config name), ``kind``, ``score_source``, ``candidates``, ``acquired``,
+            ``pending``, ``admissible`` (counts), ``best_regions`` (up to five ingested regions
+            with the highest scores: index, x_nm, y_nm, score), ``dose`` (``per_scan``,
+            ``total``, ``peak`` and ``limit``/``budget`` in e-/Å², None where unset),
+            ``stage_travel_nm`` (along the suggested tours) and ``surrogate`` (its summary, or None).
+        """
+        best = sorted(self._observations, key=lambda item: -item[3])[:5]
+        return {
+            "policy": self.config.name,
+            "kind": self.kind,
+            "score_source": self.score_source,
+            "candidates": len(self.grid),
+            "acquired": int(self._acquired.sum()),
+            "pending": len(self._pending),
+            "admissible": int(self.admissible().sum()),
+            "best_regions": [
+                {"index": index, "x_nm": float(x), "y_nm": float(y), "score": float(score)}
+                for index, x, y, score in best
+            ],
+            "dose": {
+                "per_scan_e_per_a2": self._dose_per_scan,
+                "total_e_per_a2": self._total_dose,
+                "peak_e_per_a2": self._ledger.max_dose,
+                "limit_e_per_a2": self.dose_limit_e_per_a2,
+                "budget_e_per_a2": self.config.total_dose_budget_e_per_a2,
+            },
+            "stage_travel_nm": self._travel_nm,
+            "surrogate": self._surrogate_summary(),
+        }
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _tour(self, chosen: list[int]) -> list[int]:
+        """Greedy nearest-neighbour order of ``chosen`` from the stage position."""
+        if len(chosen) < 2:
+            return list(chosen)
+        order = nearest_neighbour_tour(self.grid.centres[chosen], self.stage_position_nm)
+        return [chosen[k] for k in order]
+
+    def _origin(self, chosen: list[int]) -> np.ndarray | None:
+        """Where travel to the next batch member starts: the last member, else the stage."""
+        if chosen:
+            return self.grid.centres[chosen[-1]]
+        return self._stage_nm
+
+    def _travel_penalty(self, chosen: list[int]) -> np.ndarray:
+        """Travel cost to every candidate, score units (zeros when the start is unknown)."""
+        origin = self._origin(chosen)
+        if origin is None or self.config.travel_cost_per_um == 0:
+            return np.zeros(len(self.grid))
+        distance_um = (
+            np.hypot(self.grid.centres[:, 0] - origin[0], self.grid.centres[:, 1] - origin[1]) / 1000
+        )
+        return self.config.travel_cost_per_um * distance_um
+
+    def _dose_penalty(self) -> np.ndarray:
+        """Penalty for dose already in each candidate's area, score units."""
+        if self.config.dose_cost == 0 or self.dose_limit_e_per_a2 is None:
+            return np.zeros(len(self.grid))
+        return self.config.dose_cost * self._peak / self.dose_limit_e_per_a2
+
+    @staticmethod
+    def _argmax(values: np.ndarray, mask: np.ndarray) -> int:
+        """Index of the largest value among ``mask`` (the lowest index on ties)."""
+        masked = np.where(mask, values, -np.inf)
+        return int(np.argmax(masked))
+
+    def _surrogate_summary(self) -> dict[str, Any] | None:
+        return None
+
+    # ------------------------------------------------------------------ hooks
+
+    def _begin_batch(self, n: int) -> None:  # noqa: B027 - optional hook, empty by default
+        """Prepare a batch of ``n`` choices (compute a posterior once, for example)."""
+
+    @abstractmethod
+    def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
+        """Next candidate among ``admissible`` given the batch ``chosen`` so far; None to stop."""
+
+    def _observe(self, indices: np.ndarray, positions_nm: np.ndarray, scores: np.ndarray) -> None:  # noqa: B027
+        """Learn from ingested scores (candidate index or -1, positions nm, finite scores)."""
+
+    def _on_acquired(self, index: int) -> None:  # noqa: B027
+        """Called when a candidate becomes acquired."""
+
+    def _on_released(self, index: int) -> None:  # noqa: B027
+        """Called when a pending candidate is released."""
+
+
+class RasterPolicy(AcquisitionPolicy):
+    """Serpentine raster over the grid: row 0 left to right, row 1 right to left, and so on.
+
+    Skips candidates that are not admissible (dose, acquired) and ignores scores.
+    """
+
+    kind: ClassVar[str] = "raster"
+    score_source: ClassVar[Literal["graph", "image"]] = "graph"
+
+    def __init__(
+        self, grid: CandidateGrid, description: InstrumentDescription, config: PolicyConfig | None = None
+    ) -> None:
+        super().__init__(grid, description, config)
+        rows, cols = grid.grid_shape
+        order = np.arange(rows * cols).reshape(rows, cols)
+        order[1::2] = order[1::2, ::-1]
+        self._order = order.ravel()
+
+    def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
+        usable = self._order[admissible[self._order]]
+        return int(usable[0]) if usable.size else None
+
+
+class RandomPolicy(AcquisitionPolicy):
+    """Uniformly random admissible candidates, from a generator seeded by ``config.seed``."""
+
+    kind: ClassVar[str] = "random"
+    score_source: ClassVar[Literal["graph", "image"]] = "graph"
+
+    def __init__(
+        self, grid: CandidateGrid, description: InstrumentDescription, config: PolicyConfig | None = None
+    ) -> None:
+        super().__init__(grid, description, config)
+        self._rng = np.random.default_rng(self.config.seed)
+
+    def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
+        return int(self._rng.choice(np.flatnonzero(admissible)))
+
+
+def _require_features(features: Any, grid: CandidateGrid, who: str) -> np.ndarray:
+    if features is None:
+        raise PolicyError(
+            f"{who} needs survey features: pass agent.survey.survey_features(survey_tile, grid)"
+        )
+    values = np.asarray(features, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] != len(grid):
+        raise PolicyError(
+            f"survey features must have one row per candidate, shape ({len(grid)}, f); got {values.shape}"
+        )
+    if not np.isfinite(values).all():
+        raise PolicyError("survey features contain NaN or infinite values")
+    return values
+
+
+class SurveyContrastPolicy(AcquisitionPolicy):
+    """Ranks candidates by how much their survey patch stands out; no learning.
+
+    Interest is ``hypot(contrast, texture)`` from :func:`agent.survey.survey_features`
+    (columns 2 and 3): a region brighter or darker than its neighbours, or with a different
+    fine-scale texture, is a likely wall, patch or defect cluster. Travel cost applies.
+
+    Parameters
+    ----------
+    grid, description, config
+        As for :class:`AcquisitionPolicy`.
+    survey_features : numpy.ndarray
+        Per-candidate survey features, shape ``(m, 4)``.
+    """
+
+    kind: ClassVar[str] = "survey"
+    score_source: ClassVar[Literal["graph", "image"]] = "graph"
+
+    def __init__(
+        self,
+        grid: CandidateGrid,
+        description: InstrumentDescription,
+        config: PolicyConfig | None,
+        survey_features: np.ndarray,
+    ) -> None:
+        super().__init__(grid, description, config)
+        features = _require_features(survey_features, grid, "the survey-contrast policy")
+        if features.shape[1] < 4:
+            raise PolicyError(
+                f"the survey-contrast policy needs the 4 survey feature columns, got {features.shape[1]}"
+            )
+        self.interest = np.hypot(features[:, 2], features[:, 3])
+
+    def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
+        return self._argmax(self.interest - self._travel_penalty(chosen) - self._dose_penalty(), admissible)
+
+
+class GuidedPolicy(AcquisitionPolicy):
+    """Surrogate-guided acquisition over the candidate regions.
+
+    The acquisition value of every admissible candidate comes from the surrogate's posterior
+    (mean ``mu``, standard deviation ``sigma``):
+
+    ``ucb``
+        ``mu + beta * sigma`` (default).
+    ``ei``
+        Expected improvement over the best score ingested so far (plus ``xi``).
+    ``thompson``
+        One joint posterior sample per batch member; its argmax.
+    ``uncertainty``
+        ``sigma`` (pure exploration).
+
+    minus the travel cost from the current stage position (or the previous batch member)
+    and the optional dose cost. Batches use the *kriging believer*: after each pick the
+    posterior covariance is conditioned on a fantasy observation equal to its mean, which
+    leaves the mean unchanged and shrinks the uncertainty around the pick, so the next
+    member goes elsewhere. This is exact for a GP and needs one full-covariance prediction.
+
+    Parameters
+    ----------
+    grid, description, config
+        As for :class:`AcquisitionPolicy`.
+    surrogate : GPSurrogate or None
+        The model; None builds one with default settings for this stage.
+    survey_features : numpy.ndarray or None
+        Per-candidate survey features, shape ``(m, f)``; required when the surrogate uses them.
+    """
+
+    kind: ClassVar[str] = "guided"
+    score_source: ClassVar[Literal["graph", "image"]] = "graph"
+
+    def __init__(
+        self,
+        grid: CandidateGrid,
+        description: InstrumentDescription,
+        surrogate: GPSurrogate | None = None,
+        config: PolicyConfig | None = None,
+        survey_features: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(grid, description, config)
+        if surrogate is None:
+            surrogate = GPSurrogate(stage_x_nm=description.stage_x_nm, stage_y_nm=description.stage_y_nm)
+        self.surrogate = surrogate
+        self._features: np.ndarray | None = None
+        if surrogate.feature_dim:
+            features = _require_features(survey_features, grid, "a surrogate with use_survey_features")
+            if features.shape[1] != surrogate.feature_dim:
+                raise PolicyError(
+                    f"the surrogate expects {surrogate.feature_dim} survey features, got {features.shape[1]}"
+                )
+            self._features = features
+        self._rng = np.random.default_rng(self.config.seed)
+        self._batch: dict[str, Any] = {}
+
+    def _observe(self, indices: np.ndarray, positions_nm: np.ndarray, scores: np.ndarray) -> None:
+        features = None
+        if self._features is not None:
+            # Off-grid observations take the features of the candidate containing them.
+            rows = [
+                index if index >= 0 else self.grid.index_of(x, y)
+                for index, (x, y) in zip(indices, positions_nm, strict=True)
+            ]
+            features = np.array(
+                [self._features[r] if r >= 0 else np.zeros(self._features.shape[1]) for r in rows]
+            ).reshape(len(rows), -1)
+        self.surrogate.update(positions_nm, scores, features)
+
+    def _begin_batch(self, n: int) -> None:
+        acquisition = self.config.acquisition
+        centres = self.grid.centres
+        if acquisition == "thompson":
+            samples = self.surrogate.sample(centres, self._features, n, self._rng)
+            self._batch = {"samples": samples}
+            return
+        if n > 1:
+            mean, covariance = self.surrogate.predict(centres, self._features, full_cov=True)
+            variance = np.clip(np.diag(covariance).copy(), 0.0, None)
+        else:
+            mean, variance = self.surrogate(centres, self._features)
+            covariance = None
+        observed = self.surrogate.observed_values
+        best = float(observed.max()) if observed.size else 0.0
+        self._batch = {"mean": mean, "variance": variance, "covariance": covariance, "best": best}
+
+    def acquisition_values(self) -> np.ndarray:
+        """Acquisition value of every candidate now, without costs, in score units.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(m,)``; for Thompson sampling, one fresh posterior sample.
+        """
+        self._begin_batch(1)
+        return self._acquisition(0)
+
+    def _acquisition(self, member: int) -> np.ndarray:
+        batch = self._batch
+        if "samples" in batch:
+            return batch["samples"][member]
+        mean, sigma = batch["mean"], np.sqrt(batch["variance"])
+        acquisition = self.config.acquisition
+        if acquisition == "ucb":
+            return mean + self.config.beta * sigma
+        if acquisition == "uncertainty":
+            return sigma
+        improvement = mean - batch["best"] - self.config.xi
+        safe = np.where(sigma > 0, sigma, 1.0)
+        z = improvement / safe
+        expected = improvement * ndtr(z) + safe * np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+        return np.where(sigma > 0, expected, np.maximum(improvement, 0.0))
+
+    def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
+        value = self._acquisition(len(chosen)) - self._travel_penalty(chosen) - self._dose_penalty()
+        index = self._argmax(value, admissible)
+        covariance = self._batch.get("covariance")
+        if covariance is not None:
+            # Kriging believer: condition on y_index = mean[index]; the mean is unchanged.
+            column = covariance[:, index].copy()
+            covariance -= np.outer(column, column) / (column[index] + self.surrogate.noise_variance)
+            self._batch["variance"] = np.clip(np.diag(covariance).copy(), 0.0, None)
+            self._batch["best"] = max(self._batch["best"], float(self._batch["mean"][index]))
+        return index
+
+    def _surrogate_summary(self) -> dict[str, Any] | None:
+        return self.surrogate.summary()
+
+
+class ImageGPPolicy(GuidedPolicy):
+    """Spatial GP on raw tile image statistics, without the graph (the image-based anchor).
+
+    Identical machinery to :class:`GuidedPolicy`; the session ingests a raw statistic of each
+    tile (for example :func:`agent.survey.lattice_disorder`) instead of graph interest.
+    """
+
+    kind: ClassVar[str] = "image_gp"
+    score_source: ClassVar[Literal["graph", "image"]] = "image"
+
+
+class OraclePolicy(AcquisitionPolicy):
+    """Knows where the planted features are; picks the region with most features not yet imaged.
+
+    For evaluation only (an upper reference for guidance). Greedy set cover: after a region
+    is acquired (or suggested), its features count as imaged, so overlapping regions lose
+    them too. Ties go to the nearer region, then the lower index.
+
+    Parameters
+    ----------
+    grid, description, config
+        As for :class:`AcquisitionPolicy`.
+    truth : numpy.ndarray or sequence of collections
+        Either the number of planted features per candidate, shape ``(m,)`` (each counted as
+        distinct to its candidate), or per candidate the ids of the features it contains
+        (overlapping candidates share ids).
+    """
+
+    kind: ClassVar[str] = "oracle"
+    score_source: ClassVar[Literal["graph", "image"]] = "graph"
+
+    def __init__(
+        self,
+        grid: CandidateGrid,
+        description: InstrumentDescription,
+        config: PolicyConfig | None,
+        truth: np.ndarray | Sequence[Iterable[Hashable]],
+    ) -> None:
+        super().__init__(grid, description, config)
+        m = len(grid)
+        if isinstance(truth, np.ndarray) and truth.ndim == 1 and np.issubdtype(truth.dtype, np.number):
+            counts = truth
+            if counts.shape != (m,) or (counts < 0).any() or not np.isfinite(counts).all():
+                raise PolicyError(
+                    f"oracle truth counts must be non-negative, shape ({m},); got {counts.shape}"
+                )
+            sets = [{(index, k) for k in range(round(float(count)))} for index, count in enumerate(counts)]
+        else:
+            sets = [set(ids) for ids in truth]
+            if len(sets) != m:
+                raise PolicyError(
+                    f"oracle truth needs one set of feature ids per candidate ({m}), got {len(sets)}"
+                )
+        self._features = sets
+        self._imaged: set[Hashable] = set()
+        self._gain = np.array([len(s) for s in sets], dtype=np.float64)
+        self._holders: dict[Hashable, list[int]] = {}
+        for index, ids in enumerate(sets):
+            for feature in ids:
+                self._holders.setdefault(feature, []).append(index)
+
+    def _claim(self, index: int) -> None:
+        for feature in self._features[index] - self._imaged:
+            self._imaged.add(feature)
+            for holder in self._holders[feature]:
+                self._gain[holder] -= 1
+
+    def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
+        origin = self._origin(chosen)
+        distance = (
+            np.zeros(len(self.grid))
+            if origin is None
+            else np.hypot(self.grid.centres[:, 0] - origin[0], self.grid.centres[:, 1] - origin[1])
+        )
+        candidates = np.flatnonzero(admissible)
+        # Most new features first, then the shortest move, then the lowest index.
+        order = np.lexsort((candidates, distance[candidates], -self._gain[candidates]))
+        index = int(candidates[order[0]])
+        self._claim(index)
+        return index
+
+    def _on_acquired(self, index: int) -> None:
+        self._claim(index)
+
+    def _on_released(self, index: int) -> None:
+        # Recount from what is really acquired or still pending.
+        self._imaged = set()
+        self._gain = np.array([len(s) for s in self._features], dtype=np.float64)
+        for kept in [*np.flatnonzero(self._acquired), *self._pending.values()]:
+            self._claim(int(kept))
+
+    @property
+    def imaged_features(self) -> int:
+        """Number of distinct planted features in acquired or pending regions."""
+        return len(self._imaged)
+
+
+def make_policy(
+    name: str,
+    grid: CandidateGrid,
+    description: InstrumentDescription,
+    config: PolicyConfig | None = None,
+    *,
+    survey_features: np.ndarray | None = None,
+    surrogate_config: SurrogateConfig | None = None,
+    truth: np.ndarray | Sequence[Iterable[Hashable]] | None = None,
+) -> AcquisitionPolicy:
+    """Build a policy by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`POLICY_NAMES`: ``guided``, ``raster``, ``random``, ``survey``,
+        ``image_gp``, ``oracle``.
+    grid : CandidateGrid
+        Candidate regions.
+    description : InstrumentDescription
+        The instrument.
+    config : PolicyConfig or None
+        Policy settings; None: defaults with ``name`` as label.
+    survey_features : numpy.ndarray or None
+        Per-candidate survey features ``(m, f)``; required by ``survey``, used by ``guided``
+        when ``surrogate_config.use_survey_features`` (default: on when features are given).
+    surrogate_config : SurrogateConfig or None
+        Surrogate settings of ``guided`` and ``image_gp`` (``image_gp`` never uses survey features).
+    truth : numpy.ndarray or sequence of collections or None
+        Ground truth for ``oracle``: feature counts or feature-id sets per candidate.
+
+    Returns
+    -------
+    AcquisitionPolicy
+        The policy.
+
+    Raises
+    ------
+    PolicyError
+        For an unknown name (the message lists the known ones) or a missing input.
+    """
+    if name not in POLICY_NAMES:
+        raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if config is None:
+        config = PolicyConfig(name=name)
+    stage = {"stage_x_nm": description.stage_x_nm, "stage_y_nm": description.stage_y_nm}
+    if name == "guided":
+        if surrogate_config is None:
+            surrogate_config = SurrogateConfig(
+                use_survey_features=survey_features is not None, seed=config.seed
+            )
+        features = None
+        feature_dim = 0
+        if surrogate_config.use_survey_features:
+            features = _require_features(survey_features, grid, "the guided policy with use_survey_features")
+            feature_dim = features.shape[1]
+        surrogate = GPSurrogate(surrogate_config, feature_dim, **stage)
+        return GuidedPolicy(grid, description, surrogate, config, features)
+    if name == "image_gp":
+        base = surrogate_config if surrogate_config is not None else SurrogateConfig(seed=config.seed)
+        surrogate = GPSurrogate(base.model_copy(update={"use_survey_features": False}), 0, **stage)
+        return ImageGPPolicy(grid, description, surrogate, config)
+    if name == "raster":
+        return RasterPolicy(grid, description, config)
+    if name == "random":
+        return RandomPolicy(grid, description, config)
+    if name == "survey":
+        return SurveyContrastPolicy(grid, description, config, survey_features)  # type: ignore[arg-type]
+    if truth is None:
+        raise PolicyError("the oracle policy needs the ground truth: feature counts or id sets per candidate")
+    return OraclePolicy(grid, description, config, truth)

@@ -1,0 +1,573 @@
+"""A guided acquisition session: survey, start tiles, then the loop until the budget is spent.
+
+Each step of the loop::
+
+    acquire -> columns -> graph merge -> GAE update and scores -> region score
+            -> surrogate update (policy.ingest) -> next request (policy.suggest)
+
+is timed, and appended to the :class:`~agent.journal.SessionJournal` before the
+next exposure. A session interrupted at any point is resumed with
+:meth:`Session.resume`: the recorded steps are replayed through the same
+deterministic pipeline (no exposure), the rebuilt decisions are checked
+against the recorded ones, and the loop continues where it stopped, so the
+final state equals that of an uninterrupted run with the same seed.
+
+The session never sees ground truth. An optional ``on_step`` callback (used by
+the command line and the benchmarks for evaluation and progress bars) receives
+each step's record after it is journaled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from agent.anomaly import AnomalyConfig, AnomalyScorer, region_scores
+from agent.columns import ColumnFinderConfig, Columns, find_columns
+from agent.config import StrictModel
+from agent.driver import MicroscopeDriver, ScanRequest, Tile
+from agent.errors import MicrographyError
+from agent.graph import GraphConfig, MoleculeGraph
+from agent.journal import JournalStep, SessionJournal
+from agent.policy import POLICY_NAMES, AcquisitionPolicy, PolicyConfig, make_policy
+from agent.surrogate import SurrogateConfig
+from agent.survey import CandidateGrid, lattice_disorder, survey_features, survey_request
+
+
+class SessionError(MicrographyError, RuntimeError):
+    """A session cannot start, continue or resume."""
+
+
+class BudgetConfig(StrictModel):
+    """When a session stops: the first limit reached ends it."""
+
+    max_tiles: int | None = Field(40, ge=1, description="high-resolution tiles after the survey")
+    max_time_s: float | None = Field(None, gt=0, description="instrument time from the first exposure, s")
+    max_mean_dose_e_per_a2: float | None = Field(
+        None, gt=0, description="dose spent, averaged over the accessible stage area, e-/A^2"
+    )
+
+
+class ScanSettings(StrictModel):
+    """Pixel size, shape and dwell of one kind of scan."""
+
+    pixel_size_nm: float = Field(gt=0)
+    dwell_us: float = Field(gt=0)
+    shape: tuple[int, int] = (512, 512)
+
+
+class SessionConfig(StrictModel):
+    """Everything a guided session needs; ``configs/session.yaml`` is loaded into it."""
+
+    policy: str = Field("guided", description=f"one of {', '.join(POLICY_NAMES)}")
+    seed: int = Field(0, description="seeds the scorer, the surrogate and the policy")
+    budget: BudgetConfig = BudgetConfig()
+    survey: ScanSettings = ScanSettings(pixel_size_nm=0.25, dwell_us=4.0, shape=(4096, 4096))
+    tiles: ScanSettings = ScanSettings(pixel_size_nm=0.02, dwell_us=8.0, shape=(512, 512))
+    start_tiles: int = Field(4, ge=1, description="spread-out tiles before the first decision")
+    checkpoint: str | None = Field(None, description="GAE checkpoint; by default trained on the start tiles")
+    warmup_steps: int = Field(
+        60, ge=1, description="GAE steps on the start tiles when no checkpoint is given"
+    )
+    detection_threshold: float = Field(3.0, gt=0, description="node score above which a node is 'detected'")
+    region_top_fraction: float = Field(0.1, gt=0, le=1, description="region score = mean of this top share")
+    columns: ColumnFinderConfig = ColumnFinderConfig()
+    graph: GraphConfig = GraphConfig()
+    anomaly: AnomalyConfig = AnomalyConfig(device="auto", online_steps=4)
+    surrogate: SurrogateConfig = SurrogateConfig()
+    acquisition: PolicyConfig = PolicyConfig()
+    simulator: dict[str, Any] | None = Field(
+        None,
+        description="the simulated instrument (simulator.config.SimulatorConfig keys) for `micrography run`",
+    )
+
+
+@dataclass
+class StepRecord:
+    """What one step did, as journaled (JSON-friendly).
+
+    Parameters
+    ----------
+    index : int
+        Step number from 0 (the survey tiles come first).
+    kind : str
+        ``"survey"``, ``"start"`` or ``"guided"``.
+    request : ScanRequest
+        The scan executed.
+    tile : Tile or None
+        The tile (None when rebuilt from a journal without images).
+    columns : Columns or None
+        Columns found (None for survey tiles).
+    score : float
+        Region interest ingested by the policy (NaN for survey tiles).
+    decision : list of dict
+        The next request(s) chosen after this step.
+    timings : dict
+        Seconds per stage.
+    extra : dict
+        Counts and summaries (nodes, new nodes, dose spent, surrogate summary).
+    """
+
+    index: int
+    kind: str
+    request: ScanRequest
+    tile: Tile | None
+    columns: Columns | None
+    score: float
+    decision: list[dict[str, Any]]
+    timings: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """The journal's JSON record of this step."""
+        tile = self.tile
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "request": self.request.model_dump(mode="json"),
+            "tile": None
+            if tile is None
+            else {
+                "origin_nm": list(tile.origin_nm),
+                "pixel_size_nm": tile.pixel_size_nm,
+                "dose_e_per_a2": tile.dose_e_per_a2,
+                "t_start": tile.t_start,
+                "t_end": tile.t_end,
+                "metadata": tile.metadata,
+            },
+            "score": None if not math.isfinite(self.score) else self.score,
+            "decision": self.decision,
+            "timings": self.timings,
+            **self.extra,
+        }
+
+
+@contextmanager
+def _single_thread_torch() -> Iterator[None]:
+    """Run torch single-threaded: bitwise-repeatable reductions, so a resumed session matches."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Session:
+    """One guided acquisition session on one instrument.
+
+    Parameters
+    ----------
+    driver : MicroscopeDriver
+        The instrument (simulated, replayed, or remote over ZeroMQ).
+    config : SessionConfig, optional
+        Policy, budget, scan settings and models.
+    journal_path : str or pathlib.Path, optional
+        Where to journal the session (HDF5); None keeps no journal.
+    on_step : callable, optional
+        Called with each :class:`StepRecord` after it is journaled (evaluation, progress).
+    truth : object, optional
+        Ground truth for the ``oracle`` policy only (per-candidate feature-id sets).
+
+    Examples
+    --------
+    >>> with SimulatedMicroscope() as microscope:  # doctest: +SKIP
+    ...     session = Session(microscope, SessionConfig(), journal_path="runs/s/journal.h5")
+    ...     session.run()
+    """
+
+    def __init__(
+        self,
+        driver: MicroscopeDriver,
+        config: SessionConfig | None = None,
+        journal_path: str | Path | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+        truth: Any = None,
+    ) -> None:
+        self.driver = driver
+        self.config = config or SessionConfig()
+        self.on_step = on_step
+        self.description = driver.describe()
+        self.grid = CandidateGrid.tiling(
+            self.description, self.config.tiles.shape, self.config.tiles.pixel_size_nm
+        )
+        self.graph = MoleculeGraph(self.config.graph)
+        self.scorer: AnomalyScorer | None = None
+        self.policy: AcquisitionPolicy | None = None
+        self.steps: list[StepRecord] = []
+        self.survey_tiles: list[Tile] = []
+        self.features: np.ndarray | None = None
+        self.truth = truth
+        self.stop_reason = ""
+        self._journal_path = Path(journal_path) if journal_path is not None else None
+        self._journal: SessionJournal | None = None
+        self._next: list[ScanRequest] = []
+        self._start_queue: list[ScanRequest] = []
+        self._dose_area_e = 0.0
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+        self._replay: list[JournalStep] = []
+        self._replay_problems: list[str] = []
+        self._pending_starts: list[tuple[ScanRequest, Tile, Columns]] = []
+        if self.config.policy not in POLICY_NAMES:
+            raise SessionError(
+                f"unknown policy {self.config.policy!r}; choose one of {', '.join(POLICY_NAMES)}"
+            )
+
+    # ------------------------------------------------------------------ public API
+
+    def run(self) -> dict[str, Any]:
+        """Run (or continue) the session until the budget is spent; returns :meth:`summary`."""
+        with _single_thread_torch():
+            try:
+                self._open_journal()
+                if not self.survey_tiles:
+                    self._survey()
+                self._start()
+                while self._within_budget():
+                    if not self._next:
+                        self.stop_reason = "no admissible region is left (dose limits or everything scanned)"
+                        break
+                    self._step(self._next.pop(0), "guided")
+                else:
+                    self.stop_reason = self.stop_reason or "budget spent"
+            finally:
+                if self._journal is not None:
+                    self._journal.close()
+        return self.summary()
+
+    @classmethod
+    def resume(
+        cls,
+        driver: MicroscopeDriver,
+        journal_path: str | Path,
+        config: SessionConfig | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+        truth: Any = None,
+    ) -> Session:
+        """Rebuild an interrupted session from its journal, ready to :meth:`run` on.
+
+        Parameters
+        ----------
+        driver : MicroscopeDriver
+            The instrument to continue on (it must describe the same stage).
+        journal_path : str or pathlib.Path
+            The interrupted session's journal.
+        config : SessionConfig, optional
+            Overrides; by default the configuration recorded in the journal (a different
+            budget is allowed, anything else must match for the replay to be faithful).
+        on_step, truth
+            As for :class:`Session`.
+
+        Returns
+        -------
+        Session
+            A session whose state equals the interrupted one's at its last complete step.
+        """
+        journal, contents = SessionJournal.continue_from(journal_path)
+        recorded = SessionConfig.model_validate(contents.config)
+        if config is None:
+            config = recorded
+        elif config.model_copy(update={"budget": recorded.budget}) != recorded:
+            journal.close()
+            raise SessionError(
+                f"{journal_path}: the configuration differs from the recorded one in more than the budget; "
+                "resume with the recorded configuration"
+            )
+        session = cls(driver, config, None, on_step, truth)
+        if session.description.model_dump(mode="json") != contents.instrument:
+            journal.close()
+            raise SessionError(
+                f"{journal_path}: recorded on another instrument ({contents.instrument.get('name')}); "
+                "resume on the instrument the session started on"
+            )
+        session._journal = journal
+        session._replay = list(contents.steps)
+        session._replay_problems = contents.problems
+        with _single_thread_torch():
+            session._rebuild()
+        return session
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, dose and time spent, the stop reason and median timings per stage."""
+        guided = [s for s in self.steps if s.kind != "survey"]
+        timings: dict[str, list[float]] = {}
+        for step in guided:
+            for stage, seconds in step.timings.items():
+                timings.setdefault(stage, []).append(seconds)
+        return {
+            "policy": self.config.policy,
+            "seed": self.config.seed,
+            "tiles": len(guided),
+            "survey_tiles": len(self.survey_tiles),
+            "nodes": len(self.graph),
+            "mean_dose_e_per_a2": self._mean_dose(),
+            "instrument_time_s": 0.0 if self._t_first is None else (self._t_last or 0.0) - self._t_first,
+            "stop_reason": self.stop_reason,
+            "median_timings_s": {stage: float(np.median(values)) for stage, values in timings.items()},
+            "journal": None if self._journal_path is None else str(self._journal_path),
+        }
+
+    def node_scores(self) -> np.ndarray:
+        """Current anomaly score of every node (NaN before the scorer is trained)."""
+        if self.scorer is None or not self.scorer.fitted or len(self.graph) == 0:
+            return np.full(len(self.graph), np.nan)
+        return self.scorer.score(self.graph.to_pyg()).score
+
+    # ------------------------------------------------------------------ stages
+
+    def _open_journal(self) -> None:
+        if self._journal is None and self._journal_path is not None:
+            self._journal = SessionJournal(
+                self._journal_path,
+                self.config.model_dump(mode="json"),
+                self.description.model_dump(mode="json"),
+            )
+
+    def _survey(self) -> None:
+        survey = self.config.survey
+        # "overview" ids keep clear of the policies' own prefixes (one of them is named "survey").
+        requests = survey_request(
+            self.description, survey.pixel_size_nm, survey.dwell_us, survey.shape, request_prefix="overview"
+        )
+        for request in requests:
+            self._step(request, "survey")
+        self.features = survey_features(self.survey_tiles, self.grid)
+
+    def _ensure_policy(self) -> AcquisitionPolicy:
+        if self.policy is None:
+            config = self.config.acquisition.model_copy(
+                update={
+                    "name": self.config.policy,
+                    "dwell_us": self.config.tiles.dwell_us,
+                    "seed": self.config.seed,
+                }
+            )
+            self.policy = make_policy(
+                self.config.policy,
+                self.grid,
+                self.description,
+                config,
+                survey_features=self.features,
+                surrogate_config=self.config.surrogate.model_copy(update={"seed": self.config.seed}),
+                truth=self.truth,
+            )
+            for tile in self.survey_tiles:
+                self.policy.mark_exposed(tile.request)
+        return self.policy
+
+    def _start_requests(self) -> list[ScanRequest]:
+        """Spread-out start tiles: farthest-point sampling over the candidate grid from its centre."""
+        centres = self.grid.centres
+        chosen = [int(np.argmin(np.hypot(*(centres - centres.mean(axis=0)).T)))]
+        distance = np.hypot(*(centres - centres[chosen[0]]).T)
+        while len(chosen) < min(self.config.start_tiles, len(centres)):
+            chosen.append(int(np.argmax(distance)))
+            distance = np.minimum(distance, np.hypot(*(centres - centres[chosen[-1]]).T))
+        return [
+            self.grid.request(index, self.config.tiles.dwell_us, request_id=f"start-{k:05d}")
+            for k, index in enumerate(chosen)
+        ]
+
+    def _start(self) -> None:
+        policy = self._ensure_policy()
+        done = {step.request.request_id for step in self.steps}
+        for request in self._start_requests():
+            if request.request_id not in done and self._within_budget():
+                self._step(request, "start")
+        if not self._next and not self.stop_reason:
+            self._next = policy.suggest(1)
+
+    def _score_tile(self, request: ScanRequest, tile: Tile | None, columns: Columns | None) -> float:
+        """Region interest of a tile: top-decile mean of its interior node scores (or an image statistic)."""
+        policy = self._ensure_policy()
+        if policy.score_source == "image":
+            return float(lattice_disorder(tile.image)) if tile is not None else math.nan
+        if self.scorer is None or not self.scorer.fitted:
+            return math.nan
+        x_min, x_max, y_min, y_max = request.extent_nm
+        nodes = self.graph.nodes_in(x_min, x_max, y_min, y_max)
+        nodes = nodes[self.graph.interior[nodes]]
+        if nodes.size == 0:
+            return math.nan
+        scores = self.scorer.score(self.graph.to_pyg(nodes)).score
+        return float(
+            region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, self.config.region_top_fraction)[0]
+        )
+
+    def _train_scorer(self) -> None:
+        """Load the checkpoint, or warm up the GAE on the start tiles' graph."""
+        if self.config.checkpoint:
+            self.scorer = AnomalyScorer.load(self.config.checkpoint, device=self.config.anomaly.device)
+        else:
+            anomaly = self.config.anomaly.model_copy(
+                update={"seed": self.config.seed, "warmup_steps": self.config.warmup_steps}
+            )
+            self.scorer = AnomalyScorer(anomaly)
+            self.scorer.fit([self.graph.to_pyg()])
+
+    def _step(self, request: ScanRequest, kind: str, recorded: JournalStep | None = None) -> StepRecord:
+        """Acquire (or take from the journal) one tile and carry it through the pipeline."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        tile = self.driver.acquire(request) if recorded is None else _tile_from_record(recorded, request)
+        timings["acquire"] = time.perf_counter() - start
+        self._account(tile)
+        if kind == "survey":
+            self.survey_tiles.append(tile)
+            record = StepRecord(len(self.steps), kind, request, tile, None, math.nan, [], timings)
+            self._finish(record, recorded)
+            return record
+
+        tick = time.perf_counter()
+        columns = recorded.columns if recorded is not None and recorded.columns is not None else None
+        if columns is None:
+            columns = find_columns(tile, self.config.columns)
+        timings["columns"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        merge = self.graph.merge(columns, tile.extent_nm)
+        timings["graph"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        policy = self._ensure_policy()
+        starts_done = (
+            kind == "start" and sum(s.kind == "start" for s in self.steps) + 1 >= self.config.start_tiles
+        )
+        if self.scorer is None and (starts_done or kind == "guided") and len(self.graph):
+            self._train_scorer()
+            self._ingest_pending_starts()
+        elif self.scorer is not None and merge.updated_nodes.size:
+            self.scorer.update(self.graph.to_pyg(merge.updated_nodes))
+        timings["anomaly"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        score = self._score_tile(request, tile, columns)
+        timings["region_score"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        if self.scorer is not None or policy.score_source == "image":
+            policy.ingest([request], [score])
+        else:
+            self._pending_starts.append((request, tile, columns))
+        timings["surrogate"] = time.perf_counter() - tick
+
+        decision: list[ScanRequest] = []
+        tick = time.perf_counter()
+        if kind == "guided" or (kind == "start" and starts_done):
+            self._next = policy.suggest(1)
+            decision = list(self._next)
+        timings["decision"] = time.perf_counter() - tick
+        extra = {
+            "nodes": len(self.graph),
+            "added_nodes": merge.added,
+            "matched_nodes": merge.matched,
+            "columns_found": len(columns),
+            "columns_reason": columns.reason,
+            "mean_dose_e_per_a2": self._mean_dose(),
+            "surrogate": policy.report().get("surrogate"),
+        }
+        record = StepRecord(
+            len(self.steps), kind, request, tile, columns, score,
+            [r.model_dump(mode="json") for r in decision], timings, extra,
+        )  # fmt: skip
+        self._finish(record, recorded)
+        return record
+
+    def _ingest_pending_starts(self) -> None:
+        """Score the start tiles once the scorer exists and tell the policy about them."""
+        policy = self._ensure_policy()
+        for request, tile, columns in self._pending_starts:
+            policy.ingest([request], [self._score_tile(request, tile, columns)])
+        self._pending_starts = []
+
+    def _finish(self, record: StepRecord, recorded: JournalStep | None) -> None:
+        self.steps.append(record)
+        if recorded is None:
+            if self._journal is not None:
+                self._journal.append(record.to_record(), image=record.tile.image if record.tile else None,
+                                     columns=record.columns)  # fmt: skip
+        else:
+            expected = recorded.record.get("decision", [])
+            if expected != record.decision:
+                raise SessionError(
+                    f"replaying step {record.index} of the journal chose {record.decision} but the session "
+                    f"had chosen {expected}; the configuration or the software changed since"
+                )
+        if self.on_step is not None:
+            self.on_step(record)
+
+    # ------------------------------------------------------------------ budget and dose
+
+    def _account(self, tile: Tile) -> None:
+        x_min, x_max, y_min, y_max = tile.extent_nm
+        area_a2 = (x_max - x_min) * (y_max - y_min) * 100.0
+        self._dose_area_e += tile.dose_e_per_a2 * area_a2
+        self._t_first = tile.t_start if self._t_first is None else self._t_first
+        self._t_last = tile.t_end
+
+    def _mean_dose(self) -> float:
+        (x0, x1), (y0, y1) = self.description.stage_x_nm, self.description.stage_y_nm
+        return self._dose_area_e / ((x1 - x0) * (y1 - y0) * 100.0)
+
+    def _within_budget(self) -> bool:
+        budget = self.config.budget
+        tiles = sum(step.kind != "survey" for step in self.steps)
+        if budget.max_tiles is not None and tiles >= budget.max_tiles:
+            self.stop_reason = f"tile budget of {budget.max_tiles} spent"
+            return False
+        elapsed = 0.0 if self._t_first is None else (self._t_last or 0.0) - self._t_first
+        if budget.max_time_s is not None and elapsed >= budget.max_time_s:
+            self.stop_reason = f"instrument-time budget of {budget.max_time_s:g} s spent"
+            return False
+        if budget.max_mean_dose_e_per_a2 is not None and self._mean_dose() >= budget.max_mean_dose_e_per_a2:
+            self.stop_reason = f"dose budget of {budget.max_mean_dose_e_per_a2:g} e-/A^2 (stage mean) spent"
+            return False
+        return True
+
+    # ------------------------------------------------------------------ resuming
+
+    def _rebuild(self) -> None:
+        """Replay the journaled steps through the pipeline without exposing anything."""
+        replay = self._replay
+        survey_count = sum(step.record.get("kind") == "survey" for step in replay)
+        for step in replay[:survey_count]:
+            request = ScanRequest.model_validate(step.record["request"])
+            self._step(request, "survey", recorded=step)
+        if survey_count:
+            self.features = survey_features(self.survey_tiles, self.grid)
+        for step in replay[survey_count:]:
+            request = ScanRequest.model_validate(step.record["request"])
+            if step.record["kind"] == "guided":
+                expected = self._next.pop(0) if self._next else None
+                if expected is None or expected.request_id != request.request_id:
+                    raise SessionError(
+                        f"replaying the journal: step {step.index} scanned {request.request_id} but the "
+                        f"session would have chosen {None if expected is None else expected.request_id}"
+                    )
+            self._step(request, step.record["kind"], recorded=step)
+        self._replay = []
+
+
+def _tile_from_record(step: JournalStep, request: ScanRequest) -> Tile:
+    """Rebuild a Tile from a journal step (its image and recorded placement)."""
+    meta = step.record.get("tile") or {}
+    if step.image is None:
+        raise SessionError(f"journal step {step.index} has no image; it cannot be replayed")
+    return Tile(
+        image=np.asarray(step.image, dtype=np.float32),
+        request=request,
+        origin_nm=tuple(meta.get("origin_nm", request.origin_nm)),  # type: ignore[arg-type]
+        pixel_size_nm=float(meta.get("pixel_size_nm", request.pixel_size_nm)),
+        dose_e_per_a2=float(meta.get("dose_e_per_a2", 0.0)),
+        t_start=float(meta.get("t_start", 0.0)),
+        t_end=float(meta.get("t_end", 0.0)),
+        metadata=dict(meta.get("metadata", {})),
+    )

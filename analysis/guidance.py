@@ -1,0 +1,272 @@
+"""Judging guided sessions against ground truth, and the session report figure.
+
+A planted feature counts as *imaged* once a high-resolution tile covering any
+of its columns (or, for vacancy clusters, its vacant sites) was acquired, and
+as *detected* once one of its nodes scores above the session's detection
+threshold. These evaluations use the simulator's ground truth and never feed
+back into the session's decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from agent.session import Session, StepRecord
+from agent.survey import CandidateGrid
+from analysis.training import node_labels
+from simulator.specimen import Specimen
+
+
+def feature_candidates(specimen: Specimen, grid: CandidateGrid) -> list[set[int]]:
+    """For each candidate tile, the ids of the planted features it would image.
+
+    Parameters
+    ----------
+    specimen : Specimen
+        Ground truth.
+    grid : CandidateGrid
+        Candidate tiles of the session.
+
+    Returns
+    -------
+    list of set of int
+        One set of feature ids per candidate (the oracle policy's truth).
+    """
+    points_x = [specimen.x_nm[specimen.feature_id >= 0], specimen.vacancies["x_nm"]]
+    points_y = [specimen.y_nm[specimen.feature_id >= 0], specimen.vacancies["y_nm"]]
+    point_feature = [specimen.feature_id[specimen.feature_id >= 0], specimen.vacancies["feature_id"]]
+    x, y = np.concatenate(points_x), np.concatenate(points_y)
+    feature = np.concatenate(point_feature)
+    result: list[set[int]] = []
+    for x_min, x_max, y_min, y_max in grid.extents:
+        inside = (x >= x_min) & (x <= x_max) & (y >= y_min) & (y <= y_max)
+        result.append({int(f) for f in np.unique(feature[inside])})
+    return result
+
+
+@dataclass
+class DiscoveryTracker:
+    """Follows which planted features a session has imaged, step by step (an ``on_step`` callback).
+
+    Parameters
+    ----------
+    specimen : Specimen
+        Ground truth.
+    grid : CandidateGrid
+        The session's candidate tiles.
+    """
+
+    specimen: Specimen
+    grid: CandidateGrid
+    candidates: list[set[int]] = field(init=False)
+    imaged: set[int] = field(default_factory=set)
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.candidates = feature_candidates(self.specimen, self.grid)
+
+    @property
+    def total(self) -> int:
+        """Number of planted features."""
+        return len(self.specimen.features)
+
+    def __call__(self, record: StepRecord) -> None:
+        """Update after one session step."""
+        if record.kind == "survey":
+            return
+        x_min, x_max, y_min, y_max = record.request.extent_nm
+        centre = self.grid.index_of(0.5 * (x_min + x_max), 0.5 * (y_min + y_max))
+        if centre >= 0:
+            self.imaged |= self.candidates[centre]
+        self.curve.append(
+            {
+                "tiles": float(len(self.curve) + 1),
+                "mean_dose_e_per_a2": float(record.extra.get("mean_dose_e_per_a2", np.nan)),
+                "imaged_fraction": len(self.imaged) / self.total if self.total else float("nan"),
+            }
+        )
+
+
+def detected_features(session: Session, specimen: Specimen) -> set[int]:
+    """Features with at least one node scoring above the session's detection threshold.
+
+    Parameters
+    ----------
+    session : Session
+        A session that has run.
+    specimen : Specimen
+        Ground truth.
+
+    Returns
+    -------
+    set of int
+        Detected feature ids.
+    """
+    if len(session.graph) == 0:
+        return set()
+    scores = session.node_scores()
+    labels = node_labels(session.graph, specimen)
+    from analysis.ground_truth import match_columns
+
+    match = match_columns(
+        np.stack([session.graph.x_nm, session.graph.y_nm], 1),
+        np.stack([specimen.x_nm, specimen.y_nm], 1),
+        0.25 * specimen.config.lattice_nm,
+    )
+    feature = np.full(len(session.graph), -1)
+    feature[match.found] = specimen.feature_id[match.truth]
+    hot = (scores > session.config.detection_threshold) & (labels > 0) & session.graph.interior
+    return {int(f) for f in np.unique(feature[hot]) if f >= 0}
+
+
+def write_session_report(session: Session, path: str | Path, tracker: DiscoveryTracker | None = None) -> Path:
+    """A 2 x 2 figure: survey with the tile path, anomaly map, surrogate mean and uncertainty, discovery.
+
+    Parameters
+    ----------
+    session : Session
+        A session that has run.
+    path : str or pathlib.Path
+        PNG to write.
+    tracker : DiscoveryTracker, optional
+        Ground-truth discovery curve (simulated specimens); without it the fourth panel shows
+        the region scores per tile.
+
+    Returns
+    -------
+    pathlib.Path
+        The PNG written.
+    """
+    path = Path(path)
+    (x0, x1), (y0, y1) = session.description.stage_x_nm, session.description.stage_y_nm
+    extent = (x0, x1, y1, y0)
+    figure, axes = plt.subplots(2, 2, figsize=(12, 11), constrained_layout=True)
+    survey = session.survey_tiles[0] if session.survey_tiles else None
+    steps = [step for step in session.steps if step.kind != "survey"]
+    centres = np.array([[step.request.x_nm, step.request.y_nm] for step in steps]).reshape(-1, 2)
+
+    ax = axes[0, 0]
+    if survey is not None:
+        sx0, sx1, sy0, sy1 = survey.extent_nm
+        ax.imshow(survey.image, cmap="gray", extent=(sx0, sx1, sy1, sy0))
+    width, height = session.grid.tile_size_nm
+    for number, step in enumerate(steps):
+        colour = "#ffb000" if step.kind == "start" else "#00c0ff"
+        ax.add_patch(
+            plt.Rectangle(
+                (step.request.x_nm - width / 2, step.request.y_nm - height / 2),
+                width,
+                height,
+                fill=False,
+                edgecolor=colour,
+                linewidth=0.8,
+            )
+        )
+        ax.text(
+            step.request.x_nm,
+            step.request.y_nm,
+            str(number + 1),
+            color=colour,
+            fontsize=6,
+            ha="center",
+            va="center",
+        )
+    if len(centres) > 1:
+        ax.plot(centres[:, 0], centres[:, 1], color="#00c0ff", linewidth=0.6, alpha=0.7)
+    ax.set_title(f"Survey and tile path ({len(steps)} tiles; orange: start tiles)")
+
+    ax = axes[0, 1]
+    if survey is not None:
+        ax.imshow(survey.image, cmap="gray", extent=(sx0, sx1, sy1, sy0), alpha=0.5)
+    scores = session.node_scores()
+    if scores.size and np.isfinite(scores).any():
+        order = np.argsort(scores)
+        points = ax.scatter(
+            session.graph.x_nm[order],
+            session.graph.y_nm[order],
+            c=scores[order],
+            s=0.2,
+            cmap="inferno",
+            vmin=0,
+            vmax=max(np.nanpercentile(scores, 99.5), 3.0),
+            rasterized=True,
+        )
+        figure.colorbar(points, ax=ax, label="node anomaly score")
+    ax.set_title("Anomaly scores of the scanned columns")
+
+    mean = variance = None
+    policy = session.policy
+    surrogate = getattr(policy, "surrogate", None)
+    if surrogate is not None and len(surrogate):
+        features = getattr(policy, "survey_features", None)
+        mean, variance = surrogate(session.grid.centres, features)
+    rows, cols = session.grid.grid_shape
+    for ax, values, title, cmap in (
+        (axes[1, 0], mean, "Surrogate mean of region interest", "viridis"),
+        (axes[1, 1] if tracker is None else None, variance, "Surrogate uncertainty (std)", "magma"),
+    ):
+        if ax is None:
+            continue
+        if values is None:
+            ax.text(
+                0.5, 0.5, "no surrogate for this policy", ha="center", va="center", transform=ax.transAxes
+            )
+        else:
+            shown = np.sqrt(values) if "std" in title else values
+            image = ax.imshow(shown.reshape(rows, cols), extent=extent, cmap=cmap, interpolation="nearest")
+            figure.colorbar(image, ax=ax)
+            ax.plot(centres[:, 0], centres[:, 1], "w.", markersize=2)
+        ax.set_title(title)
+    if tracker is not None:
+        ax = axes[1, 1]
+        tiles = [point["tiles"] for point in tracker.curve]
+        ax.plot(tiles, [point["imaged_fraction"] for point in tracker.curve], label=session.config.policy)
+        ax.plot(
+            tiles, np.array(tiles) / len(session.grid), "--", color="grey", label="area scanned (raster pace)"
+        )
+        ax.set_xlabel("high-resolution tiles")
+        ax.set_ylabel("fraction of planted features imaged")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right")
+        ax.set_title(f"Discovery: {len(tracker.imaged)} of {tracker.total} planted features imaged")
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y1, y0)
+        ax.set_xlabel("x (nm)")
+        ax.set_ylabel("y (nm)")
+    figure.suptitle(f"Guided session: policy {session.config.policy}, seed {session.config.seed}")
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def session_summary_table(summary: dict[str, Any]) -> str:
+    """The session summary as aligned text lines."""
+    lines = [
+        f"policy          {summary['policy']} (seed {summary['seed']})",
+        f"tiles           {summary['tiles']} (+ {summary['survey_tiles']} survey)",
+        f"nodes           {summary['nodes']:,}",
+        f"dose spent      {summary['mean_dose_e_per_a2']:.1f} e-/A^2 averaged over the stage",
+        f"instrument time {summary['instrument_time_s']:.1f} s",
+        f"stopped because {summary['stop_reason']}",
+    ]
+    if "imaged_features" in summary:
+        lines.append(f"features imaged {summary['imaged_features']} of {summary['planted_features']}")
+        lines.append(f"features found  {summary['detected_features']} scored above the detection threshold")
+    timings = summary.get("median_timings_s", {})
+    if timings:
+        latency = sum(v for k, v in timings.items() if k != "acquire")
+        lines.append(
+            "median seconds  "
+            + ", ".join(f"{k} {v:.3f}" for k, v in timings.items())
+            + f"; tile in -> next request out {latency:.3f}"
+        )
+    return "\n".join(lines)
