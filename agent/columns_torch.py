@@ -96,7 +96,9 @@ def detect_peaks_torch(
     config = config or ColumnFinderConfig()
     scales = PeakScales.from_spacing(spacing_px, config)
     tensor = torch.as_tensor(image, dtype=torch.float32).to(device)
-    smoothed = _gaussian_smooth(tensor, scales.sigma_px)
+    # TF32 convolutions (the cuDNN default on recent GPUs) round to 10 mantissa bits: keep full float32.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        smoothed = _gaussian_smooth(tensor, scales.sigma_px)
     is_max = smoothed >= F.max_pool2d(F.pad(smoothed[None, None], (1, 1, 1, 1), mode="replicate"), 3, 1)[0, 0]
     border = scales.border_px
     is_max[:border] = False

@@ -1,0 +1,146 @@
+"""CUDA check and figures for the column finder and the graph-autoencoder scorer.
+
+Run on a machine with a GPU (``python benchmarks/gpu_check.py --out DIR``); it prints a table and
+writes ``gpu_check.json``. It checks that the torch (CUDA) column-finding path agrees with the
+numpy path on a 4096 x 4096 tile and times both, and times scoring a ~1M-node molecule graph with
+the graph autoencoder on CUDA and on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from agent.anomaly import AnomalyConfig, AnomalyScorer
+from agent.columns import SPECIES_A, SPECIES_B, ColumnFinderConfig, Columns, find_columns
+from agent.driver import ScanRequest
+from agent.graph import MoleculeGraph
+from simulator.config import ImagingConfig, SimulatorConfig, SpecimenConfig
+from simulator.drivers import SimulatedMicroscope
+from simulator.specimen import SITE_A, SITE_B, generate_specimen
+
+
+def _timed(function: Callable[[], object], repeats: int, synchronize: bool) -> list[float]:
+    function()
+    if synchronize:
+        torch.cuda.synchronize()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        if synchronize:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def check_columns(report: dict, device: str) -> None:
+    config = SimulatorConfig(imaging=ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0)))
+    with SimulatedMicroscope(config) as microscope:
+        tile = microscope.acquire(
+            ScanRequest(
+                x_nm=80, y_nm=80, shape=(4096, 4096), pixel_size_nm=0.02, dwell_us=32.0, request_id="gpu"
+            )
+        )
+    cpu = find_columns(tile, ColumnFinderConfig(device="cpu"))
+    cuda = find_columns(tile, ColumnFinderConfig(device=device))
+    distance, nearest = cKDTree(np.stack([cpu.row_px, cpu.col_px], 1)).query(
+        np.stack([cuda.row_px, cuda.col_px], 1)
+    )
+    paired = distance < 0.5
+    report["columns"] = {
+        "tile_px": 4096,
+        "columns_cpu": len(cpu),
+        "columns_cuda": len(cuda),
+        "paired_within_half_px": int(paired.sum()),
+        "max_position_difference_px": float(distance[paired].max()) if paired.any() else None,
+        "species_agreement": float(np.mean(cpu.species[nearest[paired]] == cuda.species[paired])),
+        "cpu_s": statistics.median(
+            _timed(lambda: find_columns(tile, ColumnFinderConfig(device="cpu")), 3, False)
+        ),
+        "cuda_s": statistics.median(
+            _timed(lambda: find_columns(tile, ColumnFinderConfig(device=device)), 5, device == "cuda")
+        ),
+    }
+
+
+def check_scorer(report: dict, size_nm: float, device: str) -> None:
+    specimen = generate_specimen(SpecimenConfig(size_nm=(size_nm, size_nm)), seed=21)
+    lattice = np.isin(specimen.site, (SITE_A, SITE_B))
+    count = int(lattice.sum())
+    zeros = np.zeros(count)
+    rng = np.random.default_rng(0)
+    columns = Columns(
+        x_nm=specimen.x_nm[lattice] + rng.normal(0, 0.003, count),
+        y_nm=specimen.y_nm[lattice] + rng.normal(0, 0.003, count),
+        row_px=zeros,
+        col_px=zeros,
+        intensity=specimen.weight[lattice].astype(float),
+        scattering=specimen.weight[lattice].astype(float) * rng.normal(1, 0.02, count),
+        peak_height=zeros,
+        background=zeros,
+        width_px=np.full(count, 1.75),
+        species=np.where(specimen.site[lattice] == SITE_A, SPECIES_A, SPECIES_B).astype(np.int8),
+        abnormal=np.zeros(count, dtype=bool),
+        quality=np.full(count, 0.95),
+        pixel_size_nm=0.02,
+        lattice_spacing_nm=0.396,
+    )
+    start = time.perf_counter()
+    graph = MoleculeGraph()
+    graph.merge(columns, (0.0, size_nm, 0.0, size_nm))
+    build_s = time.perf_counter() - start
+    data = graph.to_pyg()
+    cuda_scorer = AnomalyScorer(AnomalyConfig(device=device, warmup_steps=50, batch_nodes=20000))
+    start = time.perf_counter()
+    cuda_scorer.fit([data])
+    fit_s = time.perf_counter() - start
+    on_device = data.to(device)
+    cuda_s = _timed(lambda: cuda_scorer.score(on_device), 5, device == "cuda")
+    path = Path("/tmp/gpu_gae.pt")
+    cuda_scorer.save(path)
+    cpu_scorer = AnomalyScorer.load(path, device="cpu")
+    cpu_s = _timed(lambda: cpu_scorer.score(data), 2, False)
+    agree = np.max(np.abs(cpu_scorer.score(data).score - cuda_scorer.score(on_device).score))
+    report["scorer"] = {
+        "nodes": int(data.num_nodes),
+        "edges": int(data.edge_index.shape[1]),
+        "graph_build_s": build_s,
+        "fit_50_steps_cuda_s": fit_s,
+        "score_cuda_s": statistics.median(cuda_s),
+        "score_cpu_s": statistics.median(cpu_s),
+        "cpu_threads": torch.get_num_threads(),
+        "max_score_difference_cpu_vs_cuda": float(agree),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--size-nm", type=float, default=285.0, help="specimen edge for the ~1M-node graph")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
+    parser.add_argument("--skip-scorer", action="store_true", help="only the column-finding check")
+    args = parser.parse_args()
+    report = {
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    check_columns(report, args.device)
+    print(json.dumps(report, indent=2), flush=True)
+    if not args.skip_scorer:
+        check_scorer(report, args.size_nm, args.device)
+    print(json.dumps(report, indent=2), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
