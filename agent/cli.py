@@ -167,6 +167,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from analysis.bench_anomaly import benchmark_anomaly, format_report
 
         report = benchmark_anomaly()
+    elif args.target == "guidance":
+        from analysis.bench_guidance import benchmark_guidance, format_report
+
+        report = benchmark_guidance()
     else:  # argparse restricts the choices; kept for type checkers
         raise ConfigError(f"unknown benchmark {args.target!r}")
     print(format_report(report))
@@ -590,9 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
         "for 512x512 and 4096x4096 tiles, and the merge of a tile into a 500k-node graph (a few minutes). "
         "anomaly: per-class ROC AUC and average precision of the graph autoencoder, the write-up's "
         "GAE and hand-crafted baselines on three unseen specimens, and scoring/update timings "
-        "(about ten minutes).",
+        "(about ten minutes). "
+        "guidance: discovery curves (planted features imaged and detected against tiles and dose) of "
+        "every policy on five specimens and a control specimen without spatial structure, and the "
+        "decision latency (tens of minutes).",
     )
-    bench.add_argument("target", choices=["simulator", "link", "columns", "anomaly"], help="what to measure")
+    bench.add_argument(
+        "target", choices=["simulator", "link", "columns", "anomaly", "guidance"], help="what to measure"
+    )
     bench.add_argument("--json", metavar="PATH", help="write the figures here")
     bench.add_argument("--config", metavar="YAML", help="simulator configuration (default: built-in)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per case (default 5)")

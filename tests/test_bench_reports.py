@@ -33,3 +33,29 @@ def test_column_rows_pool_tiles_and_format() -> None:
     assert row["precision"] == 0.75
     report = {"rows": [row], "merge_500k": {"graph_nodes": 500_000, "median_s": 0.01, "target_s": 0.05}}
     assert "peaks" in format_report(report)
+
+
+def test_guidance_report_areas_and_table() -> None:
+    from analysis.bench_guidance import _area_under
+    from analysis.bench_guidance import format_report as format_guidance
+
+    curve = [{"tiles": 1.0, "imaged_fraction": 0.5}, {"tiles": 2.0, "imaged_fraction": 1.0}]
+    # Fractions of a 4-tile grid: (0, 0), (0.25, 0.5), (0.5, 1.0) -> area 0.0625 + 0.1875 = 0.25 over 0.5.
+    assert _area_under(curve, 4, "imaged_fraction", 0.5) == 0.5
+    rows = [
+        {
+            "policy": "guided",
+            "layout": "default",
+            "seed": 0,
+            "budget_fraction": 0.25,
+            "imaged_fraction": 0.5,
+            "detected_fraction": 0.25,
+        }
+    ]
+    report = {
+        "rows": rows,
+        "areas": {"guided/default": 0.4},
+        "latency": {"median_step_s": 0.1, "p95_step_s": 0.2, "steps": 10},
+    }
+    text = format_guidance(report)
+    assert "0.50/0.25" in text and "median 0.100 s" in text

@@ -1,0 +1,238 @@
+"""``micrography bench guidance``: how much of what matters each policy finds per tile and per dose.
+
+Every policy runs a session on several specimen seeds (layout ``default``, the
+spatially structured films of the simulator) and on one ``control`` specimen
+whose features are placed uniformly at random with no survey contrast, where
+no honest policy can beat random by much. For each session the discovery curve
+is recorded: the fraction of planted features *imaged* (a high-resolution tile
+covering the feature was acquired) against tiles and dose, and the fraction
+*detected* (one of the feature's nodes scores above the session's threshold) at
+10 %, 25 % and 50 % of the tiles needed to cover the whole stage.
+
+Targets: at 25 % of the tiles the guided policy has imaged >= 80 % of the
+planted features and >= 1.3x what the image-only spatial GP has imaged; median
+decision latency (tile in -> next request out, acquisition excluded) <= 0.15 s
+on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from rich.progress import Progress
+
+from agent.benchmarking import machine_info
+from agent.policy import POLICY_NAMES
+from agent.session import BudgetConfig, Session, SessionConfig, StepRecord
+from agent.survey import CandidateGrid
+from analysis.guidance import DiscoveryTracker, detected_features
+from simulator.config import SimulatorConfig, SpecimenConfig
+from simulator.drivers import SimulatedMicroscope
+from simulator.specimen import generate_specimen
+
+BUDGET_FRACTIONS: tuple[float, ...] = (0.10, 0.25, 0.50)
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+CONTROL_SEED = 100
+TARGETS = {"guided_imaged_at_25": 0.80, "guided_over_image_gp_at_25": 1.3, "median_step_s": 0.15}
+
+CONTROL_SPECIMEN = SpecimenConfig(
+    domain_walls=0,
+    cluster_near_feature_probability=0.0,
+    amorphous_patches=0,
+    phase_patches=0,
+    thickness_gradient=0.0,
+)
+"""Features uniformly at random: no walls to follow, no clustering, no survey contrast."""
+
+LATENCY_STAGES = ("columns", "graph", "anomaly", "region_score", "surrogate", "decision")
+
+
+def run_policy_session(
+    policy: str,
+    seed: int,
+    layout: str = "default",
+    max_fraction: float = max(BUDGET_FRACTIONS),
+    session: SessionConfig | None = None,
+) -> dict[str, Any]:
+    """One session of one policy on one specimen, with its discovery curve.
+
+    Parameters
+    ----------
+    policy : str
+        Policy name.
+    seed : int
+        Specimen and session seed.
+    layout : str
+        ``"default"`` or ``"control"``.
+    max_fraction : float
+        Budget as a fraction of the tiles needed to cover the stage.
+    session : SessionConfig, optional
+        Session settings (policy, seed and budget are set here).
+
+    Returns
+    -------
+    dict
+        ``curve`` (per tile: tiles, dose, imaged fraction), ``checkpoints`` (imaged and detected
+        fraction at each budget fraction), ``step_latency_s`` and ``total_features``.
+    """
+    specimen_config = CONTROL_SPECIMEN if layout == "control" else SpecimenConfig()
+    simulator = SimulatorConfig(seed=seed, specimen=specimen_config)
+    specimen = generate_specimen(simulator.specimen, seed)
+    base = session or SessionConfig()
+    with SimulatedMicroscope(simulator, specimen) as microscope:
+        grid = CandidateGrid.tiling(microscope.describe(), base.tiles.shape, base.tiles.pixel_size_nm)
+        checkpoints = {
+            max(1, round(fraction * len(grid))): fraction
+            for fraction in BUDGET_FRACTIONS
+            if fraction <= max_fraction + 1e-9
+        }
+        budget = max(checkpoints)
+        config = base.model_copy(
+            update={"policy": policy, "seed": seed, "budget": BudgetConfig(max_tiles=budget)}
+        )
+        tracker = DiscoveryTracker(specimen, grid)
+        results: dict[float, dict[str, float]] = {}
+        latencies: list[float] = []
+        holder: dict[str, Session] = {}
+
+        def on_step(record: StepRecord) -> None:
+            tracker(record)
+            if record.kind == "guided":
+                latencies.append(sum(record.timings.get(stage, 0.0) for stage in LATENCY_STAGES))
+            tiles = len(tracker.curve)
+            if record.kind != "survey" and tiles in checkpoints:
+                detected = detected_features(holder["session"], specimen)
+                results[checkpoints[tiles]] = {
+                    "imaged_fraction": len(tracker.imaged) / tracker.total,
+                    "detected_fraction": len(detected) / tracker.total,
+                    "tiles": tiles,
+                    "mean_dose_e_per_a2": record.extra.get("mean_dose_e_per_a2", float("nan")),
+                }
+
+        truth = tracker.candidates if policy == "oracle" else None
+        holder["session"] = Session(microscope, config, on_step=on_step, truth=truth)
+        holder["session"].run()
+    return {
+        "policy": policy,
+        "seed": seed,
+        "layout": layout,
+        "grid_tiles": len(grid),
+        "total_features": tracker.total,
+        "curve": tracker.curve,
+        "checkpoints": results,
+        "step_latency_s": latencies,
+    }
+
+
+def _area_under(curve: list[dict[str, float]], grid_tiles: int, key: str, until: float) -> float:
+    """Area under a discovery curve against the fraction of tiles, normalised to [0, 1] up to ``until``."""
+    fractions = np.array([0.0] + [point["tiles"] / grid_tiles for point in curve])
+    values = np.array([0.0] + [point[key] for point in curve])
+    keep = fractions <= until + 1e-9
+    return float(np.trapezoid(values[keep], fractions[keep]) / until)
+
+
+def benchmark_guidance(
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    policies: Sequence[str] = POLICY_NAMES,
+    control_seed: int | None = CONTROL_SEED,
+    max_fraction: float = max(BUDGET_FRACTIONS),
+) -> dict[str, Any]:
+    """Run every policy on every seed (and the control specimen) and collect the discovery figures.
+
+    Parameters
+    ----------
+    seeds : sequence of int
+        Default-layout specimen seeds.
+    policies : sequence of str
+        Policies to compare.
+    control_seed : int or None
+        Seed of the control specimen (None skips it).
+    max_fraction : float
+        Largest budget, as a fraction of the tiles covering the stage.
+
+    Returns
+    -------
+    dict
+        ``rows`` (``policy``, ``layout``, ``seed``, ``budget_fraction``, ``imaged_fraction``,
+        ``detected_fraction``), ``areas`` (area under the imaged curve per policy and layout),
+        ``latency`` (``median_step_s``, ``p95_step_s``), ``targets``, ``machine``.
+    """
+    runs = [(policy, seed, "default") for seed in seeds for policy in policies]
+    if control_seed is not None:
+        runs += [(policy, control_seed, "control") for policy in policies]
+    rows: list[dict[str, Any]] = []
+    areas: dict[str, list[float]] = {}
+    latencies: list[float] = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("guided-session benchmark", total=len(runs))
+        for policy, seed, layout in runs:
+            result = run_policy_session(policy, seed, layout, max_fraction)
+            for fraction, figures in sorted(result["checkpoints"].items()):
+                rows.append(
+                    {
+                        "policy": policy,
+                        "layout": layout,
+                        "seed": seed,
+                        "budget_fraction": fraction,
+                        "imaged_fraction": figures["imaged_fraction"],
+                        "detected_fraction": figures["detected_fraction"],
+                        "tiles": figures["tiles"],
+                        "mean_dose_e_per_a2": figures["mean_dose_e_per_a2"],
+                    }
+                )
+            areas.setdefault(f"{policy}/{layout}", []).append(
+                _area_under(result["curve"], result["grid_tiles"], "imaged_fraction", max_fraction)
+            )
+            if policy == "guided":
+                latencies.extend(result["step_latency_s"])
+            progress.advance(task)
+    return {
+        "benchmark": "guidance",
+        "rows": rows,
+        "areas": {name: float(np.mean(values)) for name, values in areas.items()},
+        "latency": {
+            "median_step_s": statistics.median(latencies) if latencies else None,
+            "p95_step_s": float(np.percentile(latencies, 95)) if latencies else None,
+            "steps": len(latencies),
+            "stages": list(LATENCY_STAGES),
+        },
+        "targets": TARGETS,
+        "machine": machine_info(),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Mean imaged / detected fractions per policy, layout and budget, as a text table."""
+    lines = [
+        f"{'policy':<9} {'layout':<8} "
+        + " ".join(f"{f'{int(f * 100)}% tiles':>14}" for f in BUDGET_FRACTIONS)
+        + f" {'AUC':>6}"
+    ]
+    keys = sorted({(row["policy"], row["layout"]) for row in report["rows"]}, key=lambda k: (k[1], k[0]))
+    for policy, layout in keys:
+        cells = []
+        for fraction in BUDGET_FRACTIONS:
+            chosen = [
+                r
+                for r in report["rows"]
+                if (r["policy"], r["layout"], r["budget_fraction"]) == (policy, layout, fraction)
+            ]
+            imaged = np.mean([r["imaged_fraction"] for r in chosen]) if chosen else float("nan")
+            detected = np.mean([r["detected_fraction"] for r in chosen]) if chosen else float("nan")
+            cells.append("-" if not chosen else f"{imaged:.2f}/{detected:.2f}")
+        area = report["areas"].get(f"{policy}/{layout}", float("nan"))
+        lines.append(
+            f"{policy:<9} {layout:<8} " + " ".join(f"{cell:>14}" for cell in cells) + f" {area:>6.3f}"
+        )
+    latency = report["latency"]
+    lines.append("cells: imaged/detected fraction of planted features (mean over seeds)")
+    if latency["median_step_s"] is not None:
+        lines.append(
+            f"decision latency (tile in -> next request out): median {latency['median_step_s']:.3f} s, "
+            f"p95 {latency['p95_step_s']:.3f} s over {latency['steps']} steps"
+        )
+    return "\n".join(lines)
