@@ -79,12 +79,17 @@ class SessionConfig(StrictModel):
         60, ge=1, description="GAE steps on the start tiles when no checkpoint is given"
     )
     detection_threshold: float = Field(3.0, gt=0, description="node score above which a node is 'detected'")
-    region_top_fraction: float = Field(0.1, gt=0, le=1, description="region score = mean of this top share")
+    region_top_fraction: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="region score = mean of this top share of node scores (small clusters count)",
+    )
     columns: ColumnFinderConfig = ColumnFinderConfig()
     graph: GraphConfig = GraphConfig()
     anomaly: AnomalyConfig = AnomalyConfig(device="auto", online_steps=4)
     surrogate: SurrogateConfig = SurrogateConfig()
-    acquisition: PolicyConfig = PolicyConfig()
+    acquisition: PolicyConfig = PolicyConfig(beta=1.0)
     simulator: dict[str, Any] | None = Field(
         None,
         description="the simulated instrument (simulator.config.SimulatorConfig keys) for `micrography run`",
@@ -388,7 +393,7 @@ class Session:
             self._next = policy.suggest(1)
 
     def _score_tile(self, request: ScanRequest, tile: Tile | None, columns: Columns | None) -> float:
-        """Region interest of a tile: top-decile mean of its interior node scores (or an image statistic)."""
+        """Region interest of a tile: mean of its top node scores (interior nodes), or an image statistic."""
         policy = self._ensure_policy()
         if policy.score_source == "image":
             return float(lattice_disorder(tile.image)) if tile is not None else math.nan
