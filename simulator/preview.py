@@ -14,6 +14,7 @@ from matplotlib.lines import Line2D
 
 from agent.driver import electrons_per_pixel
 from simulator.config import SimulatorConfig
+from simulator.export import render_specimen_image
 from simulator.imaging import add_detector_noise, render_expected_counts
 from simulator.specimen import LABEL_CODE, LABELS, SITE_A, SITE_B, Specimen
 
@@ -27,17 +28,6 @@ LABEL_COLOURS: dict[str, str] = {
     "phase": "#377eb8",
 }
 """Colour of each ground-truth label in figures (``normal`` is not drawn)."""
-
-
-def _survey(specimen: Specimen, config: SimulatorConfig, pixel_size_nm: float, dwell_us: float) -> np.ndarray:
-    width, height = specimen.size_nm
-    shape = (int(height / pixel_size_nm), int(width / pixel_size_nm))
-    per_pixel = electrons_per_pixel(config.instrument.beam_current_pa, dwell_us)
-    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(3,)))
-    expected = render_expected_counts(
-        specimen, (0.5 * pixel_size_nm, 0.5 * pixel_size_nm), shape, pixel_size_nm, per_pixel, config.imaging
-    )
-    return add_detector_noise(expected, config.imaging, rng)
 
 
 def _polarization_rgb(specimen: Specimen, cell_nm: float) -> np.ndarray:
@@ -95,7 +85,8 @@ def write_preview(
     path = Path(path)
     width, height = specimen.size_nm
     extent = (0.0, width, height, 0.0)
-    survey = _survey(specimen, config, survey_pixel_nm, survey_dwell_us)
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(3,)))
+    survey = render_specimen_image(specimen, config, survey_pixel_nm, survey_dwell_us, rng)
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 12), constrained_layout=True)
     ax = axes[0, 0]
