@@ -168,3 +168,29 @@ def test_resume_refuses_a_different_configuration(
         resumed.run()
     assert resumed.summary()["tiles"] == 6
     assert microscope.exposures == before + 2  # only the two new tiles were exposed
+
+
+def test_a_guided_session_over_zeromq_equals_the_in_process_one(
+    small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    from agent.protocol.client import ZmqMicroscope
+    from simulator.server import InstrumentServer
+
+    config = SMALL_SESSION.model_copy(update={"budget": BudgetConfig(max_tiles=6)})
+    local = run_session(small_config, small_specimen, config, None)
+    with SimulatedMicroscope(small_config, small_specimen) as served:
+        server = InstrumentServer(
+            served, "tcp://127.0.0.1:*", events_bind="tcp://127.0.0.1:*", heartbeat_s=0.2
+        )
+        server.start()
+        try:
+            with ZmqMicroscope(server.endpoint) as remote:
+                wired = Session(remote, config)
+                wired.run()
+        finally:
+            server.stop(grace_s=2.0)
+    assert [s.request for s in wired.steps] == [s.request for s in local.steps]
+    assert [s.score for s in wired.steps[1:]] == pytest.approx(
+        [s.score for s in local.steps[1:]], nan_ok=True
+    )
+    assert len(wired.graph) == len(local.graph)
