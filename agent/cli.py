@@ -218,6 +218,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.out
         or (Path(args.resume).parent if args.resume else f"runs/session-{config.policy}-seed{config.seed}")
     )
+    if not args.out and not args.resume:
+        # The default folder must not stop a second run: take the next free one.
+        base, number = out, 1
+        while (out / "journal.h5").exists():
+            number += 1
+            out = base.with_name(f"{base.name}-{number}")
     journal = Path(args.resume) if args.resume else out / "journal.h5"
     if not args.resume and journal.exists():
         raise ConfigError(f"{journal} exists; resume it with --resume {journal} or choose another --out")
