@@ -85,6 +85,14 @@ class PolicyConfig(StrictModel):
     travel_cost_per_um: float = Field(
         0.05, ge=0, description="acquisition penalty per micrometre of stage travel, score units"
     )
+    saturation: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "GP policies: penalty, in standard deviations of the observed scores, per acquired tile "
+            "nearby (Gaussian over 1.5 tile widths); values interest that is not yet imaged"
+        ),
+    )
     dose_cost: float = Field(
         0.0, ge=0, description="penalty per per-area limit already used in a candidate's area, score units"
     )
@@ -821,8 +829,33 @@ class GuidedPolicy(AcquisitionPolicy):
         expected = improvement * ndtr(z) + safe * np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
         return np.where(sigma > 0, expected, np.maximum(improvement, 0.0))
 
+    def _saturation_penalty(self, chosen: list[int]) -> np.ndarray | float:
+        """Penalty near acquired (and already chosen) tiles: their interest has been imaged already.
+
+        Regions of high interest are often large (a non-polar patch, a wall running for
+        many tiles); without this the policy keeps returning to structure it has seen.
+        """
+        if self.config.saturation <= 0:
+            return 0.0
+        taken = self.acquired.copy()
+        taken[chosen] = True
+        if not taken.any():
+            return 0.0
+        observed = self.surrogate.observed_values
+        spread = float(observed.std()) if observed.size > 1 else 1.0
+        reach = 1.5 * max(self.grid.tile_size_nm)
+        centres = self.grid.centres
+        offsets = centres[:, None, :] - centres[taken][None, :, :]
+        crowding = np.exp(-(offsets**2).sum(axis=2) / (2 * reach**2)).sum(axis=1)
+        return self.config.saturation * spread * crowding
+
     def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
-        value = self._acquisition(len(chosen)) - self._travel_penalty(chosen) - self._dose_penalty()
+        value = (
+            self._acquisition(len(chosen))
+            - self._travel_penalty(chosen)
+            - self._dose_penalty()
+            - self._saturation_penalty(chosen)
+        )
         index = self._argmax(value, admissible)
         covariance = self._batch.get("covariance")
         if covariance is not None:

@@ -537,3 +537,19 @@ def test_make_policy_names_and_errors(small_grid: CandidateGrid) -> None:
     assert image.surrogate.feature_dim == 0  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="name"):
         PolicyConfig(name="has space")
+
+
+def test_saturation_steers_away_from_imaged_hot_regions(grid: CandidateGrid) -> None:
+    """With a hot region already imaged, saturation sends the next tile further from it."""
+
+    def next_after_hot_tile(saturation: float) -> float:
+        surrogate = GPSurrogate(FAST_GP, stage_x_nm=STEM.stage_x_nm, stage_y_nm=STEM.stage_y_nm)
+        config = PolicyConfig(name="g", beta=1.0, travel_cost_per_um=0.0, saturation=saturation)
+        policy = GuidedPolicy(grid, STEM, surrogate, config)
+        hot = int(np.argmin(np.hypot(*(grid.centres - grid.centres.mean(axis=0)).T)))
+        scans = [grid.request(index, 2.0, request_id=f"seen-{index}") for index in (hot, 0, len(grid) - 1)]
+        policy.ingest(scans, [10.0, 0.0, 0.0])
+        (chosen,) = policy.suggest(1)
+        return float(np.hypot(chosen.x_nm - grid.centres[hot, 0], chosen.y_nm - grid.centres[hot, 1]))
+
+    assert next_after_hot_tile(3.0) > next_after_hot_tile(0.0)
