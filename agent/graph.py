@@ -123,11 +123,6 @@ class MoleculeGraph:
     0
     """
 
-    _GROWABLE = (
-        "x_nm", "y_nm", "species", "abnormal", "scattering", "width_nm", "quality", "weight",
-        "observations", "first_tile", "neighbours", "features", "interior", "displacement_nm",
-    )  # fmt: skip
-
     def __init__(self, config: GraphConfig | None = None) -> None:
         self.config = config or GraphConfig()
         self._size = 0

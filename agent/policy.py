@@ -562,7 +562,7 @@ class AcquisitionPolicy(ABC):
                 "budget_e_per_a2": self.config.total_dose_budget_e_per_a2,
             },
             "stage_travel_nm": self._travel_nm,
-            "surrogate": self._surrogate_summary(),
+            "surrogate": self.surrogate_summary(),
         }
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -602,7 +602,8 @@ class AcquisitionPolicy(ABC):
         masked = np.where(mask, values, -np.inf)
         return int(np.argmax(masked))
 
-    def _surrogate_summary(self) -> dict[str, Any] | None:
+    def surrogate_summary(self) -> dict[str, Any] | None:
+        """The surrogate's summary (hyper-parameters, points), or None for policies without one."""
         return None
 
     # ------------------------------------------------------------------ hooks
@@ -866,7 +867,8 @@ class GuidedPolicy(AcquisitionPolicy):
             self._batch["best"] = max(self._batch["best"], float(self._batch["mean"][index]))
         return index
 
-    def _surrogate_summary(self) -> dict[str, Any] | None:
+    def surrogate_summary(self) -> dict[str, Any] | None:
+        """The surrogate's summary (hyper-parameters, points, sparse or exact)."""
         return self.surrogate.summary()
 
 

@@ -477,7 +477,7 @@ class Session:
             "columns_found": len(columns),
             "columns_reason": columns.reason,
             "mean_dose_e_per_a2": self._mean_dose(),
-            "surrogate": policy.report().get("surrogate"),
+            "surrogate": policy.surrogate_summary(),
         }
         record = StepRecord(
             len(self.steps), kind, request, tile, columns, score,

@@ -21,7 +21,7 @@ import numpy as np
 
 from agent.session import Session, StepRecord
 from agent.survey import CandidateGrid
-from analysis.training import node_labels
+from analysis.ground_truth import match_columns
 from simulator.specimen import Specimen
 
 
@@ -113,15 +113,15 @@ def detected_features(session: Session, specimen: Specimen) -> set[int]:
     if len(session.graph) == 0:
         return set()
     scores = session.node_scores()
-    labels = node_labels(session.graph, specimen)
-    from analysis.ground_truth import match_columns
-
+    # One match gives both the label and the feature of every node.
     match = match_columns(
         np.stack([session.graph.x_nm, session.graph.y_nm], 1),
         np.stack([specimen.x_nm, specimen.y_nm], 1),
         0.25 * specimen.config.lattice_nm,
     )
+    labels = np.full(len(session.graph), -1)
     feature = np.full(len(session.graph), -1)
+    labels[match.found] = specimen.label[match.truth]
     feature[match.found] = specimen.feature_id[match.truth]
     hot = (scores > session.config.detection_threshold) & (labels > 0) & session.graph.interior
     return {int(f) for f in np.unique(feature[hot]) if f >= 0}
