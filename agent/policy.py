@@ -53,7 +53,7 @@ from agent.config import StrictModel
 from agent.driver import DoseMap, InstrumentDescription, ScanRequest
 from agent.errors import MicrographyError, OutsideStageError
 from agent.surrogate import GPSurrogate, SurrogateConfig
-from agent.survey import CandidateGrid
+from agent.survey import SURVEY_FEATURES, CandidateGrid
 
 POLICY_NAMES: tuple[str, ...] = ("guided", "raster", "random", "survey", "image_gp", "oracle")
 """Names :func:`make_policy` accepts."""
@@ -91,6 +91,15 @@ class PolicyConfig(StrictModel):
         description=(
             "GP policies: penalty, in standard deviations of the observed scores, per acquired tile "
             "nearby (Gaussian over 1.5 tile widths); values interest that is not yet imaged"
+        ),
+    )
+    survey_prior: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "guided policy: weight of the survey's lattice-fringe interest in the acquisition value, in "
+            "standard deviations of the observed scores per standard deviation of that interest; "
+            "0 turns it off"
         ),
     )
     dose_cost: float = Field(
@@ -679,6 +688,49 @@ def _require_features(features: Any, grid: CandidateGrid, who: str) -> np.ndarra
     return values
 
 
+SURVEY_PRIOR_LOSS_WEIGHT = 0.5
+"""Weight of fringe loss against fringe distortion in :func:`survey_interest`.
+
+Distortion marks dislocations and strained patches reliably at survey doses; loss of fringe
+strength also follows counting noise, so it counts half.
+"""
+
+
+def survey_interest(features: np.ndarray) -> np.ndarray:
+    """Where a survey suggests structure worth imaging: distorted or fading lattice fringes.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        Per-candidate survey features, shape ``(m, 6)``, columns as in
+        :data:`agent.survey.SURVEY_FEATURES` (already standardised).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(m,)``: ``fringe_distortion + 0.5 * fringe_loss``, standardised to zero mean
+        and unit spread over the candidates (all zeros when it does not vary).
+
+    Raises
+    ------
+    PolicyError
+        If the fringe columns are missing.
+    """
+    values = np.asarray(features, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != len(SURVEY_FEATURES):
+        raise PolicyError(
+            f"the survey prior needs the {len(SURVEY_FEATURES)} columns of agent.survey.survey_features "
+            f"({', '.join(SURVEY_FEATURES)}); got shape {values.shape}"
+        )
+    distortion = values[:, SURVEY_FEATURES.index("fringe_distortion")]
+    loss = values[:, SURVEY_FEATURES.index("fringe_loss")]
+    interest = distortion + SURVEY_PRIOR_LOSS_WEIGHT * loss
+    spread = float(interest.std())
+    if spread <= 1e-12:
+        return np.zeros_like(interest)
+    return (interest - interest.mean()) / spread
+
+
 class SurveyContrastPolicy(AcquisitionPolicy):
     """Ranks candidates by how much their survey patch stands out; no learning.
 
@@ -731,8 +783,13 @@ class GuidedPolicy(AcquisitionPolicy):
     ``uncertainty``
         ``sigma`` (pure exploration).
 
-    minus the travel cost from the current stage position (or the previous batch member)
-    and the optional dose cost. Batches use the *kriging believer*: after each pick the
+    plus, when survey features are given and ``config.survey_prior`` is positive, the
+    survey prior (:func:`survey_interest`: where the survey's lattice fringes are distorted
+    or lost, scaled by the spread of the observed scores), minus the travel cost from the
+    current stage position (or the previous batch member), the optional dose cost and the
+    saturation penalty near imaged tiles. The prior matters most before the surrogate has
+    seen the specimen; the surrogate's mean then adds what the graph scores teach, such as
+    defect clusters gathering around a dislocation. Batches use the *kriging believer*: after each pick the
     posterior covariance is conditioned on a fantasy observation equal to its mean, which
     leaves the mean unchanged and shrinks the uncertainty around the pick, so the next
     member goes elsewhere. This is exact for a GP and needs one full-covariance prediction.
@@ -744,7 +801,9 @@ class GuidedPolicy(AcquisitionPolicy):
     surrogate : GPSurrogate or None
         The model; None builds one with default settings for this stage.
     survey_features : numpy.ndarray or None
-        Per-candidate survey features, shape ``(m, f)``; required when the surrogate uses them.
+        Per-candidate survey features, shape ``(m, f)``, columns as in
+        :data:`agent.survey.SURVEY_FEATURES`; required when the surrogate uses them, and the
+        source of the survey prior.
     """
 
     kind: ClassVar[str] = "guided"
@@ -770,6 +829,10 @@ class GuidedPolicy(AcquisitionPolicy):
                     f"the surrogate expects {surrogate.feature_dim} survey features, got {features.shape[1]}"
                 )
             self._features = features
+        self.survey_prior: np.ndarray | None = None
+        """Survey interest per candidate (:func:`survey_interest`), None without survey features."""
+        if survey_features is not None and self.config.survey_prior > 0:
+            self.survey_prior = survey_interest(_require_features(survey_features, grid, "the survey prior"))
         self._rng = np.random.default_rng(self.config.seed)
         self._batch: dict[str, Any] = {}
 
@@ -830,6 +893,14 @@ class GuidedPolicy(AcquisitionPolicy):
         expected = improvement * ndtr(z) + safe * np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
         return np.where(sigma > 0, expected, np.maximum(improvement, 0.0))
 
+    def _prior_bonus(self) -> np.ndarray | float:
+        """Survey prior in score units: ``survey_prior`` x spread of the observed scores x interest."""
+        if self.survey_prior is None:
+            return 0.0
+        observed = self.surrogate.observed_values
+        spread = float(observed.std()) if observed.size > 1 else 1.0
+        return self.config.survey_prior * spread * self.survey_prior
+
     def _saturation_penalty(self, chosen: list[int]) -> np.ndarray | float:
         """Penalty near acquired (and already chosen) tiles: their interest has been imaged already.
 
@@ -853,6 +924,7 @@ class GuidedPolicy(AcquisitionPolicy):
     def _choose(self, admissible: np.ndarray, chosen: list[int]) -> int | None:
         value = (
             self._acquisition(len(chosen))
+            + self._prior_bonus()
             - self._travel_penalty(chosen)
             - self._dose_penalty()
             - self._saturation_penalty(chosen)
@@ -1020,13 +1092,13 @@ def make_policy(
             surrogate_config = SurrogateConfig(
                 use_survey_features=survey_features is not None, seed=config.seed
             )
-        features = None
         feature_dim = 0
         if surrogate_config.use_survey_features:
-            features = _require_features(survey_features, grid, "the guided policy with use_survey_features")
-            feature_dim = features.shape[1]
+            feature_dim = _require_features(
+                survey_features, grid, "the guided policy with use_survey_features"
+            ).shape[1]
         surrogate = GPSurrogate(surrogate_config, feature_dim, **stage)
-        return GuidedPolicy(grid, description, surrogate, config, features)
+        return GuidedPolicy(grid, description, surrogate, config, survey_features)
     if name == "image_gp":
         base = surrogate_config if surrogate_config is not None else SurrogateConfig(seed=config.seed)
         surrogate = GPSurrogate(base.model_copy(update={"use_survey_features": False}), 0, **stage)

@@ -29,7 +29,7 @@ from scipy import ndimage
 from agent.driver import InstrumentDescription, ScanRequest, Tile
 from agent.errors import OutOfRangeError, OutsideStageError
 
-SURVEY_FEATURES: tuple[str, ...] = ("mean", "std", "contrast", "texture")
+SURVEY_FEATURES: tuple[str, ...] = ("mean", "std", "contrast", "texture", "fringe_distortion", "fringe_loss")
 """Names of the columns :func:`survey_features` returns, in order."""
 
 _SNAP_NM = 1e-9
@@ -304,6 +304,140 @@ def _window(tile: Tile, extent: np.ndarray) -> tuple[slice, slice, float]:
     return slice(r0, r1 + 1), slice(c0, c1 + 1), min(covered / area, 1.0)
 
 
+@dataclass(frozen=True)
+class LatticeFringes:
+    """Local analysis of the two strongest lattice fringes of an image (geometric phase analysis).
+
+    A coarse survey does not resolve atomic columns, but the lattice still shows as
+    fringes: directly when the pixel size is below half the lattice spacing, otherwise as
+    the moiré the lattice forms with the scan grid (0.25 nm pixels on the 0.396 nm Sm-BFO
+    lattice give fringes about 0.68 nm apart). Demodulating each fringe system around its
+    Fourier peak gives a complex amplitude whose modulus is the local fringe strength and
+    whose phase gradient is the local fringe vector; a moiré magnifies lattice rotation and
+    strain by the ratio of its period to the lattice spacing. Dislocations show as phase
+    singularities, rotated or strained patches as shifted phase gradients, amorphous
+    patches and vacancy clusters as lost fringe strength.
+
+    Attributes
+    ----------
+    distortion : numpy.ndarray
+        Deviation of the local phase gradients of both fringe systems from their image-wide
+        median, summed, radians per pixel; shape of the image.
+    strength : numpy.ndarray
+        Local fringe amplitude relative to its value over the surrounding ~15 pixels
+        (about 1 in a perfect lattice, lower where fringes fade); shape of the image.
+    fringe_vectors : numpy.ndarray
+        The two fringe frequencies ``(rows, cols)`` in cycles per pixel, shape ``(2, 2)``.
+    peak_to_background : float
+        Power of the weaker fringe peak over the median spectral power (how clear the fringes are).
+    """
+
+    distortion: np.ndarray
+    strength: np.ndarray
+    fringe_vectors: np.ndarray
+    peak_to_background: float
+
+
+_FRINGE_RESOLUTION_NM = 1.0
+"""Resolution of the survey's fringe maps, nm: about the size of a vacancy or substitution cluster."""
+
+_FRINGE_MIN_FREQUENCY = 0.05
+"""Fringes slower than this (cycles per pixel) are thickness or background, not lattice."""
+
+_FRINGE_MIN_PEAK_TO_BACKGROUND = 20.0
+"""Weakest fringe peak, in units of the median spectral power, still taken for a lattice."""
+
+
+def lattice_fringes(image: np.ndarray, sigma_px: float = 3.0) -> LatticeFringes | None:
+    """Local strength and distortion of the lattice (or moiré) fringes of an image.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Image ``(rows, cols)``, detector counts; at least 32 pixels along each axis.
+    sigma_px : float
+        Gaussian low-pass of the demodulated fringes, in pixels: the spatial resolution of
+        the maps (about one fringe-free cluster of columns at survey pixel sizes).
+
+    Returns
+    -------
+    LatticeFringes or None
+        The maps, or None when the image shows no clear pair of non-parallel fringe systems
+        (too small, too noisy, no crystal in view, or pixels so coarse the lattice averages out).
+
+    Examples
+    --------
+    >>> rows, cols = np.mgrid[0:128, 0:128]
+    >>> lattice = 2 + np.cos(2 * np.pi * 0.3 * cols) + np.cos(2 * np.pi * 0.3 * rows)
+    >>> fringes = lattice_fringes(lattice)
+    >>> bool(fringes.distortion[12:-12, 12:-12].max() < 0.02)
+    True
+    >>> np.round(np.abs(fringes.fringe_vectors).max(axis=1), 3).tolist()
+    [0.3, 0.3]
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if values.ndim != 2 or min(values.shape) < 32:
+        return None
+    n_rows, n_cols = values.shape
+    power = np.abs(np.fft.fft2(values - values.mean())) ** 2
+    f_rows = np.fft.fftfreq(n_rows)[:, None]
+    f_cols = np.fft.fftfreq(n_cols)[None, :]
+    power[np.hypot(f_rows, f_cols) < _FRINGE_MIN_FREQUENCY] = 0.0
+    background = float(np.median(power))
+    first = np.unravel_index(int(np.argmax(power)), power.shape)
+    g1 = np.array([f_rows[first[0], 0], f_cols[0, first[1]]])
+    # The second fringe system must cross the first (not its conjugate or a harmonic).
+    cosine = (f_rows * g1[0] + f_cols * g1[1]) / (np.hypot(f_rows, f_cols) * np.hypot(*g1) + 1e-300)
+    crossing = np.where(np.abs(cosine) < 0.5, power, 0.0)
+    second = np.unravel_index(int(np.argmax(crossing)), power.shape)
+    g2 = np.array([f_rows[second[0], 0], f_cols[0, second[1]]])
+    peak_to_background = float(crossing[second] / background) if background > 0 else 0.0
+    if not peak_to_background >= _FRINGE_MIN_PEAK_TO_BACKGROUND:
+        return None
+    rows = np.arange(n_rows, dtype=np.float64)[:, None]
+    cols = np.arange(n_cols, dtype=np.float64)[None, :]
+
+    def low_pass(signal: np.ndarray, sigma: float) -> np.ndarray:
+        # Normalised convolution: zero padding divided by the filtered support, so pixels
+        # near the border average fewer neighbours instead of mirrored (phase-flipped) ones.
+        support = ndimage.gaussian_filter(np.ones(signal.shape), sigma, mode="constant")
+        return ndimage.gaussian_filter(signal, sigma, mode="constant") / support
+
+    distortion = np.zeros_like(values)
+    amplitude = np.zeros_like(values)
+    def demodulate(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        carrier = np.exp(-2j * np.pi * (g[0] * rows + g[1] * cols))
+        demodulated = values * carrier
+        fringe = low_pass(demodulated.real, sigma_px) + 1j * low_pass(demodulated.imag, sigma_px)
+        # Wrapped phase differences between neighbours: the local fringe vector minus g.
+        along_rows = np.angle(fringe[1:, :] * np.conj(fringe[:-1, :]))
+        along_cols = np.angle(fringe[:, 1:] * np.conj(fringe[:, :-1]))
+        along_rows = np.pad(along_rows, ((0, 1), (0, 0)), mode="edge")
+        along_cols = np.pad(along_cols, ((0, 0), (0, 1)), mode="edge")
+        return fringe, along_rows, along_cols
+
+    fringe_vectors = []
+    for peak in (g1, g2):
+        fringe, along_rows, along_cols = demodulate(peak)
+        # The Fourier peak sits on the frequency grid; the median phase gradient refines it, so
+        # a lattice between grid frequencies does not leave a residual fringe to distort the edges.
+        g = peak + np.array([np.median(along_rows), np.median(along_cols)]) / (2 * np.pi)
+        fringe, along_rows, along_cols = demodulate(g)
+        fringe_vectors.append(g)
+        amplitude += np.abs(fringe)
+        distortion += np.hypot(along_rows - np.median(along_rows), along_cols - np.median(along_cols))
+    distortion = low_pass(distortion, 0.67 * sigma_px)
+    # Within about two filter widths of the border fewer pixels average the phase, so its
+    # noise is larger there; the border band takes the typical value instead of reading as distorted.
+    band = max(1, math.ceil(2 * sigma_px))
+    if min(n_rows, n_cols) > 4 * band:
+        typical = float(np.median(distortion[band:-band, band:-band]))
+        distortion[:band], distortion[-band:] = typical, typical
+        distortion[:, :band], distortion[:, -band:] = typical, typical
+    strength = amplitude / np.maximum(low_pass(amplitude, 5 * sigma_px), 1e-12)
+    return LatticeFringes(distortion, strength, np.stack(fringe_vectors), peak_to_background)
+
+
 def _standardise(column: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Z-score over the valid rows; invalid rows and constant columns become 0."""
     result = np.zeros_like(column)
@@ -335,7 +469,7 @@ def survey_features(survey: Tile | Sequence[Tile], grid: CandidateGrid) -> np.nd
     Returns
     -------
     numpy.ndarray
-        Shape ``(len(grid), 4)``, float64, columns as in :data:`SURVEY_FEATURES`:
+        Shape ``(len(grid), 6)``, float64, columns as in :data:`SURVEY_FEATURES`:
 
         ``mean``
             Mean survey intensity in the candidate (thickness, composition: HAADF ~ Z^1.7).
@@ -350,16 +484,25 @@ def survey_features(survey: Tile | Sequence[Tile], grid: CandidateGrid) -> np.nd
             varies at that scale, higher where unresolved lattice or disorder adds fine-scale
             signal (amorphous or secondary-phase patches change it).
 
-        Candidates not covered by the survey get zeros in every column.
+        ``fringe_distortion``
+            Highest local distortion of the lattice (or moiré) fringes in the candidate
+            (:func:`lattice_fringes`): dislocations, rotated and strained patches.
+        ``fringe_loss``
+            Largest local loss of fringe strength in the candidate, ``1 - strength``:
+            amorphous patches, vacancy and substitution clusters.
+
+        Candidates not covered by the survey get zeros in every column, and every candidate
+        gets zeros in the two fringe columns when the survey shows no lattice fringes.
     """
     tiles = [survey] if isinstance(survey, Tile) else list(survey)
     m = len(grid)
-    raw = np.zeros((m, 4), dtype=np.float64)
+    raw = np.zeros((m, len(SURVEY_FEATURES)), dtype=np.float64)
     best_coverage = np.zeros(m, dtype=np.float64)
     for tile in tiles:
         image = tile.image.astype(np.float64)
-        # Fine-scale residual computed once per tile; windows only average it.
+        # Fine-scale residual and fringe maps computed once per tile; windows only reduce them.
         residual = image - ndimage.uniform_filter(image, size=3, mode="reflect")
+        fringes = lattice_fringes(image, sigma_px=max(_FRINGE_RESOLUTION_NM / tile.pixel_size_nm, 1.0))
         for index in range(m):
             rows, cols, coverage = _window(tile, grid.extents[index])
             if coverage < _MIN_COVERAGE or coverage <= best_coverage[index]:
@@ -369,8 +512,12 @@ def survey_features(survey: Tile | Sequence[Tile], grid: CandidateGrid) -> np.nd
                 continue
             mean = float(patch.mean())
             fine = float(np.mean(residual[rows, cols] ** 2))
+            distortion = loss = 0.0
+            if fringes is not None:
+                distortion = float(fringes.distortion[rows, cols].max())
+                loss = 1.0 - float(fringes.strength[rows, cols].min())
             # Shot-noise power grows with the counts; per count it is the same everywhere.
-            raw[index] = (mean, float(patch.std()), 0.0, fine / max(abs(mean), 1e-12))
+            raw[index] = (mean, float(patch.std()), 0.0, fine / max(abs(mean), 1e-12), distortion, loss)
             best_coverage[index] = coverage
     covered = best_coverage >= _MIN_COVERAGE
     # Local contrast needs every candidate's mean first.
@@ -380,7 +527,9 @@ def survey_features(survey: Tile | Sequence[Tile], grid: CandidateGrid) -> np.nd
         around = around[covered[around]]
         if around.size and spread > 0:
             raw[index, 2] = (raw[index, 0] - raw[around, 0].mean()) / spread
-    features = np.column_stack([_standardise(raw[:, column], covered) for column in range(4)])
+    features = np.column_stack(
+        [_standardise(raw[:, column], covered) for column in range(len(SURVEY_FEATURES))]
+    )
     return features
 
 
