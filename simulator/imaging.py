@@ -389,8 +389,12 @@ def render_rotated_expected_counts(
     )
     u = (np.arange(cols) - 0.5 * (cols - 1)) * pixel_size_nm
     v = (np.arange(rows) - 0.5 * (rows - 1)) * pixel_size_nm
-    x_stage = cx + cos_r * u[None, :] - sin_r * v[:, None]
-    y_stage = cy + sin_r * u[None, :] + cos_r * v[:, None]
+    if abs(sin_r) < 1e-12 and cos_r > 0:
+        # Aligned (a compensated scan rotation): lines of x and y, as the aligned renderer uses.
+        x_stage, y_stage = (cx + u)[None, :], (cy + v)[:, None]
+    else:
+        x_stage = cx + cos_r * u[None, :] - sin_r * v[:, None]
+        y_stage = cy + sin_r * u[None, :] + cos_r * v[:, None]
     background = imaging.background_fraction * specimen.thickness_factor(x_stage, y_stage)
     return electrons_per_pixel * (background + imaging.haadf_peak_fraction * columns)
 

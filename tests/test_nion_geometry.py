@@ -111,7 +111,9 @@ def test_every_disagreement_with_the_command_is_refused() -> None:
 
 
 @pytest.mark.parametrize("rotation_deg", [0.0, 30.0, -90.0])
-def test_a_rotated_render_is_the_axis_aligned_one_turned(small_specimen: Specimen, rotation_deg: float) -> None:
+def test_a_rotated_render_is_the_axis_aligned_one_turned(
+    small_specimen: Specimen, rotation_deg: float
+) -> None:
     # A frame turned by r, centred on c, sees column (x, y) where an aligned frame sees it turned by -r.
     shape, pixel, centre = (64, 80), 0.03, (14.0, 16.0)
     rotated = render_rotated_expected_counts(
@@ -131,7 +133,9 @@ def test_a_rotated_render_is_the_axis_aligned_one_turned(small_specimen: Specime
     assert distance[nearest] < pixel and small_specimen.weight[nearest] > 0.5
 
 
-def test_bridge_settings_are_validated_with_the_key_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bridge_settings_are_validated_with_the_key_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MICROGRAPHY_NION_BRIDGE", raising=False)
     assert load_bridge_config() is None  # no settings: the bridge stays off
     settings = tmp_path / "bridge.yaml"
