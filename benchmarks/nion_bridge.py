@@ -19,6 +19,8 @@ the usim specimen device alone, ``bridge - serve``, and the per-tile overhead of
 ``bridge - max(frame time, render)``: usim renders the frame when the scan starts and then
 waits out the frame time, so a tile can never come back sooner than the longer of the two;
 whatever the bridge takes beyond that is Nion's record path, the bridge's checks and the link.
+``nion_record`` times Nion's ``record()`` alone for the same frames, so ``bridge - record`` is
+what the bridge itself (frame mapping, calibration checks, tile building) and the ZeroMQ link add.
 Figures are printed and written as JSON; there are no pass/fail targets.
 """
 
@@ -72,6 +74,27 @@ def _round_trips(endpoint: str, requests: list[ScanRequest]) -> list[float]:
     return seconds
 
 
+def _records(driver: Any, requests: list[ScanRequest]) -> list[float]:
+    """Seconds of Nion's own ``record()`` for the frames the bridge would command (no link, no checks)."""
+    from nionswift_plugin.micrography_bridge.geometry import frame_parameters_for
+
+    seconds = []
+    for index, request in enumerate(requests):
+        frame = {
+            **driver.scan.get_record_frame_parameters(),
+            **frame_parameters_for(request, driver.calibration),
+        }
+        frame = {key: value for key, value in frame.items() if value is not None}
+        frame["enabled_channel_indexes"] = [0]
+        while driver.scan.is_recording:
+            time.sleep(0.001)
+        start = time.perf_counter()
+        driver.scan.record(frame, timeout=60.0)
+        if index:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def benchmark_nion_bridge(repeats: int = 5, dwell_us: float = 1.0) -> dict[str, Any]:
     """Measure both instruments on every tile size.
 
@@ -121,6 +144,7 @@ def benchmark_nion_bridge(repeats: int = 5, dwell_us: float = 1.0) -> dict[str, 
             render[tile_px].append(time.perf_counter() - start)
 
     bridge: dict[int, list[float]] = {}
+    record: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="micrography-bench-nion-") as scratch:
         settings = {
             "bind": "tcp://127.0.0.1:*",
@@ -139,6 +163,7 @@ def benchmark_nion_bridge(repeats: int = 5, dwell_us: float = 1.0) -> dict[str, 
                 raise RuntimeError(f"the bridge did not start: {getattr(host, 'error', None)}")
             for tile_px in TILE_SIZES:
                 bridge[tile_px] = _round_trips(host.server.endpoint, _requests(tile_px, dwell_us, repeats))
+                record[tile_px] = _records(host.driver, _requests(tile_px, dwell_us, repeats))
 
     rows = []
     for tile_px in TILE_SIZES:
@@ -146,6 +171,7 @@ def benchmark_nion_bridge(repeats: int = 5, dwell_us: float = 1.0) -> dict[str, 
         serve_s = statistics.median(serve[tile_px])
         bridge_s = statistics.median(bridge[tile_px])
         render_s = statistics.median(render[tile_px])
+        record_s = statistics.median(record[tile_px])
         rows.append(
             {
                 "tile_px": tile_px,
@@ -154,6 +180,8 @@ def benchmark_nion_bridge(repeats: int = 5, dwell_us: float = 1.0) -> dict[str, 
                 "serve": summarise(serve[tile_px]),
                 "bridge": summarise(bridge[tile_px]),
                 "usim_render": summarise(render[tile_px]),
+                "nion_record": summarise(record[tile_px]),
+                "bridge_minus_record_s": bridge_s - record_s,
                 "nion_overhead_s": bridge_s - max(frame_s, render_s),
                 "bridge_minus_serve_s": bridge_s - serve_s,
             }
@@ -176,15 +204,16 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"Nion bridge vs micrography serve ({versions}); medians of {report['repeats']} tiles, ms",
         f"{'tile':>9} {'dwell us':>8} {'frame':>8} {'serve':>8} {'bridge':>8} {'render':>8} "
-        f"{'bridge-serve':>12} {'bridge overhead':>15}",
+        f"{'record':>8} {'bridge-serve':>12} {'bridge overhead':>15} {'bridge-record':>13}",
     ]
     for row in report["rows"]:
         lines.append(
             f"{row['tile_px']:>4}x{row['tile_px']:<4} {row['dwell_us']:>8g} "
             f"{1e3 * row['frame_time_s']:>8.1f} "
             f"{1e3 * row['serve']['median_s']:>8.1f} {1e3 * row['bridge']['median_s']:>8.1f} "
-            f"{1e3 * row['usim_render']['median_s']:>8.1f} {1e3 * row['bridge_minus_serve_s']:>12.1f} "
-            f"{1e3 * row['nion_overhead_s']:>15.1f}"
+            f"{1e3 * row['usim_render']['median_s']:>8.1f} {1e3 * row['nion_record']['median_s']:>8.1f} "
+            f"{1e3 * row['bridge_minus_serve_s']:>12.1f} {1e3 * row['nion_overhead_s']:>15.1f} "
+            f"{1e3 * row['bridge_minus_record_s']:>13.1f}"
         )
     return "\n".join(lines)
 
