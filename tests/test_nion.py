@@ -32,8 +32,15 @@ from nionswift_plugin.micrography_bridge.driver import NionScanDriver
 from nionswift_plugin.micrography_bridge.geometry import wrap_angle
 from nionswift_plugin.micrography_bridge.headless import HeadlessSwift
 from nionswift_plugin.micrography_bridge.host import BridgeHost
-from simulator.config import InstrumentConfig, SimulatorConfig
+from nionswift_plugin.micrography_bridge.usim_specimen import (
+    ReplayScanGenerator,
+    SpecimenScanGenerator,
+    register_specimen_scan_device,
+    unregister_specimen_scan_device,
+)
+from simulator.config import ImagingConfig, InstrumentConfig, SimulatorConfig
 from simulator.imaging import render_expected_counts
+from simulator.replay import ReplayMicroscope
 from simulator.specimen import Specimen, generate_specimen
 from tests.conftest import IDEAL_IMAGING, SMALL_SPECIMEN
 
@@ -237,3 +244,66 @@ def test_a_short_guided_session_completes_through_nion(
     assert contents.steps[0].record["kind"] == "survey"
     for step in session.steps:
         assert step.tile is None or step.tile.metadata["nion_hardware_source"] == "micrography_usim_scan"
+
+
+def test_counts_follow_the_pixel_time_with_poisson_noise(specimen: Specimen) -> None:
+    from nion.device_kit.ScanDevice import ScanFrameParameters
+
+    imaging = ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0))  # counting and read noise on
+    config = SimulatorConfig(seed=SEED, specimen=SMALL_SPECIMEN, imaging=imaging)
+    generator = SpecimenScanGenerator(config, specimen)
+
+    def frame(dwell_us: float) -> np.ndarray:
+        parameters = ScanFrameParameters(
+            size=(192, 192), fov_nm=192 * 0.02, pixel_time_us=dwell_us, center_nm=(0, 0)
+        )
+        return generator.generate_scan_data(None, parameters)
+
+    short, long = frame(1.0), frame(4.0)
+    assert long.mean() / short.mean() == pytest.approx(4.0, rel=0.03)
+    origin = (15.0 - 0.5 * 191 * 0.02, 15.0 - 0.5 * 191 * 0.02)
+    expected = render_expected_counts(
+        specimen,
+        origin,
+        (192, 192),
+        0.02,
+        electrons_per_pixel(config.instrument.beam_current_pa, 4.0),
+        imaging,
+    )
+    # Poisson counts plus 0.5-count read noise: the residual variance is the mean plus 0.25.
+    variance = float(np.var(long - expected))
+    assert variance / (expected.mean() + 0.25) == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_recording_is_replayed_through_nion_at_a_rotated_scan(
+    bridge: Bridge, specimen: Specimen, tmp_path: Path
+) -> None:
+    # A recording of the specimen's corner: recorded pixel (r, c) at ((c + 0.5) p, (r + 0.5) p).
+    pixel = 0.02
+    recording = render_expected_counts(
+        specimen, (0.5 * pixel, 0.5 * pixel), (600, 600), pixel, 100.0, IDEAL_IMAGING
+    )
+    np.save(tmp_path / "recording.npy", recording.astype(np.float32))
+    replay = ReplayMicroscope.from_path(tmp_path / "recording.npy", pixel_size_nm=pixel)
+    generator = ReplayScanGenerator(replay, rotation_deg=30.0)
+    registered = register_specimen_scan_device(generator, "micrography_usim_replay")
+    try:
+        scan = bridge.swift.api.get_hardware_source_by_id("micrography_usim_replay", "~1.0")
+        assert scan is not None
+        config = bridge.host.config.model_copy(
+            update={
+                "hardware_source_id": "micrography_usim_replay",
+                "field_nm": (12.0, 12.0),
+                "scan_rotation_deg": 30.0,
+            }
+        )
+        with NionScanDriver(scan, config, replay.describe().beam_current_pa) as driver:
+            # At the recorded dwell the replay adds no shot noise: only the rotated resampling.
+            tile = driver.acquire(
+                ScanRequest(x_nm=6.0, y_nm=6.5, shape=(160, 160), pixel_size_nm=pixel, dwell_us=10.0)
+            )
+        recall, precision, rms_px = against_truth(tile, specimen)
+        assert recall > 0.97 and precision > 0.97 and rms_px < 0.3, (recall, precision, rms_px)
+        assert generator.frames == 1
+    finally:
+        unregister_specimen_scan_device(*registered)

@@ -26,6 +26,10 @@ class UsimSpecimenConfig(StrictModel):
 
     seed: int = Field(0, description="specimen seed")
     simulator_config: str | None = Field(None, description="simulator YAML (default: built-in)")
+    replay: str | None = Field(
+        None, description="serve this recording (Sm-BFO .h5 layout, .npy, .tif) instead of the specimen"
+    )
+    replay_pixel_size_nm: float | None = Field(None, gt=0, description="pixel size of the recording")
     rotation_deg: float = Field(
         0.0,
         description="angle of the usim scan x axis from the specimen x (the bridge calibrates it)",

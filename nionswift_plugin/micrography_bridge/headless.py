@@ -186,12 +186,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", metavar="YAML", help="bridge settings (docs/nion.md); default: the demo")
     parser.add_argument("--bind", help="command endpoint (overrides the settings)")
     parser.add_argument("--seed", type=int, help="specimen seed of the demo")
+    parser.add_argument(
+        "--replay", metavar="PATH", help="serve a recording (.h5 dataset layout, .npy, .tif) in usim instead"
+    )
+    parser.add_argument(
+        "--replay-pixel-size", type=float, metavar="NM", help="pixel size of the recording, nm"
+    )
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="micrography-nion-") as scratch:
             if args.config:
                 settings_file = Path(args.config)
-                if args.bind or args.seed is not None:
+                if args.bind or args.seed is not None or args.replay:
                     settings = yaml.safe_load(settings_file.read_text(encoding="utf-8")) or {}
                     settings_file = Path(scratch) / "bridge.yaml"
                     _override(settings, args)
@@ -233,8 +239,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _override(settings: dict[str, Any], args: argparse.Namespace) -> None:
     if args.bind:
         settings["bind"] = args.bind
-    if args.seed is not None and settings.get("usim_specimen") is not None:
-        settings["usim_specimen"]["seed"] = args.seed
+    usim = settings.get("usim_specimen")
+    if usim is None:
+        return
+    if args.seed is not None:
+        usim["seed"] = args.seed
+    if args.replay:
+        from simulator.replay import ReplayMicroscope
+
+        # The field offered is the recording's extent.
+        description = ReplayMicroscope.from_path(args.replay, pixel_size_nm=args.replay_pixel_size).describe()
+        usim.update(
+            {"replay": str(Path(args.replay).resolve()), "replay_pixel_size_nm": args.replay_pixel_size}
+        )
+        settings["field_nm"] = [description.stage_x_nm[1], description.stage_y_nm[1]]
+        settings["pixel_size_nm"] = list(description.pixel_size_nm)
 
 
 if __name__ == "__main__":

@@ -60,19 +60,26 @@ class BridgeHost:
         """Register the usim specimen device (if configured) and start serving in the background."""
         if self.config.usim_specimen is not None:
             from nionswift_plugin.micrography_bridge.usim_specimen import (
+                ReplayScanGenerator,
                 SpecimenScanGenerator,
                 register_specimen_scan_device,
             )
             from simulator.config import SimulatorConfig
 
             usim = self.config.usim_specimen
-            simulator = (
-                load_config(usim.simulator_config, SimulatorConfig)
-                if usim.simulator_config
-                else SimulatorConfig()
-            )
-            simulator = simulator.model_copy(update={"seed": usim.seed})
-            self.generator = SpecimenScanGenerator(simulator, rotation_deg=usim.rotation_deg)
+            if usim.replay:
+                from simulator.replay import ReplayMicroscope
+
+                replay = ReplayMicroscope.from_path(usim.replay, pixel_size_nm=usim.replay_pixel_size_nm)
+                self.generator = ReplayScanGenerator(replay, rotation_deg=usim.rotation_deg)
+            else:
+                simulator = (
+                    load_config(usim.simulator_config, SimulatorConfig)
+                    if usim.simulator_config
+                    else SimulatorConfig()
+                )
+                simulator = simulator.model_copy(update={"seed": usim.seed})
+                self.generator = SpecimenScanGenerator(simulator, rotation_deg=usim.rotation_deg)
             self._registered = register_specimen_scan_device(self.generator, usim.scan_device_id)
         self._thread = threading.Thread(
             target=self._serve_when_ready, name="micrography-bridge-start", daemon=True
@@ -210,4 +217,8 @@ def start_from_environment(api: Any) -> BridgeHost | None:
     if config is None:
         LOG.info("Micrography bridge off: set %s to its settings file to serve", CONFIG_ENV)
         return None
-    return BridgeHost(api, config).start()
+    try:
+        return BridgeHost(api, config).start()
+    except MicrographyError as error:  # an unreadable recording, for example
+        LOG.error("Micrography bridge not started: %s", error)
+        return None
