@@ -16,6 +16,7 @@ depends on the window, not on the specimen size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -317,13 +318,31 @@ def render_tile_image(
     numpy.ndarray
         float32 image.
     """
+    return _scanned_with_noise(
+        lambda dx_px, dy_px: render_expected_counts(
+            specimen, origin_nm, shape, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px
+        ),
+        shape,
+        pixel_size_nm,
+        dwell_us,
+        imaging,
+        rng,
+    )
+
+
+def _scanned_with_noise(
+    expected_counts: Callable[[np.ndarray | None, np.ndarray | None], np.ndarray],
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    dwell_us: float,
+    imaging: ImagingConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Draw the scan distortions, form the expected counts with them, then add detector noise."""
     dx_px = dy_px = None
     if imaging.distortions:
         dx_px, dy_px = scan_offsets_px(shape, pixel_size_nm, dwell_us, imaging, rng)
-    expected = render_expected_counts(
-        specimen, origin_nm, shape, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px
-    )
-    return add_detector_noise(expected, imaging, rng)
+    return add_detector_noise(expected_counts(dx_px, dy_px), imaging, rng)
 
 
 def render_rotated_expected_counts(
@@ -441,10 +460,21 @@ def render_rotated_tile_image(
     numpy.ndarray
         float32 image.
     """
-    dx_px = dy_px = None
-    if imaging.distortions:
-        dx_px, dy_px = scan_offsets_px(shape, pixel_size_nm, dwell_us, imaging, rng)
-    expected = render_rotated_expected_counts(
-        specimen, centre_nm, shape, pixel_size_nm, rotation_rad, electrons_per_pixel, imaging, dx_px, dy_px
+    return _scanned_with_noise(
+        lambda dx_px, dy_px: render_rotated_expected_counts(
+            specimen,
+            centre_nm,
+            shape,
+            pixel_size_nm,
+            rotation_rad,
+            electrons_per_pixel,
+            imaging,
+            dx_px,
+            dy_px,
+        ),
+        shape,
+        pixel_size_nm,
+        dwell_us,
+        imaging,
+        rng,
     )
-    return add_detector_noise(expected, imaging, rng)

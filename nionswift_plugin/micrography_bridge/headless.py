@@ -29,6 +29,7 @@ from typing import Any, Self
 import yaml
 
 from agent.errors import ConfigError, MicrographyError
+from nionswift_plugin.micrography_bridge.config import CONFIG_ENV
 
 PERIODIC_S = 0.02
 """Interval of ``app.periodic()`` calls, seconds (what Nion Swift's Qt loop uses)."""
@@ -59,6 +60,8 @@ class HeadlessSwift:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="nionswift-"))
         self.app: Any = None
         self.api: Any = None
+        self._previous_setting: str | None = None
+        self._setting_exported = False
 
     def start(self) -> Self:
         """Start Nion Swift and load the plug-ins; returns once the application has started.
@@ -99,7 +102,9 @@ class HeadlessSwift:
                 return str(folders["temporary"])
 
         if self.bridge_config is not None:
-            os.environ["MICROGRAPHY_NION_BRIDGE"] = str(self.bridge_config)
+            self._previous_setting = os.environ.get(CONFIG_ENV)
+            os.environ[CONFIG_ENV] = str(self.bridge_config)
+            self._setting_exported = True
         # The API broker must exist before plug-ins load: they ask it for the API on construction.
         Facade.initialize()
         self.app = Application.Application(_UserInterface())
@@ -145,6 +150,13 @@ class HeadlessSwift:
                 app.exit()
             finally:
                 app.deinitialize()
+        if self._setting_exported:
+            self._setting_exported = False
+            # The variable is this process's, not the caller's: put back what was there.
+            if self._previous_setting is None:
+                os.environ.pop(CONFIG_ENV, None)
+            else:
+                os.environ[CONFIG_ENV] = self._previous_setting
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
