@@ -23,9 +23,10 @@ pytest.importorskip("nion.usim_device", reason="nionswift-usim is not installed 
 
 from agent.columns import find_columns
 from agent.driver import ScanRequest, Tile, electrons_per_pixel
-from agent.errors import AcquisitionAborted, OutOfRangeError
+from agent.errors import AcquisitionAborted, AuthenticationError, OutOfRangeError
 from agent.journal import read_journal
 from agent.protocol.client import ZmqMicroscope
+from agent.protocol.security import CurveClientKeys, generate_keys
 from agent.session import BudgetConfig, ScanSettings, Session, SessionConfig
 from analysis.ground_truth import match_columns, true_columns_in
 from nionswift_plugin.micrography_bridge.driver import NionScanDriver
@@ -307,3 +308,41 @@ def test_a_recording_is_replayed_through_nion_at_a_rotated_scan(
         assert generator.frames == 1
     finally:
         unregister_specimen_scan_device(*registered)
+
+
+def test_a_second_bridge_with_curve_admits_listed_agents_only(
+    bridge: Bridge, specimen: Specimen, tmp_path: Path
+) -> None:
+    _, server_secret = generate_keys(tmp_path / "server", "instrument")
+    _, client_secret = generate_keys(tmp_path / "clients", "agent")
+    _, intruder_secret = generate_keys(tmp_path / "intruders", "intruder")
+    server_public = tmp_path / "server" / "instrument.key"
+    config = bridge.host.config.model_copy(
+        update={
+            "curve_secret_key": str(server_secret),
+            "allowed_clients": str(tmp_path / "clients"),
+            "journal": None,
+            "usim_specimen": None,  # serve the device the first bridge registered
+        }
+    )
+    host = BridgeHost(bridge.swift.api, config).start()
+    try:
+        assert host.ready.wait(10.0) and host.error is None, host.error
+        with ZmqMicroscope(
+            host.server.endpoint, curve=CurveClientKeys.from_files(client_secret, server_public)
+        ) as agent:
+            # The beam current comes from the instrument's BeamCurrent control, as in the first bridge.
+            assert agent.describe().beam_current_pa == pytest.approx(BEAM_CURRENT_PA)
+            tile = agent.acquire(
+                ScanRequest(x_nm=15.0, y_nm=15.0, shape=(64, 64), pixel_size_nm=0.02, dwell_us=1.0)
+            )
+            assert tile.shape == (64, 64)
+        with pytest.raises(AuthenticationError, match="refused this client's CURVE key"):
+            ZmqMicroscope(
+                host.server.endpoint, curve=CurveClientKeys.from_files(intruder_secret, server_public)
+            )
+        with pytest.raises(AuthenticationError, match="requires CURVE authentication"):
+            ZmqMicroscope(host.server.endpoint)
+        assert host.server.status().exposures == 1
+    finally:
+        host.close()
