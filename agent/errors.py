@@ -86,3 +86,11 @@ class ExposureInterruptedError(MicrographyError, RuntimeError):
     The request id is spent: retrying it never exposes again. Send a new request to scan the
     area again, after deciding whether the extra dose is acceptable.
     """
+
+
+class CalibrationError(MicrographyError, RuntimeError):
+    """The instrument executed a scan other than the one commanded (scale, centre, rotation or axes).
+
+    The tile cannot be placed on the stage with confidence, so it is not returned. The
+    specimen was exposed; the message says which calibration disagreed and by how much.
+    """

@@ -33,6 +33,7 @@ DEFAULT_RECORDED_DWELL_US = 10.0
 """Dwell assumed for a recording that does not state one, µs."""
 """Largest pixel size offered, as a multiple of the recorded pixel size."""
 
+_FRAME_STREAM = 2**31  # spawn-key prefix of expose_frame noise, apart from exposure counts
 _PIXEL_SIZE_RTOL = 1e-6
 _ALIGNMENT_TOL_PX = 1e-3
 
@@ -148,6 +149,7 @@ class ReplayMicroscope(MicroscopeDriver):
         except ValidationError as error:
             raise ConfigError(f"invalid replay settings: {error}") from None
         self._clock = time.time()
+        self._frames = 0
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs: Any) -> ReplayMicroscope:
@@ -254,13 +256,75 @@ class ReplayMicroscope(MicroscopeDriver):
         self._clock = t_end
         return tile
 
+    def expose_frame(
+        self,
+        centre_nm: tuple[float, float],
+        shape: tuple[int, int],
+        pixel_size_nm: float,
+        rotation_rad: float,
+        dwell_us: float,
+    ) -> np.ndarray:
+        """A frame of the recording as a scan device turned on the stage would record it.
+
+        For instrument simulators whose scan may be rotated (the Nion Swift usim adapter): the
+        same resampling and dose model as :meth:`acquire`, without its limits, dose map or
+        request bookkeeping. The frame's column axis points along ``(cos r, sin r)`` in stage
+        ``(x, y)``; outside the recording the nearest recorded pixel is repeated.
+
+        Parameters
+        ----------
+        centre_nm : tuple of float
+            Stage position ``(x, y)`` of the frame centre, nanometres.
+        shape : tuple of int
+            ``(rows, cols)`` in pixels.
+        pixel_size_nm : float
+            Pixel size, nanometres.
+        rotation_rad : float
+            Angle of the frame's column axis from the stage x axis, radians.
+        dwell_us : float
+            Dwell per pixel, microseconds (sets the shot noise).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(rows, cols)`` in recorded units.
+        """
+        with self._lock:  # the driver's lock: frames and acquisitions never interleave
+            self._frames += 1
+            frame = self._frames
+        rows, cols = shape
+        origin = (
+            centre_nm[0] - 0.5 * (cols - 1) * pixel_size_nm,
+            centre_nm[1] - 0.5 * (rows - 1) * pixel_size_nm,
+        )
+        signal, _ = self._signal_at(origin, shape, pixel_size_nm, rotation_rad)
+        # Frames get their own noise streams, apart from acquire()'s (keyed by exposure count).
+        image, _ = self._expose(signal, dwell_us, (_FRAME_STREAM, frame))
+        return image
+
     def _signal(self, request: ScanRequest) -> tuple[np.ndarray, bool]:
         """Noise-free recorded signal at the requested pixel centres; True if resampled."""
+        return self._signal_at(request.origin_nm, request.shape, request.pixel_size_nm, 0.0)
+
+    def _signal_at(
+        self,
+        origin_nm: tuple[float, float],
+        shape: tuple[int, int],
+        pixel_size_nm: float,
+        rotation_rad: float,
+    ) -> tuple[np.ndarray, bool]:
+        """Noise-free signal of a frame whose pixel (0, 0) centre would lie at ``origin_nm`` unrotated.
+
+        A rotated frame turns about its centre; ``origin_nm`` is where pixel (0, 0) would be
+        without the rotation, so the aligned case is exactly :meth:`_signal`'s request.
+        """
         source = self._recorded.image
         height, width = source.shape
-        rows, cols = request.shape
-        step = request.pixel_size_nm / self._pixel_size_nm
-        x0, y0 = request.origin_nm
+        rows, cols = shape
+        step = pixel_size_nm / self._pixel_size_nm
+        if rotation_rad != 0.0:
+            return self._rotated_signal(origin_nm, shape, step, rotation_rad), True
+        x0, y0 = origin_nm
         row0 = y0 / self._pixel_size_nm - 0.5
         col0 = x0 / self._pixel_size_nm - 0.5
         r0, c0 = round(row0), round(col0)
@@ -298,12 +362,48 @@ class ReplayMicroscope(MicroscopeDriver):
         )
         return signal.astype(np.float32), True
 
-    def _expose(self, signal: np.ndarray, dwell_us: float, exposure: int) -> tuple[np.ndarray, bool]:
+    def _rotated_signal(
+        self, origin_nm: tuple[float, float], shape: tuple[int, int], step: float, rotation_rad: float
+    ) -> np.ndarray:
+        """Bilinear samples of the (low-passed) recording on a frame turned about its centre."""
+        source = self._recorded.image
+        height, width = source.shape
+        rows, cols = shape
+        p = self._pixel_size_nm
+        cos_r, sin_r = math.cos(rotation_rad), math.sin(rotation_rad)
+        # Frame centre in recorded pixels; offsets from it turn with the frame.
+        centre_row = (origin_nm[1] / p - 0.5) + 0.5 * (rows - 1) * step
+        centre_col = (origin_nm[0] / p - 0.5) + 0.5 * (cols - 1) * step
+        sigma = math.sqrt(max(step * step - 1.0, 0.0) / 12.0)
+        reach = 0.5 * step * math.hypot(rows, cols) + math.ceil(4.0 * sigma) + 2
+        r_lo = max(0, math.floor(centre_row - reach))
+        r_hi = min(height, math.ceil(centre_row + reach) + 1)
+        c_lo = max(0, math.floor(centre_col - reach))
+        c_hi = min(width, math.ceil(centre_col + reach) + 1)
+        if r_lo >= r_hi or c_lo >= c_hi:  # wholly outside the recording: its nearest edge
+            r_lo, r_hi = (height - 1, height) if centre_row >= height else (0, 1)
+            c_lo, c_hi = (width - 1, width) if centre_col >= width else (0, 1)
+        window = source[r_lo:r_hi, c_lo:c_hi].astype(np.float64)
+        if sigma > 0:
+            window = ndimage.gaussian_filter(window, sigma, mode="nearest")
+        # Output (row, col) -> recorded (row, col): columns step along (cos r, sin r) in (x, y).
+        matrix = step * np.array([[cos_r, sin_r], [-sin_r, cos_r]])
+        half = np.array([0.5 * (rows - 1), 0.5 * (cols - 1)])
+        offset = np.array([centre_row - r_lo, centre_col - c_lo]) - matrix @ half
+        signal = ndimage.affine_transform(
+            window, matrix=matrix, offset=offset, output_shape=(rows, cols), order=1, mode="nearest"
+        )
+        return signal.astype(np.float32)
+
+    def _expose(
+        self, signal: np.ndarray, dwell_us: float, exposure: int | tuple[int, ...]
+    ) -> tuple[np.ndarray, bool]:
         """Apply the shot noise of ``dwell_us``; returns the image and whether noise was added."""
         dose_ratio = dwell_us / self._recorded_dwell_us
         if dose_ratio >= 1.0:
             return signal, False
-        rng = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(exposure,)))
+        key = exposure if isinstance(exposure, tuple) else (exposure,)
+        rng = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=key))
         scale = self._counts_per_unit * dose_ratio
         expected = signal.astype(np.float64) * scale
         counts = rng.poisson(np.clip(expected, 0.0, None))

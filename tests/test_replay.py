@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,20 @@ def test_replay_of_a_loaded_file_without_cells_has_no_ground_truth(tmp_path, ran
     microscope = ReplayMicroscope(load_image(path, pixel_size_nm=PIXEL_NM))
     assert microscope.ground_truth is None
     assert microscope.uc_parameters_in((0.0, 1.0, 0.0, 1.0)) is None
+
+
+def test_a_rotated_frame_is_the_aligned_frame_turned(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).random((200, 300)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", image)
+    replay = ReplayMicroscope.from_path(tmp_path / "noise.npy", pixel_size_nm=0.1)
+    centre = (15.0, 10.0)  # on recorded pixel edges: 60 x 60 px frames sit on recorded pixels
+    aligned = replay.expose_frame(centre, (60, 60), 0.1, 0.0, dwell_us=20.0)
+    crop = image[100 - 30 : 100 + 30, 150 - 30 : 150 + 30]
+    np.testing.assert_array_equal(aligned, crop)
+    # Turned by 90 degrees, the frame's columns run along stage +y: pixel (i, j) sees the
+    # aligned frame's row j, column 59 - i.
+    turned = replay.expose_frame(centre, (60, 60), 0.1, math.pi / 2, dwell_us=20.0)
+    np.testing.assert_allclose(turned, aligned.T[::-1, :], atol=1e-5)
+    # A shorter dwell than the recording's adds shot noise around the same signal.
+    noisy = replay.expose_frame(centre, (60, 60), 0.1, 0.0, dwell_us=5.0)
+    assert not np.array_equal(noisy, aligned) and abs(noisy.mean() - aligned.mean()) < 0.05
