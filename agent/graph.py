@@ -449,15 +449,7 @@ class MoleculeGraph:
             return result_d, result_i
 
         # Polarization proxy of every B in the context: shift from the centre of its four A columns.
-        b_context = np.flatnonzero(species == SPECIES_B)
-        displacement = np.zeros((context.size, 2))
-        valid = np.zeros(context.size, dtype=bool)
-        if b_context.size:
-            d_a, i_a = nearest_of(SPECIES_A, positions[b_context], 4)
-            ok = np.all(d_a < 0.95 * spacing, axis=1)
-            centre = positions[np.where(i_a >= 0, i_a, 0)].mean(axis=1)
-            displacement[b_context[ok]] = positions[b_context[ok]] - centre[ok]
-            valid[b_context[ok]] = True
+        displacement, valid = b_site_displacement(positions, species, spacing, a_tree=same[SPECIES_A])
         # A columns carry the mean shift of their (valid) B neighbours.
         a_context = np.flatnonzero(species == SPECIES_A)
         if a_context.size:
@@ -661,6 +653,52 @@ class MoleculeGraph:
 
 
 # ----------------------------------------------------------------------------- statistics
+
+
+def b_site_displacement(
+    positions_nm: np.ndarray,
+    species: np.ndarray,
+    lattice_spacing_nm: float,
+    *,
+    a_tree: tuple[np.ndarray, cKDTree | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Polarization proxy: shift of each B column from the centre of its four nearest A columns.
+
+    Parameters
+    ----------
+    positions_nm : numpy.ndarray
+        ``(N, 2)`` column positions ``(x, y)``, nanometres.
+    species : numpy.ndarray
+        ``(N,)`` :data:`~agent.columns.SPECIES_A` or :data:`~agent.columns.SPECIES_B`.
+    lattice_spacing_nm : float
+        A-A spacing, nanometres; the four A neighbours must lie within 0.95 of it (a B column
+        next to a vacancy, a scan edge or a dislocation core has no proper cell).
+    a_tree : tuple, optional
+        ``(indices of the A columns, cKDTree of their positions)`` when the caller has built it.
+
+    Returns
+    -------
+    displacement : numpy.ndarray
+        ``(N, 2)`` shift ``(dx, dy)`` in nanometres; zero for A columns and B columns without a cell.
+    valid : numpy.ndarray
+        ``(N,)`` True for B columns with a complete cell of four A neighbours.
+    """
+    count = positions_nm.shape[0]
+    displacement = np.zeros((count, 2))
+    valid = np.zeros(count, dtype=bool)
+    b_columns = np.flatnonzero(species == SPECIES_B)
+    if a_tree is None:
+        members = np.flatnonzero(species == SPECIES_A)
+        a_tree = (members, cKDTree(positions_nm[members]) if members.size else None)
+    members, tree = a_tree
+    if b_columns.size == 0 or tree is None or members.size < 4:
+        return displacement, valid
+    distance, index = tree.query(positions_nm[b_columns], k=4, workers=-1)
+    ok = np.all(distance < 0.95 * lattice_spacing_nm, axis=1)
+    centre = positions_nm[members[index]].mean(axis=1)
+    displacement[b_columns[ok]] = positions_nm[b_columns[ok]] - centre[ok]
+    valid[b_columns[ok]] = True
+    return displacement, valid
 
 
 def nn_distances_by_pair(graph: MoleculeGraph, interior_only: bool = True) -> dict[str, np.ndarray]:
