@@ -48,7 +48,13 @@ from agent.columns import (
 )
 from agent.config import StrictModel
 from agent.errors import ConfigError, InvalidImageError
-from agent.graph import GraphConfig, MoleculeGraph, b_site_displacement, nn_distances_by_pair
+from agent.graph import (
+    GraphConfig,
+    MoleculeGraph,
+    b_site_displacement,
+    nn_distances_by_pair,
+    nn_distances_by_species,
+)
 from analysis.segmentation import Segmentation, column_patches, segment_patches
 from simulator.dataset import RecordedImage, UnitCellParameters, load_image
 
@@ -186,6 +192,7 @@ class FullFrameAnalysis:
     columns: Columns | None = None
     graph: MoleculeGraph | None = None
     nn_distances_pm: dict[str, np.ndarray] = field(default_factory=dict)
+    knn_distances_pm: dict[str, np.ndarray] = field(default_factory=dict)
     polarization: PolarizationResult | None = None
     segmentation: Segmentation | None = None
     scores: np.ndarray | None = None
@@ -507,7 +514,8 @@ def _analyze(
         rows, cols = image.shape
         graph.merge(columns, (0.0, cols * pixel_size, 0.0, rows * pixel_size))
         result.graph = graph
-        result.nn_distances_pm = nn_distances_by_pair(graph)
+        result.nn_distances_pm = nn_distances_by_species(graph)
+        result.knn_distances_pm = nn_distances_by_pair(graph)
 
     with clock.stage("polarization"):
         result.polarization = analyze_polarization(graph, config, recorded.uc_parameters, pixel_size)
@@ -640,6 +648,7 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
             "masked_pixels": columns.masked_pixels,
         },
         "nn_distances_pm": {pair: _stats(values) for pair, values in result.nn_distances_pm.items()},
+        "knn_edge_distances_pm": {pair: _stats(values) for pair, values in result.knn_distances_pm.items()},
     }
     if result.stages is not None:
         summary["preprocessing"] = {

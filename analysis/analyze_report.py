@@ -210,7 +210,7 @@ def panel_nn(ax: Axes, result: FullFrameAnalysis) -> None:
     ax.set_xlabel("distance (pm)")
     ax.set_ylabel("edges")
     ax.legend(fontsize=6)
-    ax.set_title("NN distances per species pair")
+    ax.set_title("Distances to the 4 nearest columns of each species")
 
 
 def _polar_scale(values: np.ndarray) -> float:
@@ -344,6 +344,11 @@ def panel_projection(ax: Axes, result: FullFrameAnalysis) -> None:
         linewidths=0,
         rasterized=True,
     )
+    # A few strongly anomalous nodes sit far out; zoom on the bulk so the clusters are visible.
+    low, high = np.percentile(result.projection[pick], [0.5, 99.5], axis=0)
+    margin = 0.1 * (high - low)
+    ax.set_xlim(low[0] - margin[0], high[0] + margin[0])
+    ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
     clusters = int(np.unique(result.clusters[result.clusters >= 0]).size)
     name = result.config.embedding.upper() if result.config.embedding == "pca" else "t-SNE"
     ax.set_title(
@@ -538,6 +543,8 @@ def render_html(summary: dict[str, Any], overview_png: bytes, sections: dict[str
         ),
         "<h2>Nearest-neighbour distances (pm)</h2>",
         _table([{"pair": pair, **stats} for pair, stats in summary["nn_distances_pm"].items()]),
+        "<p>The write-up's statistic, lengths of the K = 4 nearest-neighbour edges of the graph:</p>",
+        _table([{"pair": pair, **stats} for pair, stats in summary["knn_edge_distances_pm"].items()]),
     ]
     tables = {
         "Polarization and domains": _table(_flat_rows(summary["polarization"]))
