@@ -485,6 +485,8 @@ def _analyze(
 ) -> FullFrameAnalysis:
     from agent.anomaly import AnomalyConfig, AnomalyScorer, cluster_embeddings, resolve_device
 
+    # A bad checkpoint should fail before minutes of work, not after.
+    loaded = AnomalyScorer.load(config.model, device=config.device) if config.model else None
     image = recorded.image
     result = FullFrameAnalysis(recorded=recorded, pixel_size_nm=pixel_size, config=config)
     finder = ColumnFinderConfig(lattice_spacing_nm=config.lattice_spacing_nm, device="cpu")
@@ -536,8 +538,8 @@ def _analyze(
     data = graph.to_pyg()
     steps = 0 if config.model else config.gae_steps
     with clock.stage("autoencoder", total=max(steps, 1)) as advance:
-        if config.model:
-            scorer = AnomalyScorer.load(config.model, device=config.device)
+        if loaded is not None:
+            scorer = loaded
         else:
             scorer = AnomalyScorer(AnomalyConfig(device=config.device, seed=config.seed))
             result.gae_loss = scorer.fit([data], steps=steps, progress=advance)

@@ -329,3 +329,25 @@ def test_bench_report_formats() -> None:
     }
     text = format_report(report)
     assert "82,000 columns" in text and "38.0 s" in text and "900 MB" in text
+
+
+def test_a_given_checkpoint_replaces_fitting_and_a_bad_one_is_a_clear_error(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.anomaly import AnomalyConfig, AnomalyScorer
+
+    scorer = AnomalyScorer(AnomalyConfig(device="cpu"))
+    scorer.fit([_perfect_lattice(12, 0.396, shift=(0.015, 0.015)).to_pyg()], steps=3)
+    checkpoint = scorer.save(tmp_path / "model.pt")
+    image = tmp_path / "crop.npy"
+    np.save(image, load_image(dataset).image[:400, :400])
+    out = tmp_path / "out"
+    arguments = ["analyze", str(image), "--pixel-size", str(PIXEL_NM), "--vae-steps", "20", "--quiet"]
+    assert main([*arguments, "--out", str(out), "--model", str(checkpoint)]) == 0
+    embedding = json.loads((out / "analysis.json").read_text())["embedding"]
+    assert embedding["model"] == str(checkpoint) and embedding["gae_steps"] == 0
+
+    broken = _garbage(tmp_path / "broken.pt", b"not a checkpoint")
+    capsys.readouterr()
+    assert main([*arguments, "--out", str(tmp_path / "out2"), "--model", str(broken)]) == 1
+    assert re.search(r"broken\.pt: not a readable checkpoint", capsys.readouterr().err)
