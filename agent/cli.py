@@ -192,6 +192,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     options = {
         "pixel_size_nm": args.pixel_size,
         "lattice_spacing_nm": args.lattice_spacing,
+        "threshold_sigma": args.threshold_sigma,
         "model": args.model,
         "gae_steps": args.gae_steps,
         "vae_steps": args.vae_steps,
@@ -647,6 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument(
         "--lattice-spacing", type=float, metavar="NM", help="A-A spacing, nm (default: estimated)"
+    )
+    analyze.add_argument(
+        "--threshold-sigma",
+        type=float,
+        metavar="S",
+        help="a column must stand S noise levels above the floor (default 5; 3.5 finds more dim B "
+        "columns in noisy images, with some false ones)",
     )
     analyze.add_argument(
         "--model", metavar="PT", help="GAE checkpoint (default: fitted on the image's own graph)"

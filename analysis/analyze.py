@@ -84,6 +84,11 @@ class AnalyzeConfig(StrictModel):
     lattice_spacing_nm: float | None = Field(
         None, gt=0, description="A-A spacing; estimated from the image when not given"
     )
+    threshold_sigma: float | None = Field(
+        None,
+        gt=0,
+        description="column finder threshold in noise levels (default 5; lower finds dim B columns)",
+    )
     model: str | None = Field(None, description="GAE checkpoint; default: fit on this image's own graph")
     gae_steps: int = Field(200, ge=0, le=100000, description="GAE gradient steps when fitting on the image")
     vae_steps: int = Field(600, ge=1, le=100000, description="VAE gradient steps (batches of 256 patches)")
@@ -489,7 +494,11 @@ def _analyze(
     loaded = AnomalyScorer.load(config.model, device=config.device) if config.model else None
     image = recorded.image
     result = FullFrameAnalysis(recorded=recorded, pixel_size_nm=pixel_size, config=config)
-    finder = ColumnFinderConfig(lattice_spacing_nm=config.lattice_spacing_nm, device="cpu")
+    finder = ColumnFinderConfig(
+        lattice_spacing_nm=config.lattice_spacing_nm,
+        device="cpu",
+        **({"threshold_sigma": config.threshold_sigma} if config.threshold_sigma else {}),
+    )
     origin = (0.5 * pixel_size, 0.5 * pixel_size)
 
     with clock.stage("columns"):
