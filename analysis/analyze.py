@@ -496,7 +496,7 @@ def _analyze(
     result = FullFrameAnalysis(recorded=recorded, pixel_size_nm=pixel_size, config=config)
     finder = ColumnFinderConfig(
         lattice_spacing_nm=config.lattice_spacing_nm,
-        device="cpu",
+        device=config.device,
         **({"threshold_sigma": config.threshold_sigma} if config.threshold_sigma else {}),
     )
     origin = (0.5 * pixel_size, 0.5 * pixel_size)
