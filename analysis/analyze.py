@@ -598,10 +598,13 @@ def _stats(values: np.ndarray) -> dict[str, float | int]:
 def _hotspots(
     x: np.ndarray, y: np.ndarray, scores: np.ndarray, separation_nm: float, count: int
 ) -> list[int]:
-    """Highest-scoring nodes, each at least ``separation_nm`` from the ones before."""
+    """Highest-scoring nodes, each at least ``separation_nm`` from the ones before (distinct regions)."""
     chosen: list[int] = []
-    for node in np.argsort(-scores)[: 50 * count]:
-        if all(math.hypot(x[node] - x[other], y[node] - y[other]) >= separation_nm for other in chosen):
+    # Candidates beyond the top few thousand only matter for images with fewer regions than count.
+    for node in np.argsort(-scores)[:20000]:
+        if not np.isfinite(scores[node]):
+            break
+        if not chosen or np.min(np.hypot(x[chosen] - x[node], y[chosen] - y[node])) >= separation_nm:
             chosen.append(int(node))
             if len(chosen) == count:
                 break
@@ -762,7 +765,7 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
     reference = scores[interior] if interior.any() else scores
     threshold = result.config.anomaly_threshold
     hot = _hotspots(
-        graph.x_nm, graph.y_nm, np.where(interior, scores, -np.inf), 2 * columns.lattice_spacing_nm, 10
+        graph.x_nm, graph.y_nm, np.where(interior, scores, -np.inf), 10 * columns.lattice_spacing_nm, 10
     )
     assert result.feature_z is not None
     summary["anomaly"] = {

@@ -357,16 +357,34 @@ def panel_projection(ax: Axes, result: FullFrameAnalysis) -> None:
 
 
 def panel_cluster_map(ax: Axes, result: FullFrameAnalysis) -> None:
-    """Majority embedding cluster per cell."""
+    """Where the minor embedding clusters lie: majority minor cluster per cell.
+
+    The largest cluster of each species is the bulk lattice; every cell holds both species, so
+    a plain majority map would only flicker between them. Cells with bulk or noise nodes only
+    stay white.
+    """
     graph, clusters = result.graph, result.clusters
     assert graph is not None and clusters is not None
     rows, cols, cell, extent = _grid(result, 2 * graph.lattice_spacing_nm)
-    shifted = clusters + 1  # noise -> 0
-    classes = int(shifted.max()) + 1
-    majority = binned_majority(graph.x_nm, graph.y_nm, shifted, classes, (rows, cols), cell)
-    shown = np.where(majority > 0, (majority - 1) % 10, np.nan)
+    bulk = set()
+    for code in (SPECIES_A, SPECIES_B):
+        labels, counts = np.unique(clusters[(graph.species == code) & (clusters >= 0)], return_counts=True)
+        if labels.size:
+            bulk.add(int(labels[np.argmax(counts)]))
+    minor = (clusters >= 0) & ~np.isin(clusters, list(bulk))
+    shown = np.full((rows, cols), np.nan)
+    if minor.any():
+        classes = int(clusters.max()) + 1
+        majority = binned_majority(
+            graph.x_nm[minor], graph.y_nm[minor], clusters[minor], classes, (rows, cols), cell
+        )
+        shown = np.where(majority >= 0, majority % 10, np.nan)
     ax.imshow(shown, cmap=CLASS_CMAP, vmin=0, vmax=9, extent=extent, interpolation="nearest")
-    ax.set_title("Embedding clusters on the image")
+    ax.set_title(
+        f"Minor embedding clusters on the image ({int(minor.sum()):,} columns; "
+        f"bulk A/B clusters {sorted(bulk)} and noise white)",
+        fontsize=9,
+    )
 
 
 def panel_anomaly(ax: Axes, result: FullFrameAnalysis, figure: Figure) -> None:
