@@ -716,7 +716,7 @@ def baseline_scores(data: Data) -> dict[str, np.ndarray]:
 
 def cluster_embeddings(
     embeddings: np.ndarray, method: Literal["dbscan", "hdbscan"] = "dbscan", eps: float | None = None,
-    min_samples: int = 10,
+    min_samples: int = 10, max_points: int | None = None, seed: int = 0,
 ) -> np.ndarray:  # fmt: skip
     """Cluster node embeddings as in the write-up (DBSCAN) or with HDBSCAN.
 
@@ -730,6 +730,13 @@ def cluster_embeddings(
         DBSCAN neighbourhood radius; by default the median 10th-neighbour distance.
     min_samples : int
         Core-point size.
+    max_points : int, optional
+        Cluster a random sample of this many nodes and give every other node the label of its
+        nearest clustered sample (noise when that sample is noise or, for DBSCAN, farther than
+        ``eps``). Both methods grow faster than linearly; on a whole 4k image (80k nodes) DBSCAN
+        alone takes about 12 s on 2 cores, a 10k sample about a second.
+    seed : int
+        Seeds the sample.
 
     Returns
     -------
@@ -739,10 +746,25 @@ def cluster_embeddings(
     from sklearn.cluster import DBSCAN, HDBSCAN
     from sklearn.neighbors import NearestNeighbors
 
+    rng = np.random.default_rng(seed)
+    sample_index = None
+    points = embeddings
+    if max_points is not None and len(embeddings) > max_points:
+        sample_index = np.sort(rng.permutation(len(embeddings))[:max_points])
+        points = embeddings[sample_index]
     if method == "hdbscan":
-        return HDBSCAN(min_cluster_size=min_samples, copy=True).fit_predict(embeddings)
-    if eps is None:
-        sample = embeddings[np.random.default_rng(0).permutation(len(embeddings))[:5000]]
-        distance, _ = NearestNeighbors(n_neighbors=min(10, len(sample))).fit(sample).kneighbors(sample)
-        eps = float(np.median(distance[:, -1])) or 1e-3
-    return DBSCAN(eps=eps, min_samples=min_samples).fit_predict(embeddings)
+        labels = HDBSCAN(min_cluster_size=min_samples, copy=True).fit_predict(points)
+    else:
+        if eps is None:
+            sample = points[np.random.default_rng(0).permutation(len(points))[:5000]]
+            distance, _ = NearestNeighbors(n_neighbors=min(10, len(sample))).fit(sample).kneighbors(sample)
+            eps = float(np.median(distance[:, -1])) or 1e-3
+        labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(points)
+    if sample_index is None:
+        return labels
+    distance, nearest = NearestNeighbors(n_neighbors=1).fit(points).kneighbors(embeddings)
+    result = labels[nearest[:, 0]]
+    if method == "dbscan" and eps is not None:
+        result = np.where(distance[:, 0] <= eps, result, -1)
+    result[sample_index] = labels
+    return result

@@ -426,6 +426,85 @@ def suppress_close_peaks(
     return keep
 
 
+def _contrast_threshold(image: np.ndarray, scales: PeakScales, threshold_sigma: float) -> float:
+    """Smallest smoothed contrast above the floor that counts as a column, image units."""
+    # White noise of sigma s comes out of a Gaussian filter of width w as s / (2 sqrt(pi) w).
+    return threshold_sigma * noise_sigma(image) / (2 * math.sqrt(math.pi) * scales.sigma_px)
+
+
+@dataclass(frozen=True)
+class PreprocessingStages:
+    """The intermediate images of the peaks method, for figures (one window of an image).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The window as given, float32.
+    smoothed : numpy.ndarray
+        After the Gaussian matched to the column size.
+    floor : numpy.ndarray
+        The local floor between columns (block minima, interpolated), image units.
+    contrast : numpy.ndarray
+        ``smoothed - floor``: what the threshold is applied to.
+    threshold : float
+        Contrast a column must exceed, image units.
+    rows, cols : numpy.ndarray
+        Integer positions of the candidate columns that pass the threshold and the separation test.
+    spacing_px : float
+        A-A lattice spacing used, pixels.
+    """
+
+    image: np.ndarray
+    smoothed: np.ndarray
+    floor: np.ndarray
+    contrast: np.ndarray
+    threshold: float
+    rows: np.ndarray
+    cols: np.ndarray
+    spacing_px: float
+
+
+def preprocessing_stages(
+    image: np.ndarray, spacing_px: float, config: ColumnFinderConfig | None = None
+) -> PreprocessingStages:
+    """Run the peaks method's filtering on an image and keep every intermediate image.
+
+    Meant for a window of a few hundred pixels: the floor is interpolated at every pixel,
+    which :func:`detect_peaks` never does.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        2-D image window without NaN.
+    spacing_px : float
+        A-A lattice spacing, pixels.
+    config : ColumnFinderConfig, optional
+        Threshold and scales.
+
+    Returns
+    -------
+    PreprocessingStages
+        Smoothed image, floor, contrast, threshold and the candidate columns.
+    """
+    config = config or ColumnFinderConfig()
+    scales = PeakScales.from_spacing(spacing_px, config)
+    image = np.asarray(image, dtype=np.float32)
+    smoothed = ndimage.gaussian_filter(image, scales.sigma_px, mode="nearest")
+    grid_rows, grid_cols = np.indices(image.shape)
+    floor = _floor_at(_floor_grid(smoothed, scales.floor_block), scales.floor_block, grid_rows, grid_cols)
+    rows, cols, _ = _candidate_peaks(image, scales, config.threshold_sigma)
+    return PreprocessingStages(
+        image=image,
+        smoothed=smoothed,
+        floor=floor.reshape(image.shape),
+        contrast=smoothed - floor.reshape(image.shape),
+        threshold=_contrast_threshold(image, scales, config.threshold_sigma),
+        rows=rows,
+        cols=cols,
+        spacing_px=spacing_px,
+    )
+
+
 def _candidate_peaks(
     image: np.ndarray, scales: PeakScales, threshold_sigma: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -435,9 +514,7 @@ def _candidate_peaks(
     floor_grid = _floor_grid(smoothed, scales.floor_block)
     floor = _floor_at(floor_grid, scales.floor_block, rows, cols)
     contrast = smoothed[rows, cols] - floor
-    # White noise of sigma s comes out of a Gaussian filter of width w as s / (2 sqrt(pi) w).
-    threshold = threshold_sigma * noise_sigma(image) / (2 * math.sqrt(math.pi) * scales.sigma_px)
-    strong = contrast > threshold
+    strong = contrast > _contrast_threshold(image, scales, threshold_sigma)
     rows, cols, floor, contrast = rows[strong], cols[strong], floor[strong], contrast[strong]
     keep = suppress_close_peaks(rows, cols, contrast, scales.separation_px)
     return rows[keep], cols[keep], floor[keep].astype(np.float32)

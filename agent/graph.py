@@ -449,15 +449,7 @@ class MoleculeGraph:
             return result_d, result_i
 
         # Polarization proxy of every B in the context: shift from the centre of its four A columns.
-        b_context = np.flatnonzero(species == SPECIES_B)
-        displacement = np.zeros((context.size, 2))
-        valid = np.zeros(context.size, dtype=bool)
-        if b_context.size:
-            d_a, i_a = nearest_of(SPECIES_A, positions[b_context], 4)
-            ok = np.all(d_a < 0.95 * spacing, axis=1)
-            centre = positions[np.where(i_a >= 0, i_a, 0)].mean(axis=1)
-            displacement[b_context[ok]] = positions[b_context[ok]] - centre[ok]
-            valid[b_context[ok]] = True
+        displacement, valid = b_site_displacement(positions, species, spacing, a_tree=same[SPECIES_A])
         # A columns carry the mean shift of their (valid) B neighbours.
         a_context = np.flatnonzero(species == SPECIES_A)
         if a_context.size:
@@ -663,6 +655,52 @@ class MoleculeGraph:
 # ----------------------------------------------------------------------------- statistics
 
 
+def b_site_displacement(
+    positions_nm: np.ndarray,
+    species: np.ndarray,
+    lattice_spacing_nm: float,
+    *,
+    a_tree: tuple[np.ndarray, cKDTree | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Polarization proxy: shift of each B column from the centre of its four nearest A columns.
+
+    Parameters
+    ----------
+    positions_nm : numpy.ndarray
+        ``(N, 2)`` column positions ``(x, y)``, nanometres.
+    species : numpy.ndarray
+        ``(N,)`` :data:`~agent.columns.SPECIES_A` or :data:`~agent.columns.SPECIES_B`.
+    lattice_spacing_nm : float
+        A-A spacing, nanometres; the four A neighbours must lie within 0.95 of it (a B column
+        next to a vacancy, a scan edge or a dislocation core has no proper cell).
+    a_tree : tuple, optional
+        ``(indices of the A columns, cKDTree of their positions)`` when the caller has built it.
+
+    Returns
+    -------
+    displacement : numpy.ndarray
+        ``(N, 2)`` shift ``(dx, dy)`` in nanometres; zero for A columns and B columns without a cell.
+    valid : numpy.ndarray
+        ``(N,)`` True for B columns with a complete cell of four A neighbours.
+    """
+    count = positions_nm.shape[0]
+    displacement = np.zeros((count, 2))
+    valid = np.zeros(count, dtype=bool)
+    b_columns = np.flatnonzero(species == SPECIES_B)
+    if a_tree is None:
+        members = np.flatnonzero(species == SPECIES_A)
+        a_tree = (members, cKDTree(positions_nm[members]) if members.size else None)
+    members, tree = a_tree
+    if b_columns.size == 0 or tree is None or members.size < 4:
+        return displacement, valid
+    distance, index = tree.query(positions_nm[b_columns], k=4, workers=-1)
+    ok = np.all(distance < 0.95 * lattice_spacing_nm, axis=1)
+    centre = positions_nm[members[index]].mean(axis=1)
+    displacement[b_columns[ok]] = positions_nm[b_columns[ok]] - centre[ok]
+    valid[b_columns[ok]] = True
+    return displacement, valid
+
+
 def nn_distances_by_pair(graph: MoleculeGraph, interior_only: bool = True) -> dict[str, np.ndarray]:
     """Nearest-neighbour (kNN edge) distances per species pair, the write-up's lattice statistic.
 
@@ -698,3 +736,45 @@ def species_counts(graph: MoleculeGraph) -> dict[str, int]:
         "A": int(np.count_nonzero(graph.species == SPECIES_A)),
         "B": int(np.count_nonzero(graph.species == SPECIES_B)),
     }
+
+
+def nn_distances_by_species(
+    graph: MoleculeGraph, neighbours: int = 4, interior_only: bool = True
+) -> dict[str, np.ndarray]:
+    """Distances from each column to its nearest columns of each species, per species pair.
+
+    Unlike :func:`nn_distances_by_pair` (kNN edges, where the four nearest columns of any
+    column are almost always of the other species) this resolves every pair's own first
+    shell: A-A and B-B near the lattice spacing, A-B near spacing / sqrt(2), split by the
+    polarization into a short and a long pair.
+
+    Parameters
+    ----------
+    graph : MoleculeGraph
+        The graph.
+    neighbours : int
+        Nearest columns of the other species taken per column (4 in the perovskite projection).
+    interior_only : bool
+        Measure only from interior columns (scan edges would add long distances).
+
+    Returns
+    -------
+    dict
+        ``{"A-A": ..., "A-B": ..., "B-B": ...}`` distances in picometres; same-species pairs
+        appear once from each end.
+    """
+    positions = np.stack([graph.x_nm, graph.y_nm], 1)
+    origin = graph.interior if interior_only else np.ones(len(graph), dtype=bool)
+    result: dict[str, np.ndarray] = {}
+    for name, source, target in (("A-A", SPECIES_A, SPECIES_A), ("A-B", SPECIES_A, SPECIES_B),
+                                 ("B-B", SPECIES_B, SPECIES_B)):  # fmt: skip
+        start = np.flatnonzero((graph.species == source) & origin)
+        members = np.flatnonzero(graph.species == target)
+        skip = 1 if source == target else 0  # a column is its own nearest same-species column
+        take = min(neighbours + skip, members.size)
+        if start.size == 0 or take <= skip:
+            result[name] = np.zeros(0)
+            continue
+        distance, _ = cKDTree(positions[members]).query(positions[start], k=take, workers=-1)
+        result[name] = np.atleast_2d(distance)[:, skip:].ravel() * 1e3
+    return result

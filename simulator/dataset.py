@@ -48,8 +48,21 @@ PIXEL_SIZE_ATTR = "pixel_size_nm"
 UC_KEYS: tuple[str, ...] = ("ab", "xy_COM", "Pxy", "Vol", "a", "alpha", "I1", "I5")
 """Arrays every UCParameterization file must hold."""
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".npy", ".tif", ".tiff")
+VENDOR_READERS: dict[str, tuple[str, str]] = {
+    ".dm3": ("digitalmicrograph", "Gatan DigitalMicrograph"),
+    ".dm4": ("digitalmicrograph", "Gatan DigitalMicrograph"),
+    ".emd": ("emd", "EMD (Velox or Berkeley)"),
+    ".ser": ("tia", "FEI TIA"),
+}
+"""Vendor formats read through the optional ``vendor`` extra: suffix -> (rosettasciio module, name)."""
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5", ".npy", ".tif", ".tiff", *VENDOR_READERS)
 """Image file formats :func:`load_image` reads (plus a directory in the dataset layout)."""
+
+_LENGTH_UNIT_NM = {
+    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "å": 0.1, "a": 0.1, "angstrom": 0.1, "ang": 0.1,
+    "pm": 1e-3, "µm": 1e3, "um": 1e3, "μm": 1e3, "micron": 1e3, "m": 1e9,
+}  # fmt: skip
 
 _HAADF_NAME = re.compile(r"^sm_(?P<pct>\d+(?:\.\d+)?)_(?P<index>\d+)_haadf\.(?:h5|hdf5)$", re.I)
 _UC_NAME = re.compile(r"^sm_(?P<pct>\d+(?:\.\d+)?)_(?P<index>\d+)_ucparameterization\.(?:h5|hdf5)$", re.I)
@@ -709,6 +722,54 @@ def _load_tiff(path: Path) -> np.ndarray:
         raise DataFileError(f"{path}: cannot read as TIFF ({error})") from None
 
 
+def _vendor_pixel_size(axes: list[dict[str, Any]]) -> float | None:
+    """Pixel size in nm from the x (last) signal axis of a rosettasciio signal, None if not a length."""
+    if not axes:
+        return None
+    axis = axes[-1]
+    units = str(axis.get("units") or "").strip().strip("[]").replace("_", "").lower()
+    factor = _LENGTH_UNIT_NM.get(units)
+    try:
+        scale = float(axis.get("scale", math.nan))
+    except (TypeError, ValueError):
+        return None
+    if factor is None or not (math.isfinite(scale) and scale > 0):
+        return None
+    return scale * factor
+
+
+def _load_vendor(path: Path) -> tuple[np.ndarray, float | None, dict[str, Any]]:
+    """Image, pixel size (nm) and a few metadata of a vendor file, through rosettasciio."""
+    import importlib
+
+    module_name, format_name = VENDOR_READERS[path.suffix.lower()]
+    if not path.exists():
+        raise DataFileError(f"{path}: file not found")
+    try:
+        reader = importlib.import_module(f"rsciio.{module_name}")
+    except ImportError:
+        raise DataFileError(
+            f"{path}: reading {format_name} files ({path.suffix}) needs the optional 'vendor' extra "
+            "(rosettasciio), which is not installed; run: pip install 'micrography[vendor]'"
+        ) from None
+    try:
+        signals = reader.file_reader(str(path))
+    except Exception as error:  # vendor readers raise anything from KeyError to struct.error
+        raise DataFileError(
+            f"{path}: cannot read as {format_name} ({type(error).__name__}: {error}); "
+            "the file may be truncated or of another format"
+        ) from None
+    if not signals:
+        raise DataFileError(f"{path}: the {format_name} file holds no data")
+    images = [signal for signal in signals if np.ndim(signal.get("data")) == 2]
+    chosen = images[0] if images else signals[0]
+    attrs: dict[str, Any] = {"source_format": format_name, "signals_in_file": len(signals)}
+    title = (chosen.get("metadata") or {}).get("General", {}).get("title")
+    if title:
+        attrs["title"] = str(title)
+    return np.asarray(chosen["data"]), _vendor_pixel_size(list(chosen.get("axes") or [])), attrs
+
+
 def load_image(path: str | Path, pixel_size_nm: float | None = None) -> RecordedImage:
     """Load a recorded image from the dataset layout, a ``.npy`` or a ``.tif`` file.
 
@@ -717,10 +778,14 @@ def load_image(path: str | Path, pixel_size_nm: float | None = None) -> Recorded
     path : str or pathlib.Path
         A ``.h5``/``.hdf5`` HAADF file or a directory in the Sm-BFO layout (the unit-cell
         parameters beside it are read too, their coordinate order checked against the
-        image), a ``.npy`` array, or a ``.tif``/``.tiff`` image.
+        image), a ``.npy`` array, a ``.tif``/``.tiff`` image, or, with the optional
+        ``vendor`` extra (rosettasciio), a ``.dm3``/``.dm4`` (Gatan), ``.emd`` (Velox or
+        Berkeley) or ``.ser`` (FEI TIA) file; of a vendor file holding several signals the
+        first 2-D image is taken.
     pixel_size_nm : float, optional
         Pixel size in nanometres; overrides the file's. ``.npy`` and ``.tif`` files carry
-        none, so without it the result has ``pixel_size_nm = None``.
+        none, so without it the result has ``pixel_size_nm = None``; vendor files carry it
+        in their axis calibration (nm, Å, pm or µm).
 
     Returns
     -------
@@ -730,7 +795,8 @@ def load_image(path: str | Path, pixel_size_nm: float | None = None) -> Recorded
     Raises
     ------
     DataFileError
-        If the file is missing, unreadable, or of an unsupported format.
+        If the file is missing, unreadable, or of an unsupported format, or a vendor file is
+        given without the ``vendor`` extra installed.
     InvalidImageError
         If the image is not 2-D (a 3-D stack must be reduced to one frame first), is not
         real-valued, or has NaN or infinite pixels.
@@ -754,10 +820,14 @@ def load_image(path: str | Path, pixel_size_nm: float | None = None) -> Recorded
             uc_parameters=uc,
             attrs=attrs,
         )
+    file_pixel_size: float | None = None
+    attrs: dict[str, Any] = {}
     if suffix == ".npy":
         data = _load_npy(path)
     elif suffix in (".tif", ".tiff"):
         data = _load_tiff(path)
+    elif suffix in VENDOR_READERS:
+        data, file_pixel_size, attrs = _load_vendor(path)
     else:
         raise DataFileError(
             f"{path}: unsupported image format {path.suffix!r}; use one of "
@@ -765,7 +835,8 @@ def load_image(path: str | Path, pixel_size_nm: float | None = None) -> Recorded
         )
     return RecordedImage(
         image=_as_float_image(data, str(path)),
-        pixel_size_nm=pixel_size_nm,
+        pixel_size_nm=pixel_size_nm if pixel_size_nm is not None else file_pixel_size,
         source=path,
         uc_parameters=None,
+        attrs=attrs,
     )

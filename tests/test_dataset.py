@@ -285,9 +285,10 @@ def test_nan_image_reports_count(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-    path = tmp_path / "frame.dm4"
+    # .dm4 is read through the optional vendor extra now (tests/test_analyze.py); .jpg never is.
+    path = tmp_path / "frame.jpg"
     path.write_bytes(b"\0" * 16)
-    with pytest.raises(DataFileError, match=r"frame\.dm4: unsupported image format '\.dm4'.*\.npy"):
+    with pytest.raises(DataFileError, match=r"frame\.jpg: unsupported image format '\.jpg'.*\.npy"):
         load_image(path)
 
 

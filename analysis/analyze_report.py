@@ -1,0 +1,621 @@
+"""Figures, HTML report and JSON of a full-frame analysis (:mod:`analysis.analyze`).
+
+``analysis.png`` is one multi-panel overview; ``report.html`` embeds it and one figure
+per analysis (base64 PNGs, no external files) with the tables of ``analysis.json``,
+which holds every number the figures and tables show.
+
+Whole-image maps are drawn as grids of cells about one or two lattice spacings wide
+(mean, maximum or majority per cell), which keeps a 4k image with 100k columns
+readable and fast to draw; column-level panels show a central window of about
+twelve spacings.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.colors as mcolors
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from agent.columns import SPECIES_A, SPECIES_B
+from analysis.analyze import DOMAIN_NAMES, FullFrameAnalysis
+
+FIGURE_FILE = "analysis.png"
+HTML_FILE = "report.html"
+JSON_FILE = "analysis.json"
+
+DOMAIN_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#bbbbbb")
+CLASS_CMAP = "tab10"
+_SCATTER_LIMIT = 20000
+
+
+# ----------------------------------------------------------------------------- gridding
+
+
+def _grid(
+    result: FullFrameAnalysis, cell_nm: float
+) -> tuple[int, int, float, tuple[float, float, float, float]]:
+    rows, cols = result.recorded.image.shape
+    width, height = cols * result.pixel_size_nm, rows * result.pixel_size_nm
+    # At most 400 cells a side: finer than the figure can show.
+    cell = max(cell_nm, max(width, height) / 400)
+    return math.ceil(height / cell), math.ceil(width / cell), cell, (0.0, width, height, 0.0)
+
+
+def _cells(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], cell: float) -> np.ndarray:
+    row = np.clip((y // cell).astype(np.int64), 0, shape[0] - 1)
+    col = np.clip((x // cell).astype(np.int64), 0, shape[1] - 1)
+    return row * shape[1] + col
+
+
+def binned_mean(
+    x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int], cell: float
+) -> np.ndarray:
+    """Mean of ``values`` per grid cell (NaN where empty); positions and ``cell`` in nm."""
+    flat = _cells(x, y, shape, cell)
+    size = shape[0] * shape[1]
+    count = np.bincount(flat, minlength=size)
+    total = np.bincount(flat, values, minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).reshape(shape)
+
+
+def binned_max(
+    x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int], cell: float
+) -> np.ndarray:
+    """Largest of ``values`` per grid cell (NaN where empty)."""
+    out = np.full(shape[0] * shape[1], -np.inf)
+    np.maximum.at(out, _cells(x, y, shape, cell), values)
+    return np.where(np.isfinite(out), out, np.nan).reshape(shape)
+
+
+def binned_majority(
+    x: np.ndarray, y: np.ndarray, labels: np.ndarray, classes: int, shape: tuple[int, int], cell: float
+) -> np.ndarray:
+    """Most frequent label (0..classes-1) per grid cell, -1 where empty."""
+    flat = _cells(x, y, shape, cell)
+    size = shape[0] * shape[1]
+    counts = np.bincount(flat * classes + labels, minlength=size * classes).reshape(size, classes)
+    return np.where(counts.sum(axis=1) > 0, counts.argmax(axis=1), -1).reshape(shape)
+
+
+def vector_rgb(dx: np.ndarray, dy: np.ndarray, scale: float) -> np.ndarray:
+    """Colour wheel image of a vector field: hue = direction, brightness = length / ``scale``."""
+    hue = (np.arctan2(dy, dx) / (2 * np.pi)) % 1.0
+    value = np.clip(np.hypot(dx, dy) / max(scale, 1e-12), 0, 1)
+    hsv = np.stack([np.nan_to_num(hue), np.full_like(hue, 0.85), np.nan_to_num(value)], axis=-1)
+    return mcolors.hsv_to_rgb(hsv)
+
+
+# ----------------------------------------------------------------------------- panels
+
+
+def _window(result: FullFrameAnalysis) -> tuple[np.ndarray, tuple[float, float, float, float], np.ndarray]:
+    """The column-level window: its image, its extent in nm and the ids of the columns inside."""
+    assert result.stages is not None and result.columns is not None
+    row0, col0 = result.window_origin_px
+    side = result.stages.image.shape[0]
+    p = result.pixel_size_nm
+    extent = (col0 * p, (col0 + side) * p, (row0 + side) * p, row0 * p)
+    columns = result.columns
+    inside = np.flatnonzero(
+        (columns.x_nm >= extent[0])
+        & (columns.x_nm <= extent[1])
+        & (columns.y_nm >= extent[3])
+        & (columns.y_nm <= extent[2])
+    )
+    return result.stages.image, extent, inside
+
+
+def panel_image(ax: Axes, result: FullFrameAnalysis) -> None:
+    """The whole image (display-downsampled) with the column-level window outlined."""
+    image = result.recorded.image
+    step = max(1, max(image.shape) // 1024)
+    shown = image[::step, ::step]
+    rows, cols = image.shape
+    p = result.pixel_size_nm
+    low, high = np.percentile(shown, [0.5, 99.5])
+    ax.imshow(shown, cmap="gray", vmin=low, vmax=high, extent=(0, cols * p, rows * p, 0))
+    _, extent, _ = _window(result)
+    ax.add_patch(
+        plt.Rectangle(
+            (extent[0], extent[3]),
+            extent[1] - extent[0],
+            extent[2] - extent[3],
+            fill=False,
+            edgecolor="#ffb000",
+            linewidth=1.0,
+        )
+    )
+    ax.set_title(f"Image {rows}x{cols} px, {p * 10:.2g} Å/px")
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
+
+
+def panel_stage(ax: Axes, result: FullFrameAnalysis, name: str) -> None:
+    """One preprocessing stage of the window: raw, smoothed, floor or contrast (with candidates)."""
+    stages = result.stages
+    assert stages is not None
+    _, extent, _ = _window(result)
+    values = getattr(stages, name)
+    ax.imshow(values, cmap="gray" if name != "contrast" else "magma", extent=extent)
+    if name == "contrast":
+        p = result.pixel_size_nm
+        ax.plot((stages.cols + 0.5) * p + extent[0], (stages.rows + 0.5) * p + extent[3], "c+", markersize=3)
+        ax.set_title(f"Contrast over the floor; {stages.rows.size} candidates")
+    else:
+        titles = {
+            "image": "Window as recorded",
+            "smoothed": "Matched Gaussian filter",
+            "floor": "Local floor between columns",
+        }
+        ax.set_title(titles[name])
+    ax.set_xlabel("x (nm)")
+
+
+def panel_columns(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Window with the found columns by species."""
+    image, extent, inside = _window(result)
+    columns = result.columns
+    assert columns is not None
+    ax.imshow(image, cmap="gray", extent=extent)
+    for code, colour, name in ((SPECIES_A, "#ff8c00", "A (Bi/Sm)"), (SPECIES_B, "#00d0ff", "B (Fe)")):
+        members = inside[columns.species[inside] == code]
+        ax.scatter(columns.x_nm[members], columns.y_nm[members], s=6, c=colour, label=name, linewidths=0)
+    abnormal = inside[columns.abnormal[inside]]
+    if abnormal.size:
+        ax.scatter(
+            columns.x_nm[abnormal],
+            columns.y_nm[abnormal],
+            s=30,
+            facecolors="none",
+            edgecolors="r",
+            label="abnormal A",
+        )
+    counts = columns.species_counts()
+    ax.legend(loc="upper right", fontsize=6, markerscale=1.5)
+    ax.set_title(f"Columns: {counts['A']:,} A, {counts['B']:,} B")
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+
+
+def panel_nn(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Nearest-neighbour (kNN edge) distance distributions per species pair."""
+    distances = result.nn_distances_pm
+    everything = np.concatenate([v for v in distances.values() if v.size]) if distances else np.zeros(0)
+    if everything.size == 0:
+        ax.text(0.5, 0.5, "no interior edges", ha="center", transform=ax.transAxes)
+        return
+    bins = np.linspace(*np.percentile(everything, [0.5, 99.5]), 80)
+    for pair, values in distances.items():
+        if values.size:
+            ax.hist(
+                values,
+                bins=bins,
+                histtype="step",
+                label=f"{pair} ({values.size:,}, median {np.median(values):.0f} pm)",
+            )
+    ax.set_xlabel("distance (pm)")
+    ax.set_ylabel("edges")
+    ax.legend(fontsize=6)
+    ax.set_title("Distances to the 4 nearest columns of each species")
+
+
+def _polar_scale(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.percentile(finite, 95)) if finite.size else 1.0
+
+
+def panel_polarization(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Measured B-column shift per cell as a colour wheel (hue direction, brightness length)."""
+    graph, polar = result.graph, result.polarization
+    assert graph is not None and polar is not None
+    spacing = graph.lattice_spacing_nm
+    rows, cols, cell, extent = _grid(result, spacing)
+    v = polar.valid
+    dx = binned_mean(graph.x_nm[v], graph.y_nm[v], polar.displacement_pm[v, 0], (rows, cols), cell)
+    dy = binned_mean(graph.x_nm[v], graph.y_nm[v], polar.displacement_pm[v, 1], (rows, cols), cell)
+    ax.imshow(vector_rgb(dx, dy, _polar_scale(np.hypot(dx, dy))), extent=extent, interpolation="nearest")
+    ax.set_title("Polarization: B shift from A-cell centre (measured)")
+    _inset_wheel(ax)
+
+
+def panel_dataset_pxy(ax: Axes, result: FullFrameAnalysis) -> None:
+    """The dataset's own Pxy per cell, same colour wheel."""
+    polar = result.polarization
+    assert polar is not None and polar.dataset is not None
+    rows, cols, cell, extent = _grid(result, result.graph.lattice_spacing_nm if result.graph else 1.0)
+    data = polar.dataset
+    pxy = data["dataset_pxy_all"]
+    dx = binned_mean(data["cell_x_nm"], data["cell_y_nm"], pxy[:, 0], (rows, cols), cell)
+    dy = binned_mean(data["cell_x_nm"], data["cell_y_nm"], pxy[:, 1], (rows, cols), cell)
+    ax.imshow(vector_rgb(dx, dy, _polar_scale(np.hypot(dx, dy))), extent=extent, interpolation="nearest")
+    agreement = data["agreement"]
+    ax.set_title(
+        f"Dataset Pxy ({data['matched']:,}/{data['cells']:,} cells matched; "
+        f"r = {agreement['corr_x']:.2f}, {agreement['corr_y']:.2f})",
+        fontsize=9,
+    )
+    _inset_wheel(ax)
+
+
+def _inset_wheel(ax: Axes) -> None:
+    inset = ax.inset_axes((0.80, 0.80, 0.18, 0.18))
+    yy, xx = np.mgrid[-1:1:64j, -1:1:64j]
+    wheel = vector_rgb(xx, yy, 1.0)
+    wheel[np.hypot(xx, yy) > 1] = 1.0
+    inset.imshow(wheel, extent=(-1, 1, 1, -1))
+    inset.set_axis_off()
+
+
+def panel_domains(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Domain class per cell (majority of the smoothed B shifts)."""
+    graph, polar = result.graph, result.polarization
+    assert graph is not None and polar is not None
+    rows, cols, cell, extent = _grid(result, 2 * graph.lattice_spacing_nm)
+    v = polar.domain >= 0
+    majority = binned_majority(
+        graph.x_nm[v], graph.y_nm[v], polar.domain[v], len(DOMAIN_NAMES), (rows, cols), cell
+    )
+    colours = mcolors.ListedColormap(["white", *DOMAIN_COLOURS])
+    ax.imshow(
+        majority + 1, cmap=colours, vmin=0, vmax=len(DOMAIN_NAMES), extent=extent, interpolation="nearest"
+    )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in DOMAIN_COLOURS]
+    ax.legend(handles, DOMAIN_NAMES, fontsize=6, loc="lower right", title="lattice frame", title_fontsize=6)
+    ax.set_title(f"Domains (lattice at {polar.lattice_orientation_deg:.1f}°)")
+
+
+def panel_classes(ax: Axes, result: FullFrameAnalysis, which: str) -> None:
+    """GMM or VAE class of each column in the window."""
+    image, extent, inside = _window(result)
+    segmentation, columns = result.segmentation, result.columns
+    assert segmentation is not None and columns is not None
+    labels = segmentation.gmm_class if which == "gmm" else segmentation.vae_class
+    ax.imshow(image, cmap="gray", extent=extent)
+    ax.scatter(
+        columns.x_nm[inside],
+        columns.y_nm[inside],
+        c=labels[inside],
+        cmap=CLASS_CMAP,
+        vmin=0,
+        vmax=9,
+        s=10,
+        linewidths=0,
+    )
+    fractions = np.bincount(labels, minlength=segmentation.classes) / labels.size
+    ax.set_title(f"{which.upper()} classes: " + ", ".join(f"{f:.0%}" for f in fractions), fontsize=9)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+
+
+def _sample(count: int, limit: int = _SCATTER_LIMIT) -> np.ndarray:
+    return np.sort(np.random.default_rng(0).permutation(count)[:limit]) if count > limit else np.arange(count)
+
+
+def panel_latent(ax: Axes, result: FullFrameAnalysis) -> None:
+    """VAE latent space of the column patches, coloured by VAE class."""
+    segmentation = result.segmentation
+    assert segmentation is not None
+    pick = _sample(segmentation.vae_latent.shape[0])
+    ax.scatter(
+        *segmentation.vae_latent[pick].T,
+        c=segmentation.vae_class[pick],
+        cmap=CLASS_CMAP,
+        vmin=0,
+        vmax=9,
+        s=2,
+        linewidths=0,
+        rasterized=True,
+    )
+    ax.set_xlabel("latent 1")
+    ax.set_ylabel("latent 2")
+    ax.set_title("VAE latent space of column patches")
+
+
+def panel_projection(ax: Axes, result: FullFrameAnalysis) -> None:
+    """GAE embeddings projected to 2-D, coloured by cluster (grey: noise)."""
+    assert (
+        result.projection is not None and result.projection_nodes is not None and result.clusters is not None
+    )
+    pick = _sample(result.projection_nodes.size)
+    labels = result.clusters[result.projection_nodes[pick]]
+    noise = labels < 0
+    ax.scatter(*result.projection[pick][noise].T, c="#cccccc", s=2, linewidths=0, rasterized=True)
+    ax.scatter(
+        *result.projection[pick][~noise].T,
+        c=labels[~noise] % 10,
+        cmap=CLASS_CMAP,
+        vmin=0,
+        vmax=9,
+        s=2,
+        linewidths=0,
+        rasterized=True,
+    )
+    # A few strongly anomalous nodes sit far out; zoom on the bulk so the clusters are visible.
+    low, high = np.percentile(result.projection[pick], [0.5, 99.5], axis=0)
+    margin = 0.1 * (high - low)
+    ax.set_xlim(low[0] - margin[0], high[0] + margin[0])
+    ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
+    clusters = int(np.unique(result.clusters[result.clusters >= 0]).size)
+    name = result.config.embedding.upper() if result.config.embedding == "pca" else "t-SNE"
+    ax.set_title(
+        f"GAE embeddings ({name}); {clusters} {result.config.clustering.upper()} clusters", fontsize=9
+    )
+
+
+def panel_cluster_map(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Where the minor embedding clusters lie: majority minor cluster per cell.
+
+    The largest cluster of each species is the bulk lattice; every cell holds both species, so
+    a plain majority map would only flicker between them. Cells with bulk or noise nodes only
+    stay white.
+    """
+    graph, clusters = result.graph, result.clusters
+    assert graph is not None and clusters is not None
+    rows, cols, cell, extent = _grid(result, 2 * graph.lattice_spacing_nm)
+    bulk = set()
+    for code in (SPECIES_A, SPECIES_B):
+        labels, counts = np.unique(clusters[(graph.species == code) & (clusters >= 0)], return_counts=True)
+        if labels.size:
+            bulk.add(int(labels[np.argmax(counts)]))
+    minor = (clusters >= 0) & ~np.isin(clusters, list(bulk))
+    shown = np.full((rows, cols), np.nan)
+    if minor.any():
+        classes = int(clusters.max()) + 1
+        majority = binned_majority(
+            graph.x_nm[minor], graph.y_nm[minor], clusters[minor], classes, (rows, cols), cell
+        )
+        shown = np.where(majority >= 0, majority % 10, np.nan)
+    ax.imshow(shown, cmap=CLASS_CMAP, vmin=0, vmax=9, extent=extent, interpolation="nearest")
+    ax.set_title(
+        f"Minor embedding clusters on the image ({int(minor.sum()):,} columns; "
+        f"bulk A/B clusters {sorted(bulk)} and noise white)",
+        fontsize=9,
+    )
+
+
+def panel_anomaly(ax: Axes, result: FullFrameAnalysis, figure: Figure) -> None:
+    """Largest node anomaly score per cell, with the hot spots circled."""
+    graph, scores = result.graph, result.scores
+    assert graph is not None and scores is not None
+    rows, cols, cell, extent = _grid(result, 2 * graph.lattice_spacing_nm)
+    shown = np.where(graph.interior, scores, 0.0)
+    grid = binned_max(graph.x_nm, graph.y_nm, shown, (rows, cols), cell)
+    top = max(float(np.nanpercentile(grid, 99.5)), result.config.anomaly_threshold)
+    image = ax.imshow(grid, cmap="inferno", vmin=0, vmax=top, extent=extent, interpolation="nearest")
+    figure.colorbar(image, ax=ax, fraction=0.046, label="node score")
+    for spot in result.summary.get("anomaly", {}).get("hotspots", []):
+        ax.add_patch(
+            plt.Circle(
+                (spot["x_nm"], spot["y_nm"]),
+                4 * graph.lattice_spacing_nm,
+                fill=False,
+                edgecolor="#00ff80",
+                linewidth=0.8,
+            )
+        )
+    anomaly = result.summary.get("anomaly", {})
+    ax.set_title(
+        f"Anomaly map: {anomaly.get('anomalous_columns', 0):,} columns above "
+        f"{result.config.anomaly_threshold:g}",
+        fontsize=9,
+    )
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _overview(result: FullFrameAnalysis) -> Figure:
+    figure, axes = plt.subplots(3, 4, figsize=(22, 16), constrained_layout=True)
+    panel_image(axes[0, 0], result)
+    panel_stage(axes[0, 1], result, "contrast")
+    panel_columns(axes[0, 2], result)
+    panel_nn(axes[0, 3], result)
+    panel_polarization(axes[1, 0], result)
+    assert result.polarization is not None
+    if result.polarization.dataset is not None:
+        panel_dataset_pxy(axes[1, 1], result)
+    else:
+        panel_cluster_map(axes[1, 1], result)
+    panel_domains(axes[1, 2], result)
+    panel_classes(axes[1, 3], result, "gmm")
+    panel_classes(axes[2, 0], result, "vae")
+    panel_latent(axes[2, 1], result)
+    panel_projection(axes[2, 2], result)
+    panel_anomaly(axes[2, 3], result, figure)
+    figure.suptitle(f"Full-frame analysis of {result.recorded.source.name}")
+    return figure
+
+
+def _section_figures(result: FullFrameAnalysis) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    figure, axes = plt.subplots(1, 4, figsize=(18, 4.8), constrained_layout=True)
+    for ax, name in zip(axes, ("image", "smoothed", "floor", "contrast"), strict=True):
+        panel_stage(ax, result, name)
+    figures["Preprocessing stages"] = figure
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
+    panel_image(axes[0], result)
+    panel_columns(axes[1], result)
+    panel_nn(axes[2], result)
+    figures["Columns and nearest-neighbour distances"] = figure
+
+    assert result.polarization is not None
+    with_dataset = result.polarization.dataset is not None
+    figure, axes = plt.subplots(
+        1, 3 if with_dataset else 2, figsize=(17 if with_dataset else 11.5, 5.5), constrained_layout=True
+    )
+    panel_polarization(axes[0], result)
+    if with_dataset:
+        panel_dataset_pxy(axes[1], result)
+    panel_domains(axes[-1], result)
+    figures["Polarization and domains"] = figure
+
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5.2), constrained_layout=True)
+    panel_classes(axes[0], result, "gmm")
+    panel_classes(axes[1], result, "vae")
+    panel_latent(axes[2], result)
+    figures["GMM versus VAE segmentation"] = figure
+
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5.2), constrained_layout=True)
+    panel_projection(axes[0], result)
+    panel_cluster_map(axes[1], result)
+    panel_anomaly(axes[2], result, figure)
+    figures["Graph-autoencoder embeddings, clusters and anomaly map"] = figure
+    return figures
+
+
+def _png_bytes(figure: Figure, dpi: int = 80) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- HTML and JSON
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(summary: dict[str, Any], path: str | Path) -> Path:
+    """Write the summary as indented JSON (NaN and infinities become null)."""
+    path = Path(path)
+    path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(row.get(k, ''))}</td>" for k in keys) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _flat_rows(section: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"quantity": key, "value": value}
+        for key, value in section.items()
+        if not isinstance(value, dict | list)
+    ]
+
+
+def render_html(summary: dict[str, Any], overview_png: bytes, sections: dict[str, bytes]) -> str:
+    """The self-contained HTML report: the figures as base64 PNGs and the tables of the summary."""
+
+    def img(data: bytes, alt: str) -> str:
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+    image = summary["image"]
+    columns = summary["columns"]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>Micrography analysis: {html.escape(Path(image['source']).name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1500px;margin:auto;padding:1em}"
+        "img{max-width:100%}table{border-collapse:collapse;margin:0.5em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+        f"<h1>Full-frame analysis of {html.escape(image['source'])}</h1>",
+        f"<p>{image['shape_px'][0]} x {image['shape_px'][1]} px at {image['pixel_size_nm']:g} nm/px; "
+        f"{columns['total']:,} columns ({columns['counts']['A']:,} A, {columns['counts']['B']:,} B), "
+        f"A-A spacing {columns['lattice_spacing_nm'] * 1e3:.1f} pm. Total time "
+        f"{summary['timings_s'].get('total', float('nan')):.1f} s, "
+        f"peak memory {summary['peak_memory_mb']:.0f} MB.</p>",
+        "<h2>Overview</h2>",
+        img(overview_png, "overview"),
+        "<h2>Columns</h2>",
+        _table(
+            _flat_rows(columns)
+            + [{"quantity": f"fraction {k}", "value": v} for k, v in columns["fractions"].items()]
+        ),
+        "<h2>Nearest-neighbour distances (pm)</h2>",
+        _table([{"pair": pair, **stats} for pair, stats in summary["nn_distances_pm"].items()]),
+        "<p>The write-up's statistic, lengths of the K = 4 nearest-neighbour edges of the graph:</p>",
+        _table([{"pair": pair, **stats} for pair, stats in summary["knn_edge_distances_pm"].items()]),
+    ]
+    tables = {
+        "Polarization and domains": _table(_flat_rows(summary["polarization"]))
+        + _table(summary["polarization"]["domains"])
+        + (
+            _table(_flat_rows(summary["polarization"]["dataset_pxy"]))
+            if "dataset_pxy" in summary["polarization"]
+            else ""
+        ),
+        "GMM versus VAE segmentation": _table(_flat_rows(summary["segmentation"]))
+        + "<h3>GMM classes</h3>"
+        + _table(summary["segmentation"]["gmm"])
+        + "<h3>VAE classes</h3>"
+        + _table(summary["segmentation"]["vae"]),
+        "Graph-autoencoder embeddings, clusters and anomaly map": _table(_flat_rows(summary["embedding"]))
+        + _table(summary["embedding"]["table"][:20])
+        + "<h3>Anomaly</h3>"
+        + _table(_flat_rows(summary["anomaly"]) + _flat_rows(summary["anomaly"]["score"]))
+        + "<h3>Hot spots</h3>"
+        + _table(summary["anomaly"]["hotspots"]),
+    }
+    for title, data in sections.items():
+        parts += [f"<h2>{html.escape(title)}</h2>", img(data, title), tables.get(title, "")]
+    parts += [
+        "<h2>Timings (s) and memory</h2>",
+        _table([{"stage": k, "seconds": v} for k, v in summary["timings_s"].items()]),
+        f"<p>Peak resident memory: {summary['peak_memory_mb']:.0f} MB.</p></body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def write_outputs(result: FullFrameAnalysis, out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """Write ``analysis.png``, ``report.html`` and ``analysis.json`` into ``out_dir``.
+
+    Parameters
+    ----------
+    result : FullFrameAnalysis
+        A finished analysis with its :attr:`~FullFrameAnalysis.summary`.
+    out_dir : str or pathlib.Path
+        Output folder, created if needed.
+
+    Returns
+    -------
+    tuple of pathlib.Path
+        The PNG, HTML and JSON paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overview = _png_bytes(_overview(result), dpi=80)
+    figure_path = out_dir / FIGURE_FILE
+    figure_path.write_bytes(overview)
+    sections = {title: _png_bytes(figure) for title, figure in _section_figures(result).items()}
+    html_path = out_dir / HTML_FILE
+    html_path.write_text(render_html(result.summary, overview, sections), encoding="utf-8")
+    json_path = write_json(result.summary, out_dir / JSON_FILE)
+    return figure_path, html_path, json_path
