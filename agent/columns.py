@@ -224,8 +224,10 @@ def estimate_lattice_spacing(image: np.ndarray, min_px: float = 4.0) -> float | 
     peaks = np.flatnonzero(is_peak) + 1
     if peaks.size == 0:
         return None
-    # A lattice ring must clearly stand above the spectrum around it, or this is noise.
-    floor = np.median(segment)
+    # A lattice ring must clearly stand above the spectrum around it, or this is noise. The
+    # lower quartile is the floor: in a small tile (under ~150 px) the rings and their
+    # harmonics fill half the searched band and would lift a median above the noise.
+    floor = np.percentile(segment, 25)
     strongest = segment[peaks].max()
     if strongest < 20.0 * floor:
         return None

@@ -96,6 +96,24 @@ def test_lattice_spacing_is_estimated_from_the_image(high_dose_tile: Tile) -> No
     assert estimate_lattice_spacing(noise) is None
 
 
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96), (96, 96)])
+def test_small_and_non_square_tiles_find_their_columns(
+    ideal_microscope: SimulatedMicroscope, small_specimen: Specimen, shape: tuple[int, int]
+) -> None:
+    # A 96 px side holds only about 7 A-A periods at 0.03 nm/px: the lattice rings fill much of
+    # the searched band of the spectrum, which once hid the lattice from the spacing estimate.
+    tile = ideal_microscope.acquire(
+        ScanRequest(
+            x_nm=11.0, y_nm=17.0, shape=shape, pixel_size_nm=0.03, dwell_us=16.0, request_id=f"small-{shape}"
+        )
+    )
+    columns = find_columns(tile)
+    assert columns.lattice_spacing_nm == pytest.approx(0.396, rel=0.02)
+    score = score_columns(columns, small_specimen, tile.extent_nm, inset_nm=BORDER_NM)
+    assert score["recall"] >= 0.95
+    assert score["precision"] >= 0.95
+
+
 def test_substituted_columns_are_flagged_abnormal(
     ideal_microscope: SimulatedMicroscope, small_specimen: Specimen
 ) -> None:
