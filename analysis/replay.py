@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,7 @@ from agent.graph import MoleculeGraph
 from agent.journal import JournalContents, JournalError, read_journal
 from agent.session import Session, SessionConfig, SessionError, StepRecord
 from analysis.guidance import DiscoveryTracker, detected_features, recorded_ground_truth, write_session_report
+from simulator.specimen import Specimen
 
 STAGES: tuple[str, ...] = ("acquire", "columns", "graph", "anomaly", "region_score", "surrogate", "decision")
 """Pipeline stages timed per step, in pipeline order."""
@@ -216,7 +217,9 @@ class _ReplayObserver:
         tracker: DiscoveryTracker | None,
         progress: Progress,
         task: Any,
+        hook: Callable[[Session, StepRecord], None] | None = None,
     ) -> None:
+        self.hook = hook
         self.contents = contents
         self.figure_steps = figure_steps
         self.figure_dir = figure_dir
@@ -267,6 +270,8 @@ class _ReplayObserver:
             )
             snapshot.figure = str(path)
         self.snapshots.append(snapshot)
+        if self.hook is not None and self.session is not None:
+            self.hook(self.session, record)
         self.progress.advance(self.task)
 
 
@@ -376,6 +381,8 @@ def replay_journal(
     figure_steps: Iterable[int] = (),
     progress: bool = True,
     contents: JournalContents | None = None,
+    ground_truth: tuple[Specimen | None, str] | None = None,
+    on_step: Callable[[Session, StepRecord], None] | None = None,
 ) -> ReplayResult:
     """Rebuild a recorded session step by step without a microscope.
 
@@ -391,6 +398,11 @@ def replay_journal(
         Show a progress bar on stderr.
     contents : JournalContents, optional
         The journal already read (saves reading it twice).
+    ground_truth : (Specimen or None, str), optional
+        :func:`analysis.guidance.recorded_ground_truth` of the journal, if already known.
+    on_step : callable, optional
+        Called with the rebuilt session and each step's record after the step (the session as
+        it was then: evaluate it, draw it; do not change it).
 
     Returns
     -------
@@ -409,7 +421,7 @@ def replay_journal(
     contents = contents or open_recorded(path)
     config = validate_config(contents.config, SessionConfig, f"{path} (recorded configuration)")
     instrument = RecordedInstrument(contents)
-    specimen, reason = recorded_ground_truth(contents)
+    specimen, reason = ground_truth or recorded_ground_truth(contents)
     steps = set(figure_steps)
     if steps and figure_dir is None:
         raise ReplayError("per-step figures were asked for but no folder to write them to")
@@ -421,7 +433,7 @@ def replay_journal(
 
             grid = CandidateGrid.tiling(instrument.describe(), config.tiles.shape, config.tiles.pixel_size_nm)
             tracker = DiscoveryTracker(specimen, grid)
-        observer = _ReplayObserver(contents, steps, Path(figure_dir or "."), tracker, bar, task)
+        observer = _ReplayObserver(contents, steps, Path(figure_dir or "."), tracker, bar, task, on_step)
         with tempfile.TemporaryDirectory(prefix="micrography-replay-") as scratch:
             # Session.resume appends to the journal it rebuilds from; a copy keeps the record untouched.
             copy = Path(scratch) / path.name
