@@ -476,7 +476,9 @@ def write_compare_figure(series: Sequence[Series], path: str | Path) -> Path:
         for fraction in BUDGET_FRACTIONS:
             if x_key == "tile_fraction":
                 ax.axvline(fraction, color="grey", linewidth=0.5, linestyle=":")
-    axes[0, 0].legend(loc="lower right", fontsize=8)
+    labelled = next((ax for ax, *_ in panels if ax.get_legend_handles_labels()[0]), None)
+    if labelled is not None:
+        labelled.legend(loc="best", fontsize=8)
     axes[0, 0].set_title("Imaged against tiles (band: ± std over seeds; dashed: control layout)")
     axes[0, 1].set_title("Imaged against dose")
     axes[1, 0].set_title("Detected (node above threshold) against tiles")

@@ -21,8 +21,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -45,7 +43,10 @@ from agent.driver import InstrumentDescription, MicroscopeDriver, ScanRequest, T
 from agent.errors import MicrographyError
 from agent.graph import MoleculeGraph
 from agent.journal import JournalContents, JournalError, read_journal
-from agent.session import Session, SessionConfig, SessionError, StepRecord
+
+# The session's own switch to single-threaded torch, so re-scored reductions repeat its bits exactly.
+from agent.session import Session, SessionConfig, SessionError, StepRecord, _single_thread_torch
+from agent.survey import CandidateGrid
 from analysis.guidance import DiscoveryTracker, detected_features, recorded_ground_truth, write_session_report
 from simulator.specimen import Specimen
 
@@ -71,17 +72,6 @@ def progress_bar(description: str, enabled: bool = True) -> Progress:
         transient=True,
         disable=not enabled,
     )
-
-
-@contextmanager
-def _single_thread_torch() -> Iterator[None]:
-    """Single-threaded torch, as in the session, so re-scored reductions repeat bit for bit."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def open_recorded(path: str | Path) -> JournalContents:
@@ -429,8 +419,6 @@ def replay_journal(
         task = bar.add_task("replay", total=len(contents.steps))
         tracker = None
         if specimen is not None:
-            from agent.survey import CandidateGrid
-
             grid = CandidateGrid.tiling(instrument.describe(), config.tiles.shape, config.tiles.pixel_size_nm)
             tracker = DiscoveryTracker(specimen, grid)
         observer = _ReplayObserver(contents, steps, Path(figure_dir or "."), tracker, bar, task, on_step)
@@ -828,6 +816,11 @@ def run_replay(
         raise ReplayError(f"--top-k {top_k}: compare a top list of at least one region")
     out = Path(out)
     contents = open_recorded(journal)
+    recorded = validate_config(contents.config, SessionConfig, f"{journal} (recorded configuration)")
+    # Settle what to re-score with before the replay, so a mistyped path fails at once.
+    new_config = None
+    if checkpoint is not None or config_path is not None:
+        new_config = rescoring_config(recorded, config_path, checkpoint)
     chosen = parse_steps(steps, len(contents.steps))
     if every:
         tiles = [s.index for s in contents.steps if s.record.get("kind") != "survey"]
@@ -876,8 +869,7 @@ def run_replay(
         "figures": {"final": str(final_figure), "steps": result.figures},
         "rescore": None,
     }
-    if checkpoint is not None or config_path is not None:
-        new_config = rescoring_config(session.config, config_path, checkpoint)
+    if new_config is not None:
         graph, scorer = rescore_tiles(session.steps, new_config, session.config, progress)
         new = tile_region_scores(
             graph, scorer, (step.request.extent_nm for step in tile_steps), new_config.region_top_fraction
