@@ -192,6 +192,11 @@ class StepSnapshot:
         return abs(self.replayed_score - self.recorded_score)
 
 
+def _journal_name(path: Path) -> str:
+    """The journal's folder and name: sessions all write ``journal.h5``, their folders tell them apart."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def _finite_or_none(value: Any) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
@@ -250,7 +255,7 @@ class _ReplayObserver:
             ),
         )
         if record.index in self.figure_steps and self.session is not None:
-            name = self.contents.path.name
+            name = _journal_name(self.contents.path)
             label = f"tile {snapshot.tile}" if snapshot.tile else "survey"
             path = write_session_report(
                 self.session,
@@ -831,7 +836,7 @@ def run_replay(
     final_figure = write_session_report(
         session,
         out / "replay.png",
-        title=f"Replay of {Path(journal).name}: all {len(result.snapshots)} steps",
+        title=f"Replay of {_journal_name(Path(journal))}: all {len(result.snapshots)} steps",
     )
     final = final_region_scores(result)
     tile_steps = result.tile_steps
