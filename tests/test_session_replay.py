@@ -22,7 +22,15 @@ from agent.graph import MoleculeGraph
 from agent.journal import JournalError, SessionJournal, read_journal
 from agent.session import BudgetConfig, ScanSettings, Session, SessionConfig
 from agent.survey import CandidateGrid
-from analysis.compare import CompareError, load_bench_series, run_compare
+from analysis.compare import (
+    CompareError,
+    RunCurve,
+    Series,
+    format_table,
+    fractions_table,
+    load_bench_series,
+    run_compare,
+)
 from analysis.guidance import DiscoveryTracker, detected_features, feature_candidates, recorded_ground_truth
 from analysis.replay import (
     ReplayError,
@@ -404,3 +412,25 @@ def test_compare_command_turns_bad_input_into_one_line(
     )
     assert main(["compare", str(tmp_path / "x.json"), "--budgets", "0", "--out", str(tmp_path)]) == 1
     assert "budget fraction 0.0" in capsys.readouterr().err
+
+
+def test_journals_of_one_policy_average_over_seeds_at_each_budget() -> None:
+    def run(seed: int, imaged: list[float]) -> RunCurve:
+        points = [
+            {"tiles": t + 1, "tile_fraction": (t + 1) / 20, "mean_dose_e_per_a2": 10.0 * (t + 1),
+             "imaged_fraction": value, "detected_fraction": value / 2 if t + 1 == 2 else None,
+             "best_score": None}
+            for t, value in enumerate(imaged)
+        ]  # fmt: skip
+        return RunCurve(seed=seed, grid_tiles=20, points=points, source=f"seed{seed}.h5")
+
+    series = Series(label="guided", kind="journal", runs=[run(0, [0.1, 0.2, 0.3]), run(1, [0.3, 0.4])])
+    rows = {row["budget_fraction"]: row for row in fractions_table([series], (0.1, 0.15, 0.5))}
+    assert rows[0.1]["runs"] == 2 and rows[0.1]["tiles"] == 2
+    assert rows[0.1]["imaged_mean"] == pytest.approx(0.3) and rows[0.1]["imaged_std"] == pytest.approx(0.1)
+    assert rows[0.1]["detected_mean"] == pytest.approx(0.15) and rows[0.1]["mean_dose_e_per_a2"] == 20.0
+    assert rows[0.15]["runs"] == 1 and rows[0.15]["imaged_mean"] == pytest.approx(0.3)
+    assert rows[0.15]["detected_mean"] is None  # detection is counted at the budgets only
+    assert rows[0.5]["runs"] == 0 and rows[0.5]["note"] == "budget not reached"
+    text = format_table(list(rows.values()), (0.1, 0.15, 0.5))
+    assert "0.30±0.10/0.15 (n=2)" in text and "not reached" in text
