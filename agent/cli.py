@@ -31,6 +31,8 @@ Commands:
   run        run a guided acquisition session (the main job; resumable from its journal)
   train      train the graph autoencoder on synthetic specimens (writes a checkpoint)
   analyze    full-frame analysis of one large image (figure, HTML report, JSON)
+  replay     rebuild a recorded session from its journal: figures per step, timings, re-scoring
+  compare    discovery curves of several sessions (journals) or policies (bench JSON) in one figure
 
 Run `micrography COMMAND --help` for the options of each command.
 """
@@ -349,6 +351,38 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay a session journal: figures, timing breakdown, reproduction check, optional re-scoring."""
+    from analysis.replay import format_replay, run_replay
+
+    out = Path(args.out) if args.out else Path(args.journal).parent / "replay"
+    report = run_replay(
+        args.journal, out, every=args.every, steps=args.steps, checkpoint=args.model,
+        config_path=args.config, top_k=args.top_k,
+    )  # fmt: skip
+    print(format_replay(report))
+    print(f"figure:  {report['figures']['final']}")
+    if report["figures"]["steps"]:
+        print(f"steps:   {len(report['figures']['steps'])} figures in {out / 'steps'}")
+    if report["rescore"] is not None:
+        print(f"ranks:   {report['rescore']['figure']}")
+    print(f"json:    {out / 'replay.json'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare sessions or policies: discovery figure and the fractions table (printed, JSON, CSV)."""
+    from analysis.bench_guidance import BUDGET_FRACTIONS
+    from analysis.compare import format_table, run_compare
+
+    fractions = tuple(args.budgets) if args.budgets else BUDGET_FRACTIONS
+    report = run_compare(args.inputs, args.out, by_policy=args.by_policy, fractions=fractions)
+    print(format_table(report["table"], report["fractions"]))
+    files = report["files"]
+    print(f"figure:  {files['figure']}\ntable:   {files['csv']}\njson:    {files['json']}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the graph autoencoder reproducibly on synthetic specimens and write a checkpoint."""
     from rich.progress import Progress
@@ -609,6 +643,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="JOURNAL", help="continue an interrupted session from its journal")
     run.add_argument("--instrument", metavar="ENDPOINT", help="run over ZeroMQ, e.g. tcp://127.0.0.1:5555")
     run.set_defaults(handler=cmd_run)
+
+    replay = commands.add_parser(
+        "replay",
+        help="rebuild a recorded session from its journal (figures, timings, re-scoring)",
+        description=(
+            "Rebuild a recorded session step by step from its journal, without a microscope, through the "
+            "session's own pipeline (every decision is checked against the recorded one; the journal is "
+            "only read). Writes DIR/replay.png (survey with tile path and order, node scores over the "
+            "stitched graph, surrogate mean and uncertainty), DIR/steps/step-NNNN.png for the chosen steps, "
+            "and DIR/replay.json (recorded against replayed region scores, timings per stage, ground truth "
+            "for simulated sessions). With --model and/or --config the recorded tiles are re-scored and "
+            "DIR/rescore.png shows how the ranking of the imaged regions would change."
+        ),
+    )
+    replay.add_argument("journal", metavar="JOURNAL", help="the session journal (journal.h5)")
+    replay.add_argument("--out", metavar="DIR", help="output folder (default: replay/ beside the journal)")
+    replay.add_argument("--every", type=int, metavar="N", help="also draw the session after every N-th tile")
+    replay.add_argument("--steps", metavar="LIST", help="also draw it after these steps, e.g. 3,5,10-12,last")
+    replay.add_argument("--model", metavar="PT", help="re-score the tiles with this GAE checkpoint")
+    replay.add_argument("--config", metavar="YAML", help="re-score the tiles with this session configuration")
+    replay.add_argument(
+        "--top-k", type=int, default=5, metavar="K", help="size of the top list compared when re-scoring (5)"
+    )
+    replay.set_defaults(handler=cmd_replay)
+
+    compare = commands.add_parser(
+        "compare",
+        help="discovery curves of several sessions or policies in one figure, with a table of fractions",
+        description=(
+            "Compare sessions (journals, .h5) and/or policies (the JSON of `micrography bench guidance`): "
+            "fraction of planted features imaged and detected against tiles and dose, mean and spread "
+            "over seeds, and a table of the fractions at 10, 25 and 50 %% of the tiles covering the stage "
+            "(printed, DIR/compare.csv, DIR/compare.json; figure DIR/compare.png). Journals of simulated "
+            "sessions are judged against their regenerated specimen; others show tiles, dose and scores."
+        ),
+    )
+    compare.add_argument("inputs", nargs="+", metavar="JOURNAL|BENCH_JSON", help="journals and/or bench JSON")
+    compare.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (runs/compare)")
+    compare.add_argument("--by-policy", action="store_true", help="average journals of the same policy")
+    compare.add_argument(
+        "--budgets", type=float, nargs="+", metavar="F", help="budget fractions for the table (0.1 0.25 0.5)"
+    )
+    compare.set_defaults(handler=cmd_compare)
 
     train = commands.add_parser(
         "train",

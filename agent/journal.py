@@ -272,9 +272,45 @@ class SessionJournal:
         return journal, contents
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _stored_end_of_file(path: Path) -> int | None:
+    """End-of-file address recorded in an HDF5 superblock of version 2 or 3 at offset 0 (bytes), if any."""
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if len(head) < 12 or head[:8] != _HDF5_SIGNATURE or head[8] < 2:
+        return None
+    offsets = head[9]
+    start = 12 + 2 * offsets  # after the base address and the superblock-extension address
+    if len(head) < start + offsets:
+        return None
+    return int.from_bytes(head[start : start + offsets], "little")
+
+
+def _refuse_truncated(path: Path) -> None:
+    """Raise if the file is shorter than its superblock says.
+
+    A SWMR reader skips HDF5's own truncation check (a live journal grows) and then retries
+    every read past the end of the file for many minutes, so a truncated copy would hang the
+    reader instead of failing.
+    """
+    for _ in range(3):
+        stored, size = _stored_end_of_file(path), path.stat().st_size
+        if stored is None or stored <= size:
+            return
+        time.sleep(0.2)  # a live writer may have grown the superblock's end before the file
+    raise JournalError(
+        f"{path}: the file is truncated ({size:,} of {stored:,} bytes; copied while it was being written, "
+        "or the disk filled up) and cannot be opened; nothing could be recovered from it. Copy the "
+        "journal again from where the session wrote it"
+    )
+
+
 def _open_for_reading(path: Path) -> h5py.File:
     if not path.exists():
         raise JournalError(f"{path}: journal not found")
+    _refuse_truncated(path)
     try:
         return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
     except OSError as error:

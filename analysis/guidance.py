@@ -18,11 +18,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from pydantic import ValidationError
 
+from agent.driver import ScanRequest
+from agent.journal import JournalContents
 from agent.session import Session, StepRecord
 from agent.survey import CandidateGrid
 from analysis.ground_truth import match_columns
-from simulator.specimen import Specimen
+from simulator.config import SimulatorConfig
+from simulator.drivers import SimulatedMicroscope
+from simulator.specimen import Specimen, generate_specimen
 
 
 def feature_candidates(specimen: Specimen, grid: CandidateGrid) -> list[set[int]]:
@@ -50,6 +55,55 @@ def feature_candidates(specimen: Specimen, grid: CandidateGrid) -> list[set[int]
         inside = (x >= x_min) & (x <= x_max) & (y >= y_min) & (y <= y_max)
         result.append({int(f) for f in np.unique(feature[inside])})
     return result
+
+
+def recorded_ground_truth(contents: JournalContents) -> tuple[Specimen | None, str]:
+    """The planted features of a session recorded on the simulated microscope, or why there are none.
+
+    The specimen is regenerated from the simulator configuration and seed recorded in the
+    journal (``micrography run`` records them; a missing ``simulator`` entry means the built-in
+    specimen with the session's seed). It is trusted only if the regenerated instrument
+    reproduces the first recorded high-resolution tile, so a journal of another specimen (or of
+    a real instrument) is never judged against the wrong truth.
+
+    Parameters
+    ----------
+    contents : JournalContents
+        A journal as read by :func:`agent.journal.read_journal`.
+
+    Returns
+    -------
+    specimen : Specimen or None
+        The ground truth, or None.
+    reason : str
+        Empty with a specimen; otherwise why there is no ground truth, in a microscopist's words.
+    """
+    config = contents.config
+    name = contents.instrument.get("name", "an unnamed instrument")
+    try:
+        recorded = {**(config.get("simulator") or {}), "seed": config.get("seed", 0)}
+        simulator = SimulatorConfig.model_validate(recorded)
+    except ValidationError:
+        return None, "the recorded simulator configuration is not valid for this Micrography"
+    unrecorded = "the simulator settings were not recorded"
+    if name != simulator.instrument.name:
+        return None, f"recorded on {name!r}, not on the simulated microscope"
+    first = next(
+        (s for s in contents.steps if s.record.get("kind") != "survey" and s.image is not None), None
+    )
+    if first is None:
+        return None, "no high-resolution tile was recorded to check a regenerated specimen against"
+    specimen = generate_specimen(simulator.specimen, simulator.seed)
+    with SimulatedMicroscope(simulator, specimen) as microscope:
+        if microscope.describe().model_dump(mode="json") != contents.instrument:
+            return None, f"the recorded stage differs from the regenerated specimen's ({unrecorded})"
+        tile = microscope.acquire(ScanRequest.model_validate(first.record["request"]))
+    same = tile.image.shape == first.image.shape and np.allclose(
+        tile.image, first.image, rtol=1e-5, atol=1e-3
+    )
+    if not same:
+        return None, f"the regenerated specimen does not reproduce the recorded tiles ({unrecorded})"
+    return specimen, ""
 
 
 @dataclass
@@ -127,8 +181,17 @@ def detected_features(session: Session, specimen: Specimen) -> set[int]:
     return {int(f) for f in np.unique(feature[hot]) if f >= 0}
 
 
-def write_session_report(session: Session, path: str | Path, tracker: DiscoveryTracker | None = None) -> Path:
+def write_session_report(
+    session: Session,
+    path: str | Path,
+    tracker: DiscoveryTracker | None = None,
+    title: str | None = None,
+    dpi: int = 90,
+) -> Path:
     """A 2 x 2 figure: survey with the tile path, anomaly map, surrogate mean and uncertainty, discovery.
+
+    It draws the session's state as it is when called, so a replay calls it after any step
+    for the figure of the session at that step.
 
     Parameters
     ----------
@@ -138,7 +201,11 @@ def write_session_report(session: Session, path: str | Path, tracker: DiscoveryT
         PNG to write.
     tracker : DiscoveryTracker, optional
         Ground-truth discovery curve (simulated specimens); without it the fourth panel shows
-        the region scores per tile.
+        the surrogate's uncertainty.
+    title : str, optional
+        Figure title (default: policy and seed).
+    dpi : int
+        Resolution of the PNG, dots per inch.
 
     Returns
     -------
@@ -146,6 +213,7 @@ def write_session_report(session: Session, path: str | Path, tracker: DiscoveryT
         The PNG written.
     """
     path = Path(path)
+    heading = title or f"Guided session: policy {session.config.policy}, seed {session.config.seed}"
     (x0, x1), (y0, y1) = session.description.stage_x_nm, session.description.stage_y_nm
     extent = (x0, x1, y1, y0)
     figure, axes = plt.subplots(2, 2, figsize=(12, 11), constrained_layout=True)
@@ -216,9 +284,8 @@ def write_session_report(session: Session, path: str | Path, tracker: DiscoveryT
         if ax is None:
             continue
         if values is None:
-            ax.text(
-                0.5, 0.5, "no surrogate for this policy", ha="center", va="center", transform=ax.transAxes
-            )
+            empty = "no surrogate for this policy" if surrogate is None else "no region scored yet"
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
         else:
             shown = np.sqrt(values) if "std" in title else values
             image = ax.imshow(shown.reshape(rows, cols), extent=extent, cmap=cmap, interpolation="nearest")
@@ -242,8 +309,9 @@ def write_session_report(session: Session, path: str | Path, tracker: DiscoveryT
         ax.set_ylim(y1, y0)
         ax.set_xlabel("x (nm)")
         ax.set_ylabel("y (nm)")
-    figure.suptitle(f"Guided session: policy {session.config.policy}, seed {session.config.seed}")
-    figure.savefig(path, dpi=90)
+    figure.suptitle(heading)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
 
