@@ -89,7 +89,7 @@ class SessionConfig(StrictModel):
     graph: GraphConfig = GraphConfig()
     anomaly: AnomalyConfig = AnomalyConfig(device="auto", online_steps=4)
     surrogate: SurrogateConfig = SurrogateConfig()
-    acquisition: PolicyConfig = PolicyConfig(beta=1.0, saturation=0.5, survey_prior=1.0)
+    acquisition: PolicyConfig = PolicyConfig(beta=1.0, saturation=1.5, survey_prior=1.0)
     simulator: dict[str, Any] | None = Field(
         None,
         description="the simulated instrument (simulator.config.SimulatorConfig keys) for `micrography run`",
