@@ -157,14 +157,79 @@ class StepRecord:
 
 
 @contextmanager
-def _single_thread_torch() -> Iterator[None]:
-    """Run torch single-threaded: bitwise-repeatable reductions, so a resumed session matches."""
+def single_thread_torch() -> Iterator[None]:
+    """Run torch single-threaded inside the block: bitwise-repeatable reductions.
+
+    A resumed or replayed session matches the recorded one only if every GAE update and
+    score reduces in the same order.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def tile_interest(
+    graph: MoleculeGraph,
+    scorer: AnomalyScorer | None,
+    extent_nm: tuple[float, float, float, float],
+    top_fraction: float,
+) -> float:
+    """Region interest of one tile: the mean of the top share of its interior nodes' anomaly scores.
+
+    This is what a session tells its policy about each tile; averaging only the top share
+    lets a small defect cluster count in a tile of otherwise perfect lattice.
+
+    Parameters
+    ----------
+    graph : MoleculeGraph
+        The stitched graph.
+    scorer : AnomalyScorer or None
+        A fitted scorer (None or unfitted gives NaN).
+    extent_nm : tuple of float
+        The tile's ``(x_min, x_max, y_min, y_max)`` on the stage, nm.
+    top_fraction : float
+        Share of the highest node scores averaged.
+
+    Returns
+    -------
+    float
+        Interest in the scorer's units (robust z), NaN when the tile has no interior node.
+    """
+    if scorer is None or not scorer.fitted:
+        return math.nan
+    x_min, x_max, y_min, y_max = extent_nm
+    nodes = graph.nodes_in(x_min, x_max, y_min, y_max)
+    nodes = nodes[graph.interior[nodes]]
+    if nodes.size == 0:
+        return math.nan
+    scores = scorer.score(graph.to_pyg(nodes)).score
+    return float(region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, top_fraction)[0])
+
+
+def session_scorer(config: SessionConfig, graph: MoleculeGraph) -> AnomalyScorer:
+    """The scorer a session starts scoring with: the checkpoint, or a GAE warmed up on ``graph``.
+
+    Parameters
+    ----------
+    config : SessionConfig
+        Session settings (``checkpoint``, ``anomaly``, ``seed``, ``warmup_steps``).
+    graph : MoleculeGraph
+        The graph of the start tiles (unused when a checkpoint is given).
+
+    Returns
+    -------
+    AnomalyScorer
+        A fitted scorer.
+    """
+    if config.checkpoint:
+        return AnomalyScorer.load(config.checkpoint, device=config.anomaly.device)
+    anomaly = config.anomaly.model_copy(update={"seed": config.seed, "warmup_steps": config.warmup_steps})
+    scorer = AnomalyScorer(anomaly)
+    scorer.fit([graph.to_pyg()])
+    return scorer
 
 
 class Session:
@@ -232,7 +297,7 @@ class Session:
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the session until the budget is spent; returns :meth:`summary`."""
-        with _single_thread_torch():
+        with single_thread_torch():
             try:
                 self._open_journal()
                 if not self.survey_tiles:
@@ -246,8 +311,7 @@ class Session:
                 else:
                     self.stop_reason = self.stop_reason or "budget spent"
             finally:
-                if self._journal is not None:
-                    self._journal.close()
+                self.close()
         return self.summary()
 
     @classmethod
@@ -298,7 +362,7 @@ class Session:
         session._journal = journal
         session._replay = list(contents.steps)
         session._replay_problems = contents.problems
-        with _single_thread_torch():
+        with single_thread_torch():
             session._rebuild()
         return session
 
@@ -397,28 +461,16 @@ class Session:
         policy = self._ensure_policy()
         if policy.score_source == "image":
             return float(lattice_disorder(tile.image)) if tile is not None else math.nan
-        if self.scorer is None or not self.scorer.fitted:
-            return math.nan
-        x_min, x_max, y_min, y_max = request.extent_nm
-        nodes = self.graph.nodes_in(x_min, x_max, y_min, y_max)
-        nodes = nodes[self.graph.interior[nodes]]
-        if nodes.size == 0:
-            return math.nan
-        scores = self.scorer.score(self.graph.to_pyg(nodes)).score
-        return float(
-            region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, self.config.region_top_fraction)[0]
-        )
+        return tile_interest(self.graph, self.scorer, request.extent_nm, self.config.region_top_fraction)
 
     def _train_scorer(self) -> None:
         """Load the checkpoint, or warm up the GAE on the start tiles' graph."""
-        if self.config.checkpoint:
-            self.scorer = AnomalyScorer.load(self.config.checkpoint, device=self.config.anomaly.device)
-        else:
-            anomaly = self.config.anomaly.model_copy(
-                update={"seed": self.config.seed, "warmup_steps": self.config.warmup_steps}
-            )
-            self.scorer = AnomalyScorer(anomaly)
-            self.scorer.fit([self.graph.to_pyg()])
+        self.scorer = session_scorer(self.config, self.graph)
+
+    def close(self) -> None:
+        """Close the session's journal (a session rebuilt by :meth:`resume` but never run holds it open)."""
+        if self._journal is not None:
+            self._journal.close()
 
     def _step(self, request: ScanRequest, kind: str, recorded: JournalStep | None = None) -> StepRecord:
         """Acquire (or take from the journal) one tile and carry it through the pipeline."""

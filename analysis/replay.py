@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import stats
 
-from agent.anomaly import AnomalyScorer, region_scores
+from agent.anomaly import AnomalyScorer
 from agent.columns import find_columns
 from agent.config import validate_config
 from agent.driver import InstrumentDescription, MicroscopeDriver, ScanRequest, Tile
@@ -45,7 +45,15 @@ from agent.graph import MoleculeGraph
 from agent.journal import JournalContents, JournalError, read_journal
 
 # The session's own switch to single-threaded torch, so re-scored reductions repeat its bits exactly.
-from agent.session import Session, SessionConfig, SessionError, StepRecord, _single_thread_torch
+from agent.session import (
+    Session,
+    SessionConfig,
+    SessionError,
+    StepRecord,
+    session_scorer,
+    single_thread_torch,
+    tile_interest,
+)
 from agent.survey import CandidateGrid
 from analysis.guidance import DiscoveryTracker, detected_features, recorded_ground_truth, write_session_report
 from simulator.specimen import Specimen
@@ -436,9 +444,8 @@ def replay_journal(
             except SessionError as error:
                 raise ReplayError(f"{path}: {str(error).replace(str(copy), str(path))}") from None
             finally:
-                writer = getattr(observer.session, "_journal", None)
-                if writer is not None:
-                    writer.close()
+                if observer.session is not None:
+                    observer.session.close()
     detected = None
     if specimen is not None:
         detected = len(detected_features(session, specimen))
@@ -484,19 +491,9 @@ def tile_region_scores(
         One score per tile, NaN where a tile has no interior node.
     """
     extents = list(extents_nm)
-    result = np.full(len(extents), np.nan)
-    if scorer is None or not scorer.fitted:
-        return result
-    with _single_thread_torch():
-        for number, (x_min, x_max, y_min, y_max) in enumerate(extents):
-            nodes = graph.nodes_in(x_min, x_max, y_min, y_max)
-            nodes = nodes[graph.interior[nodes]]
-            if nodes.size:
-                scores = scorer.score(graph.to_pyg(nodes)).score
-                result[number] = region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, top_fraction)[
-                    0
-                ]
-    return result
+    with single_thread_torch():
+        scores = [tile_interest(graph, scorer, extent, top_fraction) for extent in extents]
+    return np.array(scores, dtype=np.float64)
 
 
 def final_region_scores(result: ReplayResult) -> np.ndarray:
@@ -576,7 +573,7 @@ def rescore_tiles(
     graph = MoleculeGraph(config.graph)
     scorer: AnomalyScorer | None = None
     starts = 0
-    with progress_bar("re-scoring the recorded tiles", progress) as bar, _single_thread_torch():
+    with progress_bar("re-scoring the recorded tiles", progress) as bar, single_thread_torch():
         task = bar.add_task("rescore", total=len(tiles))
         for step in tiles:
             if step.tile is None:
@@ -588,21 +585,11 @@ def rescore_tiles(
             starts += step.kind == "start"
             ready = step.kind == "guided" or starts >= config.start_tiles
             if scorer is None and ready and len(graph):
-                scorer = _new_scorer(config, graph)
+                scorer = session_scorer(config, graph)
             elif scorer is not None and merge.updated_nodes.size:
                 scorer.update(graph.to_pyg(merge.updated_nodes))
             bar.advance(task)
     return graph, scorer
-
-
-def _new_scorer(config: SessionConfig, graph: MoleculeGraph) -> AnomalyScorer:
-    """Load the checkpoint, or warm the GAE up on the graph so far, as the session does."""
-    if config.checkpoint:
-        return AnomalyScorer.load(config.checkpoint, device=config.anomaly.device)
-    anomaly = config.anomaly.model_copy(update={"seed": config.seed, "warmup_steps": config.warmup_steps})
-    scorer = AnomalyScorer(anomaly)
-    scorer.fit([graph.to_pyg()])
-    return scorer
 
 
 def rank_change(old: np.ndarray, new: np.ndarray, top_k: int = 5) -> dict[str, Any]:
