@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from agent.driver import ScanRequest
 from agent.errors import (
     AcquisitionAborted,
+    CalibrationError,
     ConfigError,
     DoseLimitError,
     FrameMismatchError,
@@ -251,8 +252,10 @@ def test_every_error_code_maps_to_an_exception_and_back() -> None:
         FrameMismatchError("x"),
         MessageTooLargeError("x"),
         ProtocolVersionError("x"),
+        CalibrationError("x"),
     ):
         assert type(error) is ERROR_OF_CODE[error_code_for(error)]
+    assert error_code_for(CalibrationError("x")) is ErrorCode.CALIBRATION
     reply = error_reply(KeyError("oops"), reply_to="m-1")
     assert reply.code is ErrorCode.INTERNAL and "KeyError" in reply.message and "server log" in reply.message
     assert ERROR_OF_CODE[reply.code] is RemoteInstrumentError

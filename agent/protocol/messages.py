@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from agent.driver import InstrumentDescription, ScanRequest
 from agent.errors import (
     AcquisitionAborted,
+    CalibrationError,
     DoseLimitError,
     DriverClosedError,
     ExposureInterruptedError,
@@ -100,6 +101,8 @@ class ErrorCode(StrEnum):
     """The server is stopping; nothing was exposed; retry once it is back."""
     CLOSED = "closed"
     """The instrument driver behind the server is closed."""
+    CALIBRATION = "calibration"
+    """The instrument scanned other than commanded (scale, centre, rotation); tile withheld, dose given."""
     INTERNAL = "internal"
     """The server or the instrument failed in a way it did not anticipate."""
 
@@ -480,6 +483,7 @@ _CODE_OF_ERROR: tuple[tuple[type[BaseException], ErrorCode], ...] = (
     (ScanRequestError, ErrorCode.SCAN_REQUEST),
     (AcquisitionAborted, ErrorCode.ABORTED),
     (DriverClosedError, ErrorCode.CLOSED),
+    (CalibrationError, ErrorCode.CALIBRATION),
     (ExposureInterruptedError, ErrorCode.EXPOSURE_INTERRUPTED),
     (MessageTooLargeError, ErrorCode.MESSAGE_TOO_LARGE),
     (ProtocolVersionError, ErrorCode.VERSION_MISMATCH),
@@ -501,6 +505,7 @@ ERROR_OF_CODE: dict[ErrorCode, type[MicrographyError]] = {
     ErrorCode.REPLY_EXPIRED: RemoteInstrumentError,
     ErrorCode.SHUTTING_DOWN: LinkError,
     ErrorCode.CLOSED: DriverClosedError,
+    ErrorCode.CALIBRATION: CalibrationError,
     ErrorCode.INTERNAL: RemoteInstrumentError,
 }
 """The exception a client raises for each error code; driver errors keep their in-process class."""
