@@ -203,12 +203,29 @@ def estimate_lattice_spacing(image: np.ndarray, min_px: float = 4.0) -> float | 
     >>> round(estimate_lattice_spacing(lattice), 2)
     8.0
     """
-    # A central crop of at most 512 px holds dozens of periods; more only costs time.
+    # A crop of at most 512 px holds dozens of periods; more only costs time. A large image is
+    # sampled at its centre and four quarter points, so an amorphous or vacuum area in the middle
+    # does not hide the crystal around it.
     side = min(*image.shape, 512)
     if side < 32:
         return None
-    r0, c0 = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
-    square = np.asarray(image[r0 : r0 + side, c0 : c0 + side], dtype=np.float64)
+    rows, cols = image.shape
+    starts = [((rows - side) // 2, (cols - side) // 2)]
+    if min(rows, cols) >= 2 * side:
+        quarters = [(r, c) for r in (rows // 4, 3 * rows // 4) for c in (cols // 4, 3 * cols // 4)]
+        starts += [(r - side // 2, c - side // 2) for r, c in quarters]
+    found = [
+        spacing
+        for r0, c0 in starts
+        if (spacing := _crop_lattice_spacing(image[r0 : r0 + side, c0 : c0 + side], min_px)) is not None
+    ]
+    return float(np.median(found)) if found else None
+
+
+def _crop_lattice_spacing(crop: np.ndarray, min_px: float) -> float | None:
+    """:func:`estimate_lattice_spacing` of one square crop, in pixels (None: no clear lattice ring)."""
+    side = crop.shape[0]
+    square = np.asarray(crop, dtype=np.float64)
     square = square - square.mean()
     window = np.hanning(side)
     spectrum = np.abs(np.fft.fftshift(np.fft.fft2(square * window[:, None] * window[None, :]))) ** 2

@@ -1,9 +1,11 @@
-"""CUDA check and figures for the column finder and the graph-autoencoder scorer.
+"""CUDA check and figures for the column finder, the graph-autoencoder scorer, analyze and a session.
 
 Run on a machine with a GPU (``python benchmarks/gpu_check.py --out DIR``); it prints a table and
 writes ``gpu_check.json``. It checks that the torch (CUDA) column-finding path agrees with the
-numpy path on a 4096 x 4096 tile and times both, and times scoring a ~1M-node molecule graph with
-the graph autoencoder on CUDA and on the CPU.
+numpy path on a 4096 x 4096 tile and times both, times scoring a ~1M-node molecule graph with
+the graph autoencoder on CUDA and on the CPU, runs ``micrography analyze`` on a 4096 x 4096
+synthetic image with the GAE and VAE on CUDA and on the CPU, and runs a short guided session with
+the device on ``auto`` (CUDA) to time its steps.
 """
 
 from __future__ import annotations
@@ -122,24 +124,87 @@ def check_scorer(report: dict, size_nm: float, device: str) -> None:
     }
 
 
+def check_analyze(report: dict, device: str, out: Path, size_px: int = 4096) -> None:
+    from analysis.analyze import AnalyzeConfig, run_analysis
+    from simulator.export import export_specimen
+
+    pixel_size_nm = 0.02
+    side_nm = size_px * pixel_size_nm
+    config = SimulatorConfig(seed=0, specimen=SpecimenConfig(size_nm=(side_nm, side_nm)))
+    specimen = generate_specimen(config.specimen, 0)
+    exported = export_specimen(specimen, config, out / "analyze-data", pixel_size_nm=pixel_size_nm)
+    figures: dict = {"image_px": size_px, "true_columns": len(specimen)}
+    for name in (device, "cpu"):
+        start = time.perf_counter()
+        outputs = run_analysis(exported.dataset.haadf, out / f"analyze-{name}", AnalyzeConfig(device=name))
+        summary = outputs.summary
+        figures[name] = {
+            "wall_s": time.perf_counter() - start,
+            "stages_s": summary["timings_s"],
+            "columns": summary["columns"]["total"],
+            "peak_memory_mb": summary["peak_memory_mb"],
+            "anomalous_columns": summary["anomaly"]["anomalous_columns"],
+        }
+        print(json.dumps({name: figures[name]}, indent=2), flush=True)
+    report["analyze"] = figures
+
+
+def check_session(report: dict, out: Path) -> None:
+    from agent.session import BudgetConfig, Session, SessionConfig
+
+    config = SessionConfig(budget=BudgetConfig(max_tiles=16))
+    with SimulatedMicroscope(SimulatorConfig(seed=0)) as microscope:
+        session = Session(microscope, config, journal_path=out / "session" / "journal.h5")
+        start = time.perf_counter()
+        summary = session.run()
+    guided = [step for step in session.steps if step.kind == "guided"]
+    stages = ("columns", "graph", "anomaly", "region_score", "surrogate", "decision")
+    latency = [sum(step.timings.get(stage, 0.0) for stage in stages) for step in guided]
+    report["session"] = {
+        "device": str(session.scorer.device) if session.scorer is not None else None,
+        "tiles": summary["tiles"],
+        "wall_s": time.perf_counter() - start,
+        "median_step_latency_s": statistics.median(latency) if latency else None,
+        "median_stage_s": {
+            stage: statistics.median(step.timings.get(stage, 0.0) for step in guided) for stage in stages
+        }
+        if guided
+        else {},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--size-nm", type=float, default=285.0, help="specimen edge for the ~1M-node graph")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     parser.add_argument("--skip-scorer", action="store_true", help="only the column-finding check")
+    parser.add_argument("--skip-analyze", action="store_true", help="no analyze run")
+    parser.add_argument("--analyze-px", type=int, default=4096, help="edge of the analyzed image, px")
+    parser.add_argument("--skip-session", action="store_true", help="no guided session")
     args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     report = {
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     check_columns(report, args.device)
     print(json.dumps(report, indent=2), flush=True)
-    if not args.skip_scorer:
-        check_scorer(report, args.size_nm, args.device)
-    print(json.dumps(report, indent=2), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    checks = [
+        ("scorer", args.skip_scorer, lambda: check_scorer(report, args.size_nm, args.device)),
+        ("session", args.skip_session, lambda: check_session(report, out)),
+        ("analyze", args.skip_analyze, lambda: check_analyze(report, args.device, out, args.analyze_px)),
+    ]
+    for name, skip, check in checks:
+        if skip:
+            continue
+        try:
+            check()
+        except Exception as error:  # one failing check must not lose the others' figures
+            report[name] = {"error": f"{type(error).__name__}: {error}"}
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps({name: report[name]}, indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,14 @@ def test_lattice_spacing_is_estimated_from_the_image(high_dose_tile: Tile) -> No
     assert estimate_lattice_spacing(noise) is None
 
 
+def test_lattice_spacing_of_a_large_image_with_an_amorphous_centre() -> None:
+    rows, cols = np.mgrid[:1100, :1100]
+    image = 3 + np.cos(2 * np.pi * cols / 12.5) + np.cos(2 * np.pi * rows / 12.5)
+    rng = np.random.default_rng(1)
+    image[250:850, 250:850] = rng.poisson(3.0, (600, 600))
+    assert estimate_lattice_spacing(image) == pytest.approx(12.5, rel=0.01)
+
+
 @pytest.mark.parametrize("shape", [(96, 160), (160, 96), (96, 96)])
 def test_small_and_non_square_tiles_find_their_columns(
     ideal_microscope: SimulatedMicroscope, small_specimen: Specimen, shape: tuple[int, int]
