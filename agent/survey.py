@@ -341,6 +341,9 @@ class LatticeFringes:
 _FRINGE_RESOLUTION_NM = 1.0
 """Resolution of the survey's fringe maps, nm: about the size of a vacancy or substitution cluster."""
 
+BORDER_WIDTHS = 3.0
+"""Width of the border band of :func:`lattice_fringes` maps that takes typical values, in filter widths."""
+
 _FRINGE_MIN_FREQUENCY = 0.05
 """Fringes slower than this (cycles per pixel) are thickness or background, not lattice."""
 
@@ -427,14 +430,15 @@ def lattice_fringes(image: np.ndarray, sigma_px: float = 3.0) -> LatticeFringes 
         amplitude += np.abs(fringe)
         distortion += np.hypot(along_rows - np.median(along_rows), along_cols - np.median(along_cols))
     distortion = low_pass(distortion, 0.67 * sigma_px)
-    # Within about two filter widths of the border fewer pixels average the phase, so its
-    # noise is larger there; the border band takes the typical value instead of reading as distorted.
-    band = max(1, math.ceil(2 * sigma_px))
-    if min(n_rows, n_cols) > 4 * band:
-        typical = float(np.median(distortion[band:-band, band:-band]))
-        distortion[:band], distortion[-band:] = typical, typical
-        distortion[:, :band], distortion[:, -band:] = typical, typical
     strength = amplitude / np.maximum(low_pass(amplitude, 5 * sigma_px), 1e-12)
+    # Near the border fewer pixels average the fringes, so both maps are noisier there; the
+    # border band takes the typical values instead of reading as distorted or faded.
+    band = max(1, math.ceil(BORDER_WIDTHS * sigma_px))
+    if min(n_rows, n_cols) > 4 * band:
+        for fringe_map in (distortion, strength):
+            typical = float(np.median(fringe_map[band:-band, band:-band]))
+            fringe_map[:band], fringe_map[-band:] = typical, typical
+            fringe_map[:, :band], fringe_map[:, -band:] = typical, typical
     return LatticeFringes(distortion, strength, np.stack(fringe_vectors), peak_to_background)
 
 

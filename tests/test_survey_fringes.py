@@ -54,6 +54,19 @@ def test_fading_fringes_lose_strength() -> None:
     assert found.strength[80, 120] > 0.9
 
 
+def test_the_border_does_not_read_as_distorted_or_faded() -> None:
+    rng = np.random.default_rng(3)
+    rows, cols = np.mgrid[0:200, 0:200].astype(np.float64)
+    lattice = 3 + np.cos(2 * np.pi * cols / 3.7) + np.cos(2 * np.pi * rows / 3.7)
+    found = lattice_fringes(rng.poisson(2.0 * lattice).astype(float), sigma_px=4.0)
+    assert found is not None
+    border = np.ones(found.strength.shape, dtype=bool)
+    border[24:-24, 24:-24] = False
+    # Counting noise alone: the border is no more distorted or faded than the inside.
+    assert found.distortion[border].max() <= 1.05 * found.distortion[~border].max()
+    assert found.strength[border].min() >= 0.95 * found.strength[~border].min()
+
+
 def test_no_fringes_in_noise_or_tiny_images() -> None:
     rng = np.random.default_rng(0)
     assert lattice_fringes(rng.poisson(5.0, (128, 128)).astype(float)) is None
