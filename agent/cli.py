@@ -435,16 +435,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agent.protocol.security import CurveServerKeys
     from simulator.server import InstrumentServer, instrument_fingerprint, require_safe_bind
 
-    if bool(args.curve_secret_key) != bool(args.allowed_clients):
-        raise ConfigError(
-            "--curve-secret-key and --allowed-clients go together: the server's key pair, and the "
-            "public keys of the clients it accepts (make both with `micrography keys generate`)"
-        )
-    curve = (
-        CurveServerKeys.from_files(args.curve_secret_key, args.allowed_clients)
-        if args.curve_secret_key
-        else None
-    )
+    curve = CurveServerKeys.from_settings(args.curve_secret_key, args.allowed_clients)
     # Refuse an unsafe address before spending time on the specimen.
     require_safe_bind(args.bind, args.events_bind, curve is not None, args.insecure)
     logger, handlers = _server_logger(args.log)

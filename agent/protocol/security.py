@@ -230,6 +230,44 @@ class CurveServerKeys:
         public, secret = load_key_pair(secret_key_file)
         return cls(public=public, secret=secret, allowed_clients=load_allowed_clients(allowed_clients))
 
+    @classmethod
+    def from_settings(
+        cls,
+        secret_key_file: str | Path | None,
+        allowed_clients: str | Path | None,
+        names: tuple[str, str] = ("--curve-secret-key", "--allowed-clients"),
+    ) -> CurveServerKeys | None:
+        """CURVE keys from the two optional settings that turn it on, or None when both are unset.
+
+        Parameters
+        ----------
+        secret_key_file : str or pathlib.Path or None
+            The server's ``.key_secret`` file.
+        allowed_clients : str or pathlib.Path or None
+            Allowed client public keys (a file or a folder of them).
+        names : tuple of str
+            How the two settings are called where the user set them (command-line options,
+            settings keys), for the error message.
+
+        Returns
+        -------
+        CurveServerKeys or None
+            The keys, or None (CURVE off) when neither setting is given.
+
+        Raises
+        ------
+        ConfigError
+            If only one of the two is given.
+        """
+        if bool(secret_key_file) != bool(allowed_clients):
+            raise ConfigError(
+                f"{names[0]} and {names[1]} go together: the server's key pair and the public keys of "
+                "the clients it accepts (make both with `micrography keys generate`)"
+            )
+        if not secret_key_file or not allowed_clients:
+            return None
+        return cls.from_files(secret_key_file, allowed_clients)
+
     def apply(self, socket: zmq.Socket[Any]) -> None:
         """Make ``socket`` (ROUTER or PUB, before bind) a CURVE server checked by the ZAP handler."""
         socket.curve_server = True

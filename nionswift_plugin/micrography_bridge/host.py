@@ -138,15 +138,8 @@ class BridgeHost:
         from simulator.server import InstrumentServer, instrument_fingerprint
 
         config = self.config
-        if bool(config.curve_secret_key) != bool(config.allowed_clients):
-            raise ConfigError(
-                "curve_secret_key and allowed_clients go together in the bridge settings: the server's key "
-                "pair and the public keys of the clients it accepts (`micrography keys generate`)"
-            )
-        curve = (
-            CurveServerKeys.from_files(config.curve_secret_key, config.allowed_clients)
-            if config.curve_secret_key and config.allowed_clients
-            else None
+        curve = CurveServerKeys.from_settings(
+            config.curve_secret_key, config.allowed_clients, ("curve_secret_key", "allowed_clients")
         )
         self.driver = NionScanDriver(
             scan, config, self._beam_current_pa(), name=f"Nion Swift: {config.hardware_source_id}"
