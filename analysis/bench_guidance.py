@@ -158,13 +158,17 @@ def benchmark_guidance(
     -------
     dict
         ``rows`` (``policy``, ``layout``, ``seed``, ``budget_fraction``, ``imaged_fraction``,
-        ``detected_fraction``), ``areas`` (area under the imaged curve per policy and layout),
+        ``detected_fraction``), ``curves`` (per session: ``policy``, ``layout``, ``seed``,
+        ``grid_tiles``, ``total_features`` and ``points``, one per tile with ``tiles``,
+        ``mean_dose_e_per_a2`` and ``imaged_fraction``), ``areas`` (area under the imaged curve
+        per policy and layout),
         ``latency`` (``median_step_s``, ``p95_step_s``), ``targets``, ``machine``.
     """
     runs = [(policy, seed, "default") for seed in seeds for policy in policies]
     if control_seed is not None:
         runs += [(policy, control_seed, "control") for policy in policies]
     rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
     areas: dict[str, list[float]] = {}
     latencies: list[float] = []
     with Progress(transient=True) as progress:
@@ -184,6 +188,16 @@ def benchmark_guidance(
                         "mean_dose_e_per_a2": figures["mean_dose_e_per_a2"],
                     }
                 )
+            curves.append(
+                {
+                    "policy": policy,
+                    "layout": layout,
+                    "seed": seed,
+                    "grid_tiles": result["grid_tiles"],
+                    "total_features": result["total_features"],
+                    "points": result["curve"],
+                }
+            )
             areas.setdefault(f"{policy}/{layout}", []).append(
                 _area_under(result["curve"], result["grid_tiles"], "imaged_fraction", max_fraction)
             )
@@ -193,6 +207,7 @@ def benchmark_guidance(
     return {
         "benchmark": "guidance",
         "rows": rows,
+        "curves": curves,
         "areas": {name: float(np.mean(values)) for name, values in areas.items()},
         "latency": {
             "median_step_s": statistics.median(latencies) if latencies else None,

@@ -160,6 +160,7 @@ def load_bench_series(path: str | Path) -> list[Series]:
                 raise CompareError(f"{where}: {key} is {row[key]!r}; it must be a number")
         layout = str(row.get("layout", "default"))
         runs.setdefault((row["policy"], layout), {}).setdefault(row["seed"], []).append(row)
+    curves = _bench_curves(data.get("curves"), path)
     series = []
     for (policy, layout), seeds in runs.items():
         entry = Series(label=f"{policy} ({layout})", kind="bench", group=policy, dashed=layout != "default")
@@ -182,9 +183,56 @@ def load_bench_series(path: str | Path) -> list[Series]:
                 }
                 for r in chosen
             ]
+            curve = curves.get((policy, layout, seed))
+            if curve is not None:
+                grid, points = _with_curve(curve, points)
             entry.runs.append(RunCurve(seed, grid, points, str(path)))
         series.append(entry)
     return series
+
+
+def _bench_curves(curves: Any, path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The per-tile curves of a benchmark JSON by (policy, layout, seed); empty for older files."""
+    if curves is None:
+        return {}
+    if not isinstance(curves, list):
+        raise CompareError(f"{path}: 'curves' is {type(curves).__name__}, not a list of sessions")
+    found = {}
+    for number, curve in enumerate(curves):
+        where = f"{path}: curve {number}"
+        if not isinstance(curve, dict) or not isinstance(curve.get("points"), list):
+            raise CompareError(f"{where} is not an object with a 'points' list")
+        grid = curve.get("grid_tiles")
+        if not isinstance(grid, int) or grid < 1:
+            raise CompareError(f"{where}: grid_tiles is {grid!r}; it must be a positive whole number")
+        for point in curve["points"]:
+            if not isinstance(point, dict) or not _number(point.get("tiles")):
+                raise CompareError(f"{where}: a point without a number of tiles")
+            imaged = point.get("imaged_fraction")
+            if not _number(imaged) or not 0.0 <= imaged <= 1.0:
+                raise CompareError(f"{where}: imaged_fraction {imaged!r} is not a fraction between 0 and 1")
+        found[(str(curve.get("policy")), str(curve.get("layout", "default")), curve.get("seed"))] = curve
+    return found
+
+
+def _with_curve(curve: dict[str, Any], checkpoints: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """Per-tile points of a benchmark session; detected fractions where the rows measured them."""
+    grid = int(curve["grid_tiles"])
+    detected = {point["tiles"]: point["detected_fraction"] for point in checkpoints if point["tiles"]}
+    points = [
+        {
+            "tiles": int(point["tiles"]),
+            "tile_fraction": float(point["tiles"]) / grid,
+            "mean_dose_e_per_a2": point.get("mean_dose_e_per_a2")
+            if _number(point.get("mean_dose_e_per_a2"))
+            else None,
+            "imaged_fraction": float(point["imaged_fraction"]),
+            "detected_fraction": detected.get(int(point["tiles"])),
+            "best_score": None,
+        }
+        for point in curve["points"]
+    ]
+    return grid, points
 
 
 # ----------------------------------------------------------------------------- journals

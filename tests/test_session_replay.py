@@ -380,6 +380,37 @@ def test_compare_bench_json_gives_mean_and_spread_over_seeds(
     assert series[0].runs[1].grid_tiles == 256
 
 
+def test_compare_draws_the_per_tile_curves_of_a_bench_json(tmp_path: Path) -> None:
+    rows = _bench_rows()
+    curves = [
+        {
+            "policy": policy, "layout": "default", "seed": seed, "grid_tiles": 256, "total_features": 30,
+            "points": [
+                {"tiles": t, "mean_dose_e_per_a2": 100.0 * t, "imaged_fraction": min(1.0, t / 200)}
+                for t in range(1, 129)
+            ],
+        }
+        for policy in ("guided", "raster") for seed in (0, 1)
+    ]  # fmt: skip
+    bench = tmp_path / "bench-guidance.json"
+    bench.write_text(json.dumps({"rows": rows, "curves": curves}))
+    series = load_bench_series(bench)
+    run = series[0].runs[0]
+    assert len(run.points) == 128 and run.grid_tiles == 256
+    assert run.points[63]["imaged_fraction"] == pytest.approx(64 / 200)
+    # Detected fractions exist where the rows measured them, and only there.
+    measured = [p["tiles"] for p in run.points if p["detected_fraction"] is not None]
+    assert measured == [26, 64, 128]
+    table = run_compare([bench], tmp_path / "out", progress=False)["table"]
+    assert (tmp_path / "out" / "compare.png").is_file()
+    guided = next(r for r in table if r["series"] == "guided (default)" and r["budget_fraction"] == 0.25)
+    assert guided["imaged_mean"] == pytest.approx(64 / 200)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"rows": rows, "curves": [{**curves[0], "grid_tiles": 0}]}))
+    with pytest.raises(CompareError, match=r"broken\.json: curve 0: grid_tiles is 0"):
+        load_bench_series(broken)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
