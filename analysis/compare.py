@@ -500,7 +500,8 @@ def write_compare_figure(series: Sequence[Series], path: str | Path) -> Path:
             x, y, spread = _aligned(entry.runs, x_key, y_key)
             if not x.size:
                 continue
-            marker = "o" if entry.kind == "bench" or x.size < 12 else None
+            # Markers only where the points are few (budget checkpoints); a per-tile curve is a line.
+            marker = "o" if x.size < 12 else None
             style = "--" if entry.dashed else "-"
             ax.plot(x, y, style, color=colour, marker=marker, markersize=3, label=entry.label)
             if len(entry.runs) > 1:
