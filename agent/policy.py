@@ -866,6 +866,16 @@ class GuidedPolicy(AcquisitionPolicy):
         best = float(observed.max()) if observed.size else 0.0
         self._batch = {"mean": mean, "variance": variance, "covariance": covariance, "best": best}
 
+    def posterior(self) -> tuple[np.ndarray, np.ndarray]:
+        """The surrogate's mean and variance of interest at every candidate, score units (squared).
+
+        Returns
+        -------
+        mean, variance : numpy.ndarray
+            Shape ``(m,)`` each, for the candidates in grid order.
+        """
+        return self.surrogate(self.grid.centres, self._features)
+
     def acquisition_values(self) -> np.ndarray:
         """Acquisition value of every candidate now, without costs, in score units.
 

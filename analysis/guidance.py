@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from agent.driver import ScanRequest
 from agent.journal import JournalContents
+from agent.policy import GuidedPolicy
 from agent.session import Session, StepRecord
 from agent.survey import CandidateGrid
 from analysis.ground_truth import match_columns
@@ -188,7 +189,7 @@ def write_session_report(
     title: str | None = None,
     dpi: int = 90,
 ) -> Path:
-    """A 2 x 2 figure: survey with the tile path, anomaly map, surrogate mean and uncertainty, discovery.
+    """A 2 x 3 figure: survey and tile path, anomaly map, survey prior, surrogate mean and std, discovery.
 
     It draws the session's state as it is when called, so a replay calls it after any step
     for the figure of the session at that step.
@@ -200,8 +201,7 @@ def write_session_report(
     path : str or pathlib.Path
         PNG to write.
     tracker : DiscoveryTracker, optional
-        Ground-truth discovery curve (simulated specimens); without it the fourth panel shows
-        the surrogate's uncertainty.
+        Ground-truth discovery curve (simulated specimens); without it the last panel says so.
     title : str, optional
         Figure title (default: policy and seed).
     dpi : int
@@ -216,7 +216,7 @@ def write_session_report(
     heading = title or f"Guided session: policy {session.config.policy}, seed {session.config.seed}"
     (x0, x1), (y0, y1) = session.description.stage_x_nm, session.description.stage_y_nm
     extent = (x0, x1, y1, y0)
-    figure, axes = plt.subplots(2, 2, figsize=(12, 11), constrained_layout=True)
+    figure, axes = plt.subplots(2, 3, figsize=(18, 11), constrained_layout=True)
     survey = session.survey_tiles[0] if session.survey_tiles else None
     steps = [step for step in session.steps if step.kind != "survey"]
     centres = np.array([[step.request.x_nm, step.request.y_nm] for step in steps]).reshape(-1, 2)
@@ -273,27 +273,46 @@ def write_session_report(
     mean = variance = None
     policy = session.policy
     surrogate = getattr(policy, "surrogate", None)
-    if surrogate is not None and len(surrogate):
-        features = getattr(policy, "survey_features", None)
-        mean, variance = surrogate(session.grid.centres, features)
+    if isinstance(policy, GuidedPolicy) and len(policy.surrogate):
+        mean, variance = policy.posterior()
+    prior = getattr(policy, "survey_prior", None)
     rows, cols = session.grid.grid_shape
-    for ax, values, title, cmap in (
-        (axes[1, 0], mean, "Surrogate mean of region interest", "viridis"),
-        (axes[1, 1] if tracker is None else None, variance, "Surrogate uncertainty (std)", "magma"),
+    for ax, values, title, cmap, empty in (
+        (
+            axes[0, 2],
+            prior,
+            "Survey prior (lattice-fringe distortion and loss, z)",
+            "cividis",
+            "no survey prior for this policy",
+        ),
+        (
+            axes[1, 0],
+            mean,
+            "Surrogate mean of region interest",
+            "viridis",
+            "no surrogate for this policy" if surrogate is None else "no region scored yet",
+        ),
+        (
+            axes[1, 1],
+            None if variance is None else np.sqrt(variance),
+            "Surrogate uncertainty (std)",
+            "magma",
+            "no surrogate for this policy" if surrogate is None else "no region scored yet",
+        ),
     ):
-        if ax is None:
-            continue
         if values is None:
-            empty = "no surrogate for this policy" if surrogate is None else "no region scored yet"
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
         else:
-            shown = np.sqrt(values) if "std" in title else values
-            image = ax.imshow(shown.reshape(rows, cols), extent=extent, cmap=cmap, interpolation="nearest")
+            image = ax.imshow(values.reshape(rows, cols), extent=extent, cmap=cmap, interpolation="nearest")
             figure.colorbar(image, ax=ax)
             ax.plot(centres[:, 0], centres[:, 1], "w.", markersize=2)
         ax.set_title(title)
-    if tracker is not None:
-        ax = axes[1, 1]
+    ax = axes[1, 2]
+    if tracker is None:
+        note = "no ground truth: discovery not measured"
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("Discovery")
+    else:
         tiles = [point["tiles"] for point in tracker.curve]
         ax.plot(tiles, [point["imaged_fraction"] for point in tracker.curve], label=session.config.policy)
         ax.plot(
@@ -304,7 +323,7 @@ def write_session_report(
         ax.set_ylim(0, 1)
         ax.legend(loc="lower right")
         ax.set_title(f"Discovery: {len(tracker.imaged)} of {tracker.total} planted features imaged")
-    for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]):
         ax.set_xlim(x0, x1)
         ax.set_ylim(y1, y0)
         ax.set_xlabel("x (nm)")
