@@ -428,12 +428,11 @@ def _server_logger(log_file: str | None) -> tuple[Any, list[Any]]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the simulated or replayed microscope as an instrument server until Ctrl-C or SIGTERM."""
-    import hashlib
     import signal
     import threading
 
     from agent.protocol.security import CurveServerKeys
-    from simulator.server import InstrumentServer, instrument_fingerprint, require_safe_bind
+    from simulator.server import InstrumentServer, instrument_digest, require_safe_bind
 
     curve = CurveServerKeys.from_settings(args.curve_secret_key, args.allowed_clients)
     # Refuse an unsafe address before spending time on the specimen.
@@ -450,12 +449,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with microscope:
             journal = None
             if not args.no_journal:
-                # One journal per instrument and configuration: a restart of the same server
-                # resumes it, a differently configured one starts its own.
-                digest = hashlib.sha256(
-                    json.dumps(instrument_fingerprint(microscope), sort_keys=True).encode()
-                ).hexdigest()[:12]
-                journal = Path(args.journal) if args.journal else Path("runs") / "serve-journal" / digest
+                journal = (
+                    Path(args.journal)
+                    if args.journal
+                    else Path("runs") / "serve-journal" / instrument_digest(microscope)
+                )
             server = InstrumentServer(
                 microscope,
                 args.bind,
@@ -469,9 +467,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.start()
             try:
                 if args.endpoint_file:
-                    Path(args.endpoint_file).write_text(
-                        json.dumps({"endpoint": server.endpoint, "events_endpoint": server.events_endpoint})
-                    )
+                    server.write_endpoints(args.endpoint_file)
                 status = server.status()
                 print(
                     f"serving {microscope.describe().name} on {server.endpoint} "

@@ -20,6 +20,7 @@ holds across restarts of the server process. See :mod:`simulator.exposure_journa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -175,6 +176,26 @@ def instrument_fingerprint(driver: MicroscopeDriver) -> dict[str, Any]:
     if isinstance(config, BaseModel):
         fingerprint["config"] = config.model_dump(mode="json")
     return fingerprint
+
+
+def instrument_digest(driver: MicroscopeDriver) -> str:
+    """Short hash of :func:`instrument_fingerprint`, naming one journal folder per instrument and config.
+
+    A restarted server of the same instrument finds its journal again; a differently
+    configured one starts its own.
+
+    Parameters
+    ----------
+    driver : MicroscopeDriver
+        The driver served.
+
+    Returns
+    -------
+    str
+        12 hexadecimal digits.
+    """
+    encoded = json.dumps(instrument_fingerprint(driver), sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()[:12]
 
 
 @dataclass
@@ -809,6 +830,17 @@ class InstrumentServer:
                     self.driver.abort()
         self.log.info("abort %s -> %s", request_id or "(all)", aborted or "nothing in progress")
         return aborted
+
+    def write_endpoints(self, path: str | Path) -> None:
+        """Write the bound command and event endpoints as JSON (for a launcher that bound port ``*``).
+
+        Parameters
+        ----------
+        path : str or pathlib.Path
+            File to write: ``{"endpoint": ..., "events_endpoint": ...}``.
+        """
+        document = {"endpoint": self.endpoint, "events_endpoint": self.events_endpoint}
+        Path(path).write_text(json.dumps(document), encoding="utf-8")
 
     def status(self, reply_to: str | None = None) -> StatusReply:
         """The server state and its dose accounting.

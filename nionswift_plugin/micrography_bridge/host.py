@@ -9,8 +9,6 @@ configured hardware source appears (or reports why it did not, after ``startup_t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -135,7 +133,7 @@ class BridgeHost:
 
     def _start_server(self, scan: Any) -> None:
         from agent.protocol.security import CurveServerKeys
-        from simulator.server import InstrumentServer, instrument_fingerprint
+        from simulator.server import InstrumentServer, instrument_digest
 
         config = self.config
         curve = CurveServerKeys.from_settings(
@@ -144,12 +142,7 @@ class BridgeHost:
         self.driver = NionScanDriver(
             scan, config, self._beam_current_pa(), name=f"Nion Swift: {config.hardware_source_id}"
         )
-        journal = None
-        if config.journal:
-            digest = hashlib.sha256(
-                json.dumps(instrument_fingerprint(self.driver), sort_keys=True).encode()
-            ).hexdigest()[:12]
-            journal = Path(config.journal) / digest
+        journal = Path(config.journal) / instrument_digest(self.driver) if config.journal else None
         self.server = InstrumentServer(
             self.driver,
             config.bind,
@@ -161,12 +154,7 @@ class BridgeHost:
             logger=LOG.getChild("server"),
         ).start()
         if config.endpoint_file:
-            Path(config.endpoint_file).write_text(
-                json.dumps(
-                    {"endpoint": self.server.endpoint, "events_endpoint": self.server.events_endpoint}
-                ),
-                encoding="utf-8",
-            )
+            self.server.write_endpoints(config.endpoint_file)
         LOG.info("Micrography bridge serving %s on %s", config.hardware_source_id, self.server.endpoint)
 
     def close(self, grace_s: float = 10.0, *, unregister: bool = True) -> None:
