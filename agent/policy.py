@@ -743,7 +743,8 @@ class SurveyContrastPolicy(AcquisitionPolicy):
     grid, description, config
         As for :class:`AcquisitionPolicy`.
     survey_features : numpy.ndarray
-        Per-candidate survey features, shape ``(m, 4)``.
+        Per-candidate survey features, shape ``(m, f)`` with ``f >= 4``, columns as in
+        :data:`agent.survey.SURVEY_FEATURES`.
     """
 
     kind: ClassVar[str] = "survey"

@@ -50,6 +50,24 @@ CONTROL_SPECIMEN = SpecimenConfig(
 LATENCY_STAGES = ("columns", "graph", "anomaly", "region_score", "surrogate", "decision")
 
 
+def budget_tiles(grid_tiles: int, fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[int, float]:
+    """Tile count at each budget fraction (at least one tile), as the benchmark counts it.
+
+    Parameters
+    ----------
+    grid_tiles : int
+        Tiles needed to cover the stage.
+    fractions : sequence of float
+        Budgets as fractions of ``grid_tiles``.
+
+    Returns
+    -------
+    dict
+        ``{tiles: fraction}``.
+    """
+    return {max(1, round(fraction * grid_tiles)): fraction for fraction in fractions}
+
+
 def run_policy_session(
     policy: str,
     seed: int,
@@ -84,11 +102,9 @@ def run_policy_session(
     base = session or SessionConfig()
     with SimulatedMicroscope(simulator, specimen) as microscope:
         grid = CandidateGrid.tiling(microscope.describe(), base.tiles.shape, base.tiles.pixel_size_nm)
-        checkpoints = {
-            max(1, round(fraction * len(grid))): fraction
-            for fraction in BUDGET_FRACTIONS
-            if fraction <= max_fraction + 1e-9
-        }
+        checkpoints = budget_tiles(
+            len(grid), [fraction for fraction in BUDGET_FRACTIONS if fraction <= max_fraction + 1e-9]
+        )
         budget = max(checkpoints)
         config = base.model_copy(
             update={"policy": policy, "seed": seed, "budget": BudgetConfig(max_tiles=budget)}

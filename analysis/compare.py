@@ -34,7 +34,7 @@ from agent.config import validate_config
 from agent.errors import MicrographyError
 from agent.session import Session, SessionConfig, StepRecord
 from agent.survey import CandidateGrid
-from analysis.bench_guidance import BUDGET_FRACTIONS
+from analysis.bench_guidance import BUDGET_FRACTIONS, budget_tiles
 from analysis.guidance import detected_features, recorded_ground_truth
 from analysis.replay import RecordedInstrument, open_recorded, progress_bar, replay_journal
 
@@ -236,11 +236,6 @@ def _with_curve(curve: dict[str, Any], checkpoints: list[dict[str, Any]]) -> tup
 
 
 # ----------------------------------------------------------------------------- journals
-
-
-def budget_tiles(grid_tiles: int, fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[int, float]:
-    """Tile count at each budget fraction (at least one tile), as the benchmark counts it."""
-    return {max(1, round(fraction * grid_tiles)): fraction for fraction in fractions}
 
 
 def journal_curve(

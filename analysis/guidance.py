@@ -270,12 +270,14 @@ def write_session_report(
         figure.colorbar(points, ax=ax, label="node anomaly score")
     ax.set_title("Anomaly scores of the scanned columns")
 
-    mean = variance = None
+    mean = variance = prior = None
     policy = session.policy
-    surrogate = getattr(policy, "surrogate", None)
-    if isinstance(policy, GuidedPolicy) and len(policy.surrogate):
-        mean, variance = policy.posterior()
-    prior = getattr(policy, "survey_prior", None)
+    guided = isinstance(policy, GuidedPolicy)
+    if guided:
+        prior = policy.survey_prior
+        if len(policy.surrogate):
+            mean, variance = policy.posterior()
+    no_model = "no region scored yet" if guided else "no surrogate for this policy"
     rows, cols = session.grid.grid_shape
     for ax, values, title, cmap, empty in (
         (
@@ -290,14 +292,14 @@ def write_session_report(
             mean,
             "Surrogate mean of region interest",
             "viridis",
-            "no surrogate for this policy" if surrogate is None else "no region scored yet",
+            no_model,
         ),
         (
             axes[1, 1],
             None if variance is None else np.sqrt(variance),
             "Surrogate uncertainty (std)",
             "magma",
-            "no surrogate for this policy" if surrogate is None else "no region scored yet",
+            no_model,
         ),
     ):
         if values is None:
