@@ -30,6 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from agent.columns import SPECIES_A, SPECIES_B
+from agent.protocol.messages import jsonable
 from analysis.analyze import DOMAIN_NAMES, FullFrameAnalysis
 
 FIGURE_FILE = "analysis.png"
@@ -488,22 +489,10 @@ def _png_bytes(figure: Figure, dpi: int = 80) -> bytes:
 # ----------------------------------------------------------------------------- HTML and JSON
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_json(summary: dict[str, Any], path: str | Path) -> Path:
     """Write the summary as indented JSON (NaN and infinities become null)."""
     path = Path(path)
-    path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
     return path
 
 

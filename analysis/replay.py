@@ -43,6 +43,7 @@ from agent.driver import InstrumentDescription, MicroscopeDriver, ScanRequest, T
 from agent.errors import MicrographyError
 from agent.graph import MoleculeGraph
 from agent.journal import JournalContents, JournalError, read_journal
+from agent.protocol.messages import jsonable
 
 # The session's own switch to single-threaded torch, so re-scored reductions repeat its bits exactly.
 from agent.session import (
@@ -752,18 +753,6 @@ def format_timings(timings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
-
-
 def run_replay(
     journal: str | Path,
     out: str | Path,
@@ -880,7 +869,7 @@ def run_replay(
             **change,
             "figure": str(figure),
         }
-    report = _jsonable(report)
+    report = jsonable(report)
     (out / "replay.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
