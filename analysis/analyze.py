@@ -47,6 +47,7 @@ from agent.columns import (
     preprocessing_stages,
 )
 from agent.config import StrictModel
+from agent.domains import smooth_displacement
 from agent.errors import ConfigError, InvalidImageError
 from agent.graph import (
     GraphConfig,
@@ -224,36 +225,6 @@ def lattice_orientation_deg(graph: MoleculeGraph) -> float:
     if not use.any():
         return 0.0
     return float(np.degrees(np.angle(np.exp(4j * angles[use]).mean()) / 4))
-
-
-def smooth_displacement(positions_nm: np.ndarray, displacement: np.ndarray, radius_nm: float) -> np.ndarray:
-    """Mean displacement of the points within ``radius_nm`` of each point (itself included).
-
-    Parameters
-    ----------
-    positions_nm : numpy.ndarray
-        ``(N, 2)`` positions, nanometres.
-    displacement : numpy.ndarray
-        ``(N, 2)`` vectors to average.
-    radius_nm : float
-        Averaging radius, nanometres.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(N, 2)`` averaged vectors.
-    """
-    if positions_nm.shape[0] == 0:
-        return displacement.copy()
-    tree = cKDTree(positions_nm)
-    # A disc of a few cells holds a bounded number of B columns: a fixed k keeps it vectorised.
-    k = min(64, positions_nm.shape[0])
-    distance, index = tree.query(positions_nm, k=k, distance_upper_bound=radius_nm, workers=-1)
-    distance, index = np.atleast_2d(distance), np.atleast_2d(index)
-    inside = np.isfinite(distance)
-    safe = np.where(inside, index, 0)
-    summed = (displacement[safe] * inside[..., None]).sum(axis=1)
-    return summed / np.maximum(inside.sum(axis=1), 1)[:, None]
 
 
 def classify_domains(smoothed_pm: np.ndarray, orientation_deg: float, nonpolar_pm: float) -> np.ndarray:
