@@ -10,6 +10,9 @@ outside driver) can run it step by step:
     The interest measured on those tiles (NaN: no lattice found, treated as low interest).
 ``ask`` / ``tell``
     Aliases of ``suggest`` / ``ingest``.
+``ingest_walls(walls)``
+    Domain-wall segments seen in imaged tiles (:class:`~agent.domains.WallSegment`); the
+    guided policy follows them, the others only keep them.
 
 Whatever the policy, a suggestion never repeats a candidate (acquired or already
 suggested), never leaves the stage, never pushes any area past the per-area dose limit
@@ -50,6 +53,7 @@ from pydantic import Field
 from scipy.special import ndtr
 
 from agent.config import StrictModel
+from agent.domains import WallSegment
 from agent.driver import DoseMap, InstrumentDescription, ScanRequest
 from agent.errors import MicrographyError, OutsideStageError
 from agent.surrogate import GPSurrogate, SurrogateConfig
@@ -65,6 +69,18 @@ _SNAP_DECIMALS = 6
 
 _DOSE_RTOL = 1e-9
 """Relative tolerance of dose comparisons (the instrument's DoseMap allows the same)."""
+
+
+WALL_DIRECTION_UNCERTAINTY_DEG = 5.0
+"""How far a wall's direction measured in one 10 nm tile may be off, degrees.
+
+Measured on simulated walls at session dose (errors up to about 6°); it also absorbs the
+slow meander of real walls. A wall extended far from where it was seen is searched in a
+band that widens with this angle.
+"""
+
+_WALL_POSITION_TOLERANCE_NM = 1.0
+"""Uncertainty of a wall's position across the wall where it was seen, nm."""
 
 
 class PolicyError(MicrographyError, ValueError):
@@ -101,6 +117,17 @@ class PolicyConfig(StrictModel):
             "standard deviations of the observed scores per standard deviation of that interest; "
             "0 turns it off"
         ),
+    )
+    wall_follow: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "guided policy: bonus, in standard deviations of the observed scores, for candidates that a "
+            "domain wall seen in an imaged tile runs into (defects gather on walls); 0 turns it off"
+        ),
+    )
+    wall_reach_tiles: float = Field(
+        6.0, gt=0, description="guided policy: how far along a wall its bonus reaches, in tile widths (1/e)"
     )
     dose_cost: float = Field(
         0.0, ge=0, description="penalty per per-area limit already used in a candidate's area, score units"
@@ -259,6 +286,8 @@ class AcquisitionPolicy(ABC):
     Policies that do not learn (raster, random, survey, oracle) ignore the scores for their
     choices but keep them for :meth:`report`; always ingest executed scans, NaN if unscored.
     """
+    follows_walls: ClassVar[bool] = False
+    """Whether the policy's choices use the domain walls given to :meth:`ingest_walls`."""
 
     def __init__(
         self, grid: CandidateGrid, description: InstrumentDescription, config: PolicyConfig | None = None
@@ -299,6 +328,7 @@ class AcquisitionPolicy(ABC):
         self._peak = np.zeros(m, dtype=np.float64)  # highest dose already inside each candidate
         self.dose_map = DoseMap(description.stage_x_nm, description.stage_y_nm, self.config.dose_map_cell_nm)
         self._lowest_score = math.inf
+        self._walls: list[WallSegment] = []
 
     # ------------------------------------------------------------------ state
 
@@ -530,6 +560,35 @@ class AcquisitionPolicy(ABC):
         positions = np.array([[r.x_nm, r.y_nm] for r in requests], dtype=np.float64).reshape(-1, 2)
         self._observe(indices, positions, values)
 
+    def ingest_walls(self, walls: Iterable[WallSegment]) -> None:
+        """Learn where domain walls run, as seen in imaged tiles.
+
+        Policies with :attr:`follows_walls` value the candidates a wall runs into; the others
+        keep the walls for :meth:`report` only.
+
+        Parameters
+        ----------
+        walls : iterable of WallSegment
+            Wall segments in stage coordinates (:func:`agent.domains.wall_in_tile`).
+
+        Raises
+        ------
+        PolicyError
+            If an item is not a :class:`~agent.domains.WallSegment` or has a non-finite position.
+        """
+        walls = list(walls)
+        for wall in walls:
+            if not isinstance(wall, WallSegment):
+                raise PolicyError(f"ingest_walls takes WallSegment objects, got {type(wall).__name__}")
+            if not all(math.isfinite(v) for v in (*wall.point_nm, *wall.direction)):
+                raise PolicyError(f"a wall segment needs a finite point and direction, got {wall}")
+        self._walls.extend(walls)
+
+    @property
+    def walls(self) -> list[WallSegment]:
+        """Domain-wall segments ingested so far, in ingestion order."""
+        return list(self._walls)
+
     def ask(self, n: int = 1) -> list[ScanRequest]:
         """Alias of :meth:`suggest` (the bluesky-adaptive name)."""
         return self.suggest(n)
@@ -548,7 +607,8 @@ class AcquisitionPolicy(ABC):
             ``pending``, ``admissible`` (counts), ``best_regions`` (up to five ingested regions
             with the highest scores: index, x_nm, y_nm, score), ``dose`` (``per_scan``,
             ``total``, ``peak`` and ``limit``/``budget`` in e-/Å², None where unset),
-            ``stage_travel_nm`` (along the suggested tours) and ``surrogate`` (its summary, or None).
+            ``stage_travel_nm`` (along the suggested tours), ``walls`` (domain-wall segments
+            ingested) and ``surrogate`` (its summary, or None).
         """
         best = sorted(self._observations, key=lambda item: -item[3])[:5]
         return {
@@ -571,6 +631,7 @@ class AcquisitionPolicy(ABC):
                 "budget_e_per_a2": self.config.total_dose_budget_e_per_a2,
             },
             "stage_travel_nm": self._travel_nm,
+            "walls": len(self._walls),
             "surrogate": self.surrogate_summary(),
         }
 
@@ -786,7 +847,10 @@ class GuidedPolicy(AcquisitionPolicy):
 
     plus, when survey features are given and ``config.survey_prior`` is positive, the
     survey prior (:func:`survey_interest`: where the survey's lattice fringes are distorted
-    or lost, scaled by the spread of the observed scores), minus the travel cost from the
+    or lost, scaled by the spread of the observed scores), plus, when ``config.wall_follow``
+    is positive, a bonus for the candidates that the domain walls seen so far run into
+    (:meth:`wall_interest`; vacancy and substitution clusters gather on walls, and walls run
+    straight for long distances, but the coarse survey cannot see them), minus the travel cost from the
     current stage position (or the previous batch member), the optional dose cost and the
     saturation penalty near imaged tiles. The prior matters most before the surrogate has
     seen the specimen; the surrogate's mean then adds what the graph scores teach, such as
@@ -809,6 +873,7 @@ class GuidedPolicy(AcquisitionPolicy):
 
     kind: ClassVar[str] = "guided"
     score_source: ClassVar[Literal["graph", "image"]] = "graph"
+    follows_walls: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -912,6 +977,46 @@ class GuidedPolicy(AcquisitionPolicy):
         spread = float(observed.std()) if observed.size > 1 else 1.0
         return self.config.survey_prior * spread * self.survey_prior
 
+    def wall_interest(self) -> np.ndarray:
+        """How strongly each candidate lies on the continuation of an ingested domain wall.
+
+        A wall segment is extended as a straight line in both directions. A candidate the
+        line crosses gets ``exp(-d / reach)``, ``d`` being how far beyond the segment's own
+        length it lies along the wall and ``reach`` ``config.wall_reach_tiles`` tile widths;
+        candidates beside the line count less the farther they are from it, with a
+        tolerance that grows along the wall as the direction's uncertainty
+        (:data:`WALL_DIRECTION_UNCERTAINTY_DEG`) allows. Several segments give the maximum.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(m,)``, values in [0, 1]; zeros before any wall is ingested.
+        """
+        interest = np.zeros(len(self.grid))
+        if not self._walls:
+            return interest
+        half_x, half_y = 0.5 * np.asarray(self.grid.tile_size_nm, dtype=np.float64)
+        reach = self.config.wall_reach_tiles * max(self.grid.tile_size_nm)
+        slope = math.tan(math.radians(WALL_DIRECTION_UNCERTAINTY_DEG))
+        for wall in self._walls:
+            along, across = wall.offsets_nm(self.grid.centres)
+            normal = wall.normal
+            # The line crosses a tile when its distance from the centre is within this.
+            crossing = half_x * abs(normal[0]) + half_y * abs(normal[1])
+            beyond = np.maximum(np.abs(along) - wall.half_length_nm, 0.0)
+            tolerance = _WALL_POSITION_TOLERANCE_NM + slope * beyond
+            miss = np.maximum(np.abs(across) - crossing, 0.0)
+            interest = np.maximum(interest, np.exp(-beyond / reach - 0.5 * (miss / tolerance) ** 2))
+        return interest
+
+    def _wall_bonus(self) -> np.ndarray | float:
+        """Wall-following bonus in score units: ``wall_follow`` x spread of the observed scores."""
+        if self.config.wall_follow <= 0 or not self._walls:
+            return 0.0
+        observed = self.surrogate.observed_values
+        spread = float(observed.std()) if observed.size > 1 else 1.0
+        return self.config.wall_follow * spread * self.wall_interest()
+
     def _saturation_penalty(self, chosen: list[int]) -> np.ndarray | float:
         """Penalty near acquired (and already chosen) tiles: their interest has been imaged already.
 
@@ -936,6 +1041,7 @@ class GuidedPolicy(AcquisitionPolicy):
         value = (
             self._acquisition(len(chosen))
             + self._prior_bonus()
+            + self._wall_bonus()
             - self._travel_penalty(chosen)
             - self._dose_penalty()
             - self._saturation_penalty(chosen)
@@ -964,6 +1070,7 @@ class ImageGPPolicy(GuidedPolicy):
 
     kind: ClassVar[str] = "image_gp"
     score_source: ClassVar[Literal["graph", "image"]] = "image"
+    follows_walls: ClassVar[bool] = False  # walls come from the graph, which this anchor never sees
 
 
 class OraclePolicy(AcquisitionPolicy):

@@ -3,6 +3,7 @@
 Each step of the loop::
 
     acquire -> columns -> graph merge -> GAE update and scores -> region score
+            -> domain wall in the tile (policy.ingest_walls)
             -> surrogate update (policy.ingest) -> next request (policy.suggest)
 
 is timed, and appended to the :class:`~agent.journal.SessionJournal` before the
@@ -34,6 +35,7 @@ from pydantic import Field
 from agent.anomaly import AnomalyConfig, AnomalyScorer, region_scores
 from agent.columns import ColumnFinderConfig, Columns, find_columns
 from agent.config import StrictModel
+from agent.domains import WallConfig, WallSegment, wall_in_tile
 from agent.driver import MicroscopeDriver, ScanRequest, Tile
 from agent.errors import MicrographyError
 from agent.graph import GraphConfig, MoleculeGraph
@@ -41,6 +43,14 @@ from agent.journal import JournalStep, SessionJournal
 from agent.policy import POLICY_NAMES, AcquisitionPolicy, PolicyConfig, make_policy
 from agent.surrogate import SurrogateConfig
 from agent.survey import CandidateGrid, lattice_disorder, survey_features, survey_request
+
+STEP_STAGES: tuple[str, ...] = (
+    "acquire", "columns", "graph", "anomaly", "region_score", "walls", "surrogate", "decision",
+)  # fmt: skip
+"""Stages timed in every step, in pipeline order (``StepRecord.timings`` keys)."""
+
+DECISION_STAGES: tuple[str, ...] = STEP_STAGES[1:]
+"""The stages from a tile's arrival to the next request: the decision latency."""
 
 
 class SessionError(MicrographyError, RuntimeError):
@@ -87,9 +97,10 @@ class SessionConfig(StrictModel):
     )
     columns: ColumnFinderConfig = ColumnFinderConfig()
     graph: GraphConfig = GraphConfig()
+    walls: WallConfig = WallConfig()
     anomaly: AnomalyConfig = AnomalyConfig(device="auto", online_steps=4)
     surrogate: SurrogateConfig = SurrogateConfig()
-    acquisition: PolicyConfig = PolicyConfig(beta=1.0, saturation=1.5, survey_prior=1.0)
+    acquisition: PolicyConfig = PolicyConfig(beta=1.0, saturation=1.0, survey_prior=1.0, wall_follow=4.0)
     simulator: dict[str, Any] | None = Field(
         None,
         description="the simulated instrument (simulator.config.SimulatorConfig keys) for `micrography run`",
@@ -367,7 +378,7 @@ class Session:
         return session
 
     def summary(self) -> dict[str, Any]:
-        """Counts, dose and time spent, the stop reason and median timings per stage."""
+        """Counts, dose and time spent, stop reason, domain-wall segments seen, median timings per stage."""
         guided = [s for s in self.steps if s.kind != "survey"]
         timings: dict[str, list[float]] = {}
         for step in guided:
@@ -382,6 +393,7 @@ class Session:
             "mean_dose_e_per_a2": self._mean_dose(),
             "instrument_time_s": 0.0 if self._t_first is None else (self._t_last or 0.0) - self._t_first,
             "stop_reason": self.stop_reason,
+            "wall_segments": 0 if self.policy is None else len(self.policy.walls),
             "median_timings_s": {stage: float(np.median(values)) for stage, values in timings.items()},
             "journal": None if self._journal_path is None else str(self._journal_path),
         }
@@ -510,6 +522,9 @@ class Session:
         score = self._score_tile(request, tile, columns)
         timings["region_score"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        wall = self._find_wall(columns)
+        timings["walls"] = time.perf_counter() - tick
+        tick = time.perf_counter()
         if self.scorer is not None or policy.score_source == "image":
             policy.ingest([request], [score])
         else:
@@ -530,6 +545,7 @@ class Session:
             "columns_reason": columns.reason,
             "mean_dose_e_per_a2": self._mean_dose(),
             "surrogate": policy.surrogate_summary(),
+            "wall": None if wall is None else wall.to_record(),
         }
         record = StepRecord(
             len(self.steps), kind, request, tile, columns, score,
@@ -537,6 +553,16 @@ class Session:
         )  # fmt: skip
         self._finish(record, recorded)
         return record
+
+    def _find_wall(self, columns: Columns) -> WallSegment | None:
+        """The domain wall crossing the tile, told to a policy that follows walls (None otherwise)."""
+        policy = self._ensure_policy()
+        if not policy.follows_walls or policy.config.wall_follow <= 0:
+            return None
+        wall = wall_in_tile(columns, self.config.walls)
+        if wall is not None:
+            policy.ingest_walls([wall])
+        return wall
 
     def _ingest_pending_starts(self) -> None:
         """Score the start tiles once the scorer exists and tell the policy about them."""

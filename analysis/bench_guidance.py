@@ -26,7 +26,7 @@ from rich.progress import Progress
 
 from agent.benchmarking import machine_info
 from agent.policy import POLICY_NAMES
-from agent.session import BudgetConfig, Session, SessionConfig, StepRecord
+from agent.session import DECISION_STAGES, BudgetConfig, Session, SessionConfig, StepRecord
 from agent.survey import CandidateGrid
 from analysis.guidance import DiscoveryTracker, detected_features
 from simulator.config import SimulatorConfig, SpecimenConfig
@@ -47,7 +47,8 @@ CONTROL_SPECIMEN = SpecimenConfig(
 )
 """Features uniformly at random: no walls to follow, no clustering, no survey contrast."""
 
-LATENCY_STAGES = ("columns", "graph", "anomaly", "region_score", "surrogate", "decision")
+LATENCY_STAGES = DECISION_STAGES
+"""Stages counted in the decision latency (tile in -> next request out)."""
 
 
 def budget_tiles(grid_tiles: int, fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[int, float]:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from agent.driver import ScanRequest
 from agent.journal import JournalContents
 from agent.policy import GuidedPolicy
-from agent.session import Session, StepRecord
+from agent.session import DECISION_STAGES, Session, StepRecord
 from agent.survey import CandidateGrid
 from analysis.ground_truth import match_columns
 from simulator.config import SimulatorConfig
@@ -189,7 +189,7 @@ def write_session_report(
     title: str | None = None,
     dpi: int = 90,
 ) -> Path:
-    """A 2 x 3 figure: survey and tile path, anomaly map, survey prior, surrogate mean and std, discovery.
+    """A 2 x 3 figure: survey, tiles and walls, anomaly map, survey prior, surrogate mean and std, discovery.
 
     It draws the session's state as it is when called, so a replay calls it after any step
     for the figure of the session at that step.
@@ -249,7 +249,13 @@ def write_session_report(
         )
     if len(centres) > 1:
         ax.plot(centres[:, 0], centres[:, 1], color="#00c0ff", linewidth=0.6, alpha=0.7)
-    ax.set_title(f"Survey and tile path ({len(steps)} tiles; orange: start tiles)")
+    walls = session.policy.walls if session.policy is not None else []
+    for wall in walls:
+        reach = wall.half_length_nm * np.asarray(wall.direction)
+        ends = np.asarray(wall.point_nm) + np.outer([-1.0, 1.0], reach)
+        ax.plot(ends[:, 0], ends[:, 1], color="#ff40ff", linewidth=2.0)
+    wall_note = f"; magenta: {len(walls)} walls" if walls else ""
+    ax.set_title(f"Survey and {len(steps)} tiles in order (orange: start{wall_note})")
 
     ax = axes[0, 1]
     if survey is not None:
@@ -309,6 +315,14 @@ def write_session_report(
             figure.colorbar(image, ax=ax)
             ax.plot(centres[:, 0], centres[:, 1], "w.", markersize=2)
         ax.set_title(title)
+    if guided and policy.walls:
+        # Where the policy expects the walls it has seen to continue (one wall-reach beyond each).
+        reach = policy.config.wall_reach_tiles * max(session.grid.tile_size_nm)
+        for wall in policy.walls:
+            span = (wall.half_length_nm + reach) * np.asarray(wall.direction)
+            ends = np.asarray(wall.point_nm) + np.outer([-1.0, 1.0], span)
+            axes[0, 2].plot(ends[:, 0], ends[:, 1], "--", color="#ff40ff", linewidth=0.7)
+        axes[0, 2].set_title("Survey prior (fringe distortion and loss, z); dashed: walls followed")
     ax = axes[1, 2]
     if tracker is None:
         note = "no ground truth: discovery not measured"
@@ -347,12 +361,14 @@ def session_summary_table(summary: dict[str, Any]) -> str:
         f"instrument time {summary['instrument_time_s']:.1f} s",
         f"stopped because {summary['stop_reason']}",
     ]
+    if summary.get("wall_segments"):
+        lines.append(f"domain walls    seen in {summary['wall_segments']} tiles and followed")
     if "imaged_features" in summary:
         lines.append(f"features imaged {summary['imaged_features']} of {summary['planted_features']}")
         lines.append(f"features found  {summary['detected_features']} scored above the detection threshold")
     timings = summary.get("median_timings_s", {})
     if timings:
-        latency = sum(v for k, v in timings.items() if k != "acquire")
+        latency = sum(v for k, v in timings.items() if k in DECISION_STAGES)
         lines.append(
             "median seconds  "
             + ", ".join(f"{k} {v:.3f}" for k, v in timings.items())

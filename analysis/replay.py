@@ -47,6 +47,7 @@ from agent.protocol.messages import jsonable
 
 # The session's own switch to single-threaded torch, so re-scored reductions repeat its bits exactly.
 from agent.session import (
+    STEP_STAGES,
     Session,
     SessionConfig,
     SessionError,
@@ -59,7 +60,7 @@ from agent.survey import CandidateGrid
 from analysis.guidance import DiscoveryTracker, detected_features, recorded_ground_truth, write_session_report
 from simulator.specimen import Specimen
 
-STAGES: tuple[str, ...] = ("acquire", "columns", "graph", "anomaly", "region_score", "surrogate", "decision")
+STAGES: tuple[str, ...] = STEP_STAGES
 """Pipeline stages timed per step, in pipeline order."""
 
 SCORE_TOLERANCE = 1e-9

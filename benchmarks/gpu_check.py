@@ -150,7 +150,7 @@ def check_analyze(report: dict, device: str, out: Path, size_px: int = 4096) -> 
 
 
 def check_session(report: dict, out: Path) -> None:
-    from agent.session import BudgetConfig, Session, SessionConfig
+    from agent.session import DECISION_STAGES, BudgetConfig, Session, SessionConfig
 
     config = SessionConfig(budget=BudgetConfig(max_tiles=16))
     with SimulatedMicroscope(SimulatorConfig(seed=0)) as microscope:
@@ -158,7 +158,7 @@ def check_session(report: dict, out: Path) -> None:
         start = time.perf_counter()
         summary = session.run()
     guided = [step for step in session.steps if step.kind == "guided"]
-    stages = ("columns", "graph", "anomaly", "region_score", "surrogate", "decision")
+    stages = DECISION_STAGES
     latency = [sum(step.timings.get(stage, 0.0) for stage in stages) for step in guided]
     report["session"] = {
         "device": str(session.scorer.device) if session.scorer is not None else None,

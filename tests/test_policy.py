@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.domains import WallSegment
 from agent.driver import DoseMap, InstrumentDescription, ScanRequest, Tile
 from agent.errors import OutOfRangeError, OutsideStageError
 from agent.policy import (
@@ -553,3 +554,71 @@ def test_saturation_steers_away_from_imaged_hot_regions(grid: CandidateGrid) -> 
         return float(np.hypot(chosen.x_nm - grid.centres[hot, 0], chosen.y_nm - grid.centres[hot, 1]))
 
     assert next_after_hot_tile(3.0) > next_after_hot_tile(0.0)
+
+
+def horizontal_wall(y_nm: float, x_nm: float = 75.0, half_length_nm: float = 5.0) -> WallSegment:
+    """A wall segment along stage x through (x_nm, y_nm), as a tile of 10 nm would show it."""
+    return WallSegment(
+        point_nm=(x_nm, y_nm),
+        direction=(1.0, 0.0),
+        half_length_nm=half_length_nm,
+        residual_nm=0.2,
+        separation_pm=35.0,
+        contrast=8.0,
+        polarization_pm=((17.7, 17.7), (17.7, -17.7)),
+    )
+
+
+def test_wall_interest_runs_along_the_wall_and_fades_with_distance(grid: CandidateGrid) -> None:
+    policy = GuidedPolicy(grid, STEM, None, PolicyConfig(name="g", wall_follow=2.0, wall_reach_tiles=3.0))
+    assert not policy.wall_interest().any()
+    policy.ingest_walls([horizontal_wall(75.0)])
+    interest = policy.wall_interest()
+    centres = grid.centres
+    on_row = np.isclose(centres[:, 1], 75.0)
+    # Candidates the wall crosses score; the ones beside it (10 nm away) barely do near the
+    # segment, and further along the band widens with the direction's uncertainty.
+    assert interest[on_row].min() > 0.05
+    near = np.abs(centres[:, 0] - 75.0) <= 10.0
+    assert interest[~on_row & near].max() < 0.01
+    for x in np.unique(centres[:, 0]):
+        column = np.isclose(centres[:, 0], x)
+        assert interest[column & on_row].min() > interest[column & ~on_row].max()
+    # Along the wall, interest falls with the distance beyond the segment: exp(-d / 30 nm).
+    row = np.flatnonzero(on_row)
+    along = np.abs(centres[row, 0] - 75.0)
+    order = np.argsort(along)
+    assert np.all(np.diff(interest[row][order]) <= 1e-12)
+    far = row[np.argmax(along)]
+    assert interest[far] == pytest.approx(np.exp(-(70.0 - 5.0) / 30.0), rel=1e-6)
+
+
+def test_a_wall_bends_the_next_suggestion_onto_its_continuation(grid: CandidateGrid) -> None:
+    def next_after_wall_tile(wall_follow: float) -> int:
+        config = PolicyConfig(name="g", beta=1.0, travel_cost_per_um=0.0, wall_follow=wall_follow)
+        surrogate = GPSurrogate(FAST_GP, stage_x_nm=STEM.stage_x_nm, stage_y_nm=STEM.stage_y_nm)
+        policy = GuidedPolicy(grid, STEM, surrogate, config)
+        seen = int(np.argmin(np.hypot(grid.centres[:, 0] - 75.0, grid.centres[:, 1] - 75.0)))
+        scans = [grid.request(index, 2.0, request_id=f"seen-{index}") for index in (seen, 0, len(grid) - 1)]
+        policy.ingest(scans, [1.0, 0.0, 0.0])
+        policy.ingest_walls([horizontal_wall(float(grid.centres[seen, 1]), float(grid.centres[seen, 0]))])
+        return index_of(grid, policy.suggest(1)[0])
+
+    chosen = next_after_wall_tile(5.0)
+    assert grid.centres[chosen, 1] == pytest.approx(75.0)
+    assert abs(grid.centres[chosen, 0] - 75.0) == pytest.approx(10.0)  # the next tile along the wall
+    assert next_after_wall_tile(0.0) != chosen
+
+
+def test_ingest_walls_checks_its_input_and_reports(small_grid: CandidateGrid) -> None:
+    guided = GuidedPolicy(small_grid, SMALL_STEM, None, PolicyConfig(name="g", wall_follow=1.0))
+    with pytest.raises(PolicyError, match="ingest_walls takes WallSegment objects, got dict"):
+        guided.ingest_walls([{"point_nm": (1.0, 2.0)}])  # type: ignore[list-item]
+    with pytest.raises(PolicyError, match="finite point and direction"):
+        guided.ingest_walls([horizontal_wall(float("nan"))])
+    guided.ingest_walls([horizontal_wall(30.0), horizontal_wall(40.0)])
+    assert guided.report()["walls"] == 2 and len(guided.walls) == 2
+    # The image-based anchor and the baselines keep walls but never follow them.
+    assert GuidedPolicy.follows_walls and not ImageGPPolicy.follows_walls
+    baselines = (RasterPolicy, RandomPolicy, SurveyContrastPolicy, OraclePolicy)
+    assert not any(policy.follows_walls for policy in baselines)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
+from agent.domains import WallSegment
 from agent.errors import MicrographyError
 from agent.journal import read_journal
 from agent.session import BudgetConfig, ScanSettings, Session, SessionConfig
 from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
-from simulator.specimen import Specimen
+from simulator.specimen import LABEL_CODE, Specimen
 
 SMALL_SESSION = SessionConfig(
     budget=BudgetConfig(max_tiles=10),
@@ -82,6 +83,26 @@ def test_baseline_policies_run_a_session(
     config = SMALL_SESSION.model_copy(update={"policy": policy, "budget": BudgetConfig(max_tiles=5)})
     session = run_session(small_config, small_specimen, config, None)
     assert session.summary()["tiles"] == 5
+
+
+def test_a_guided_session_journals_the_walls_it_follows(
+    tmp_path: Path, small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    session = run_session(small_config, small_specimen, SMALL_SESSION, tmp_path / "journal.h5")
+    records = [step.record for step in read_journal(tmp_path / "journal.h5").steps[1:]]
+    walls = [WallSegment.from_record(record["wall"]) for record in records if record["wall"] is not None]
+    assert walls and walls == session.policy.walls
+    assert all("walls" in record["timings"] for record in records)
+    # Every wall found lies on a planted one: its centre within 1 nm of a wall column.
+    on_wall = small_specimen.label == LABEL_CODE["domain_wall"]
+    planted = np.stack([small_specimen.x_nm[on_wall], small_specimen.y_nm[on_wall]], 1)
+    for wall in walls:
+        assert np.hypot(*(planted - np.asarray(wall.point_nm)).T).min() < 1.0
+    # The image-only anchor never looks for walls.
+    anchor = run_session(
+        small_config, small_specimen, SMALL_SESSION.model_copy(update={"policy": "image_gp"}), None
+    )
+    assert not anchor.policy.walls and all(step.extra.get("wall") is None for step in anchor.steps[1:])
 
 
 def test_unknown_policy_is_a_clear_error(small_config: SimulatorConfig, small_specimen: Specimen) -> None:
