@@ -14,9 +14,11 @@ from agent.domains import WallSegment
 from agent.errors import MicrographyError
 from agent.journal import read_journal
 from agent.session import BudgetConfig, ScanSettings, Session, SessionConfig
+from analysis.guidance import DiscoveryTracker
 from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
-from simulator.specimen import LABEL_CODE, Specimen
+from simulator.specimen import LABEL_CODE, Specimen, generate_specimen
+from tests.conftest import SMALL_SPECIMEN
 
 SMALL_SESSION = SessionConfig(
     budget=BudgetConfig(max_tiles=10),
@@ -83,6 +85,23 @@ def test_baseline_policies_run_a_session(
     config = SMALL_SESSION.model_copy(update={"policy": policy, "budget": BudgetConfig(max_tiles=5)})
     session = run_session(small_config, small_specimen, config, None)
     assert session.summary()["tiles"] == 5
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_a_small_guided_session_images_more_planted_features_than_raster(seed: int) -> None:
+    """10 tiles of 36 on a 30 nm specimen whose features are known: guided beats raster clearly."""
+    config = SimulatorConfig(seed=seed, specimen=SMALL_SPECIMEN)
+    specimen = generate_specimen(config.specimen, seed)
+    imaged = {}
+    for policy in ("guided", "raster"):
+        with SimulatedMicroscope(config, specimen) as microscope:
+            session = Session(microscope, SMALL_SESSION.model_copy(update={"policy": policy, "seed": seed}))
+            tracker = DiscoveryTracker(specimen, session.grid)
+            session.on_step = tracker
+            session.run()
+        assert session.summary()["tiles"] == 10
+        imaged[policy] = len(tracker.imaged)
+    assert imaged["guided"] >= imaged["raster"] + 3, imaged
 
 
 def test_a_guided_session_journals_the_walls_it_follows(
