@@ -179,7 +179,8 @@ def benchmark_guidance(
         ``grid_tiles``, ``total_features`` and ``points``, one per tile with ``tiles``,
         ``mean_dose_e_per_a2`` and ``imaged_fraction``), ``areas`` (area under the imaged curve
         per policy and layout),
-        ``latency`` (``median_step_s``, ``p95_step_s``), ``targets``, ``machine``.
+        ``latency`` (``median_step_s``, ``p95_step_s``), ``targets``, ``target_results``
+        (:func:`target_results`), ``machine``.
     """
     runs = [(policy, seed, "default") for seed in seeds for policy in policies]
     if control_seed is not None:
@@ -221,19 +222,66 @@ def benchmark_guidance(
             if policy == "guided":
                 latencies.extend(result["step_latency_s"])
             progress.advance(task)
+    median_step = statistics.median(latencies) if latencies else None
     return {
         "benchmark": "guidance",
         "rows": rows,
         "curves": curves,
         "areas": {name: float(np.mean(values)) for name, values in areas.items()},
         "latency": {
-            "median_step_s": statistics.median(latencies) if latencies else None,
+            "median_step_s": median_step,
             "p95_step_s": float(np.percentile(latencies, 95)) if latencies else None,
             "steps": len(latencies),
             "stages": list(LATENCY_STAGES),
         },
         "targets": TARGETS,
+        "target_results": target_results(rows, median_step),
         "machine": machine_info(),
+    }
+
+
+def _mean_imaged(rows: list[dict[str, Any]], policy: str, fraction: float) -> float | None:
+    """Mean imaged fraction of one policy on the default layout at one budget (None without rows)."""
+    values = [
+        row["imaged_fraction"]
+        for row in rows
+        if (row["policy"], row["layout"]) == (policy, "default")
+        and abs(row["budget_fraction"] - fraction) < 1e-9
+    ]
+    return float(np.mean(values)) if values else None
+
+
+def target_results(rows: list[dict[str, Any]], median_step_s: float | None) -> dict[str, dict[str, Any]]:
+    """Each of :data:`TARGETS` with what was measured and whether it is met.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The benchmark's rows (``policy``, ``layout``, ``budget_fraction``, ``imaged_fraction``).
+    median_step_s : float or None
+        Median decision latency of the guided sessions, s.
+
+    Returns
+    -------
+    dict
+        Per target name: ``target``, ``measured`` (None when not measured) and ``met``
+        (None when not measured).
+    """
+    guided = _mean_imaged(rows, "guided", 0.25)
+    anchor = _mean_imaged(rows, "image_gp", 0.25)
+    ratio = None if guided is None or not anchor else guided / anchor
+    measured = {
+        "guided_imaged_at_25": (guided, lambda value, target: value >= target),
+        "guided_over_image_gp_at_25": (ratio, lambda value, target: value >= target),
+        "median_step_s": (median_step_s, lambda value, target: value <= target),
+    }
+    return {
+        name: {
+            "target": TARGETS[name],
+            "measured": value,
+            "met": None if value is None else bool(holds(value, TARGETS[name])),
+        }
+        for name, (value, holds) in measured.items()
     }
 
 
@@ -267,4 +315,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"decision latency (tile in -> next request out): median {latency['median_step_s']:.3f} s, "
             f"p95 {latency['p95_step_s']:.3f} s over {latency['steps']} steps"
         )
+    for name, result in report.get("target_results", {}).items():
+        if result["measured"] is None:
+            lines.append(f"target {name}: {result['target']:g} (not measured)")
+        else:
+            verdict = "met" if result["met"] else "NOT met"
+            lines.append(f"target {name}: {result['target']:g}, measured {result['measured']:.3f}: {verdict}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from analysis.bench_anomaly import DEFECT_CLASSES, _class_rows
 from analysis.bench_columns import _row, format_report
@@ -59,3 +60,27 @@ def test_guidance_report_areas_and_table() -> None:
     }
     text = format_guidance(report)
     assert "0.50/0.25" in text and "median 0.100 s" in text
+
+
+def test_guidance_targets_are_checked_against_the_rows() -> None:
+    from analysis.bench_guidance import format_report as format_guidance
+    from analysis.bench_guidance import target_results
+
+    def row(policy: str, imaged: float, seed: int, layout: str = "default") -> dict:
+        return {"policy": policy, "layout": layout, "seed": seed, "budget_fraction": 0.25,
+                "imaged_fraction": imaged, "detected_fraction": 0.0}  # fmt: skip
+
+    rows = [row("guided", 0.9, 0), row("guided", 0.72, 1), row("image_gp", 0.4, 0), row("image_gp", 0.8, 1)]
+    rows.append(row("guided", 0.0, 100, "control"))  # the control layout does not count
+    results = target_results(rows, 0.16)
+    assert results["guided_imaged_at_25"] == {"target": 0.8, "measured": pytest.approx(0.81), "met": True}
+    assert results["guided_over_image_gp_at_25"]["measured"] == pytest.approx(0.81 / 0.6)
+    assert results["guided_over_image_gp_at_25"]["met"] is True
+    assert results["median_step_s"] == {"target": 0.15, "measured": 0.16, "met": False}
+    missing = target_results([row("guided", 0.9, 0)], None)
+    assert missing["guided_over_image_gp_at_25"]["met"] is None
+    assert missing["median_step_s"]["measured"] is None
+    report = {"rows": rows, "areas": {}, "latency": {"median_step_s": None}, "target_results": results}
+    text = format_guidance(report)
+    assert "target guided_imaged_at_25: 0.8, measured 0.810: met" in text
+    assert "target median_step_s: 0.15, measured 0.160: NOT met" in text
