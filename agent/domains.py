@@ -63,7 +63,8 @@ class WallSegment:
     point_nm : tuple of float
         ``(x, y)`` centre of the boundary columns, nm.
     direction : tuple of float
-        Unit vector along the wall ``(tx, ty)``; its sign carries no meaning.
+        Vector along the wall ``(tx, ty)``, stored normalised to unit length; its sign
+        carries no meaning.
     half_length_nm : float
         Half the extent of the boundary columns along the wall, nm.
     residual_nm : float
@@ -75,6 +76,12 @@ class WallSegment:
     polarization_pm : tuple of tuple of float
         Mean smoothed shift ``(dx, dy)`` in pm on the side the normal ``(-ty, tx)`` points
         away from, then on the side it points to.
+
+    Raises
+    ------
+    ValueError
+        If the point, direction, length or residual is not finite, the direction is zero or
+        the length negative.
     """
 
     point_nm: tuple[float, float]
@@ -84,6 +91,20 @@ class WallSegment:
     separation_pm: float
     contrast: float
     polarization_pm: tuple[tuple[float, float], tuple[float, float]]
+
+    def __post_init__(self) -> None:
+        numbers = (*self.point_nm, *self.direction, self.half_length_nm, self.residual_nm)
+        if not all(math.isfinite(value) for value in numbers):
+            raise ValueError(
+                f"a wall segment needs a finite point, direction, length and residual; got {self}"
+            )
+        norm = math.hypot(*self.direction)
+        if norm < 1e-9:
+            raise ValueError(f"a wall segment needs a non-zero direction, got {self.direction}")
+        if self.half_length_nm < 0:
+            raise ValueError(f"half_length_nm must be >= 0, got {self.half_length_nm}")
+        # Stored as a unit vector: wall_interest and offsets_nm measure distances with it.
+        object.__setattr__(self, "direction", (self.direction[0] / norm, self.direction[1] / norm))
 
     @property
     def normal(self) -> np.ndarray:
@@ -169,22 +190,29 @@ def smooth_displacement(positions_nm: np.ndarray, displacement: np.ndarray, radi
     >>> smooth_displacement(positions, shifts, 1.0).tolist()
     [[15.0, 0.0], [15.0, 0.0], [0.0, 30.0]]
     """
-    if positions_nm.shape[0] == 0:
+    positions_nm = np.asarray(positions_nm, dtype=np.float64)
+    displacement = np.asarray(displacement, dtype=np.float64)
+    count = positions_nm.shape[0]
+    if count == 0:
         return displacement.copy()
     tree = cKDTree(positions_nm)
-    # A disc of a few cells holds a bounded number of B columns: a fixed k keeps it vectorised.
-    k = min(64, positions_nm.shape[0])
-    distance, index = tree.query(positions_nm, k=k, distance_upper_bound=radius_nm, workers=-1)
-    distance, index = np.atleast_2d(distance), np.atleast_2d(index)
-    if k == 1:
-        distance, index = distance.reshape(-1, 1), index.reshape(-1, 1)
+    # A fixed number of neighbours keeps the average vectorised; it grows until the farthest
+    # one lies outside the radius for every point, so any radius is honoured.
+    k = min(64, count)
+    while True:
+        # A list of k values keeps the result 2-d even for a single neighbour.
+        ranks = list(range(1, k + 1))
+        distance, index = tree.query(positions_nm, k=ranks, distance_upper_bound=radius_nm, workers=-1)
+        if k == count or not np.isfinite(distance[:, -1]).any():
+            break
+        k = min(2 * k, count)
     inside = np.isfinite(distance)
     safe = np.where(inside, index, 0)
     summed = (displacement[safe] * inside[..., None]).sum(axis=1)
     return summed / np.maximum(inside.sum(axis=1), 1)[:, None]
 
 
-def _two_level_split(values: np.ndarray, min_side: int) -> float:
+def _two_level_split(values: np.ndarray) -> float:
     """Otsu's threshold of 1-d values: the split that maximises the between-class variance."""
     ordered = np.sort(values)
     count = ordered.size
@@ -193,8 +221,6 @@ def _two_level_split(values: np.ndarray, min_side: int) -> float:
     mean_below = cumulative[:-1] / below
     mean_above = (cumulative[-1] - cumulative[:-1]) / (count - below)
     between = below * (count - below) * (mean_below - mean_above) ** 2
-    between[: min_side - 1] = -1.0
-    between[count - min_side :] = -1.0
     split = int(np.argmax(between))
     return 0.5 * (ordered[split] + ordered[split + 1])
 
@@ -235,8 +261,11 @@ def find_wall(
     (6.0, 90)
     """
     config = config or WallConfig()
-    positions = np.asarray(positions_nm, dtype=np.float64).reshape(-1, 2)
-    shifts = np.asarray(displacement_pm, dtype=np.float64).reshape(-1, 2)
+    positions = np.asarray(positions_nm, dtype=np.float64)
+    shifts = np.asarray(displacement_pm, dtype=np.float64)
+    for name, array in (("positions_nm", positions), ("displacement_pm", shifts)):
+        if array.ndim != 2 or array.shape[1] != 2:
+            raise ValueError(f"{name} must have shape (N, 2), got {array.shape}")
     if positions.shape[0] != shifts.shape[0]:
         raise ValueError(f"{positions.shape[0]} positions but {shifts.shape[0]} shifts")
     finite = np.isfinite(positions).all(axis=1) & np.isfinite(shifts).all(axis=1)
@@ -249,7 +278,8 @@ def find_wall(
     principal = np.linalg.svd(centred, full_matrices=False)[2][0]
     projection = centred @ principal
     min_side = max(1, math.ceil(config.min_side_fraction * count))
-    side = projection > _two_level_split(projection, min_side)
+    side = projection > _two_level_split(projection)
+    # A wall that only clips a corner leaves too few columns to measure the far domain.
     if not min_side <= side.sum() <= count - min_side:
         return None
     mean_low, mean_high = smoothed[~side].mean(axis=0), smoothed[side].mean(axis=0)
@@ -263,7 +293,10 @@ def find_wall(
 
     tree = cKDTree(positions)
     neighbours = min(_BOUNDARY_NEIGHBOURS, count)
-    reach = 0.5 * config.smoothing_radius_nm
+    # Half the smoothing radius, but never less than the next-nearest columns (a small radius
+    # would otherwise leave no neighbour to compare with).
+    spacing = float(np.median(tree.query(positions, k=2)[0][:, 1]))
+    reach = max(0.5 * config.smoothing_radius_nm, 1.5 * spacing)
     distance, index = tree.query(positions, k=neighbours, distance_upper_bound=reach)
     present = np.isfinite(distance)
     labels = np.where(present, side[np.where(present, index, 0)], side[:, None])
@@ -277,13 +310,14 @@ def find_wall(
     if residual > config.max_residual_nm:
         return None
     along = (boundary - centre) @ direction
-    # Fix the sign so that the same wall always gets the same direction: along +x, or +y if vertical.
+    # A sign convention (x component >= 0) so that records of a wall read alike; for a wall
+    # within a few degrees of vertical, measurement noise still picks either sign.
     if direction[0] < -1e-12 or (abs(direction[0]) <= 1e-12 and direction[1] < 0):
         direction = -direction
     normal = np.array([-direction[1], direction[0]])
     beyond = (positions - centre) @ normal > 0
-    means = [smoothed[mask].mean(axis=0) if mask.any() else np.zeros(2) for mask in (~beyond, beyond)]
-    polarization = tuple((float(mean[0]), float(mean[1])) for mean in means)
+    before, after = (smoothed[mask].mean(axis=0) if mask.any() else np.zeros(2) for mask in (~beyond, beyond))
+    polarization = ((float(before[0]), float(before[1])), (float(after[0]), float(after[1])))
     return WallSegment(
         point_nm=(float(centre[0]), float(centre[1])),
         direction=(float(direction[0]), float(direction[1])),
@@ -291,7 +325,7 @@ def find_wall(
         residual_nm=residual,
         separation_pm=separation,
         contrast=float(contrast),
-        polarization_pm=polarization,  # type: ignore[arg-type]
+        polarization_pm=polarization,
     )
 
 

@@ -47,8 +47,6 @@ CONTROL_SPECIMEN = SpecimenConfig(
 )
 """Features uniformly at random: no walls to follow, no clustering, no survey contrast."""
 
-LATENCY_STAGES = DECISION_STAGES
-"""Stages counted in the decision latency (tile in -> next request out)."""
 
 
 def budget_tiles(grid_tiles: int, fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[int, float]:
@@ -118,7 +116,7 @@ def run_policy_session(
         def on_step(record: StepRecord) -> None:
             tracker(record)
             if record.kind == "guided":
-                latencies.append(sum(record.timings.get(stage, 0.0) for stage in LATENCY_STAGES))
+                latencies.append(sum(record.timings.get(stage, 0.0) for stage in DECISION_STAGES))
             tiles = len(tracker.curve)
             if record.kind != "survey" and tiles in checkpoints:
                 detected = detected_features(holder["session"], specimen)
@@ -232,7 +230,7 @@ def benchmark_guidance(
             "median_step_s": median_step,
             "p95_step_s": float(np.percentile(latencies, 95)) if latencies else None,
             "steps": len(latencies),
-            "stages": list(LATENCY_STAGES),
+            "stages": list(DECISION_STAGES),
         },
         "targets": TARGETS,
         "target_results": target_results(rows, median_step),
@@ -264,18 +262,18 @@ def target_results(rows: list[dict[str, Any]], median_step_s: float | None) -> d
     Returns
     -------
     dict
-        Per target name: ``target``, ``measured`` (None when not measured) and ``met``
-        (None when not measured).
+        Per target name: ``target``, ``measured`` (None when not measured, and for the ratio
+        when the image-only GP imaged nothing) and ``met`` (None when not measured).
     """
     guided = _mean_imaged(rows, "guided", 0.25)
     anchor = _mean_imaged(rows, "image_gp", 0.25)
-    ratio = None if guided is None or not anchor else guided / anchor
+    ratio = None if guided is None or anchor is None or anchor == 0 else guided / anchor
     measured = {
         "guided_imaged_at_25": (guided, lambda value, target: value >= target),
         "guided_over_image_gp_at_25": (ratio, lambda value, target: value >= target),
         "median_step_s": (median_step_s, lambda value, target: value <= target),
     }
-    return {
+    results = {
         name: {
             "target": TARGETS[name],
             "measured": value,
@@ -283,6 +281,10 @@ def target_results(rows: list[dict[str, Any]], median_step_s: float | None) -> d
         }
         for name, (value, holds) in measured.items()
     }
+    if guided is not None and anchor == 0:
+        # No finite ratio: any feature imaged is infinitely more than none.
+        results["guided_over_image_gp_at_25"]["met"] = guided > 0
+    return results
 
 
 def format_report(report: dict[str, Any]) -> str:

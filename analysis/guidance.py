@@ -315,7 +315,7 @@ def write_session_report(
             figure.colorbar(image, ax=ax)
             ax.plot(centres[:, 0], centres[:, 1], "w.", markersize=2)
         ax.set_title(title)
-    if guided and policy.walls:
+    if guided and policy.walls and prior is not None:
         # Where the policy expects the walls it has seen to continue (one wall-reach beyond each).
         reach = policy.config.wall_reach_tiles * max(session.grid.tile_size_nm)
         for wall in policy.walls:

@@ -47,6 +47,7 @@ from agent.protocol.messages import jsonable
 
 # The session's own switch to single-threaded torch, so re-scored reductions repeat its bits exactly.
 from agent.session import (
+    DECISION_STAGES,
     STEP_STAGES,
     Session,
     SessionConfig,
@@ -59,9 +60,6 @@ from agent.session import (
 from agent.survey import CandidateGrid
 from analysis.guidance import DiscoveryTracker, detected_features, recorded_ground_truth, write_session_report
 from simulator.specimen import Specimen
-
-STAGES: tuple[str, ...] = STEP_STAGES
-"""Pipeline stages timed per step, in pipeline order."""
 
 SCORE_TOLERANCE = 1e-9
 """Largest difference between a replayed and a recorded region score still counted as reproduced."""
@@ -709,7 +707,8 @@ def timing_breakdown(snapshots: list[StepSnapshot]) -> dict[str, Any]:
     result: dict[str, Any] = {"steps": len(tiles)}
     for source in ("recorded", "replayed"):
         table: dict[str, dict[str, float]] = {}
-        stages = [*STAGES, *sorted({k for s in tiles for k in getattr(s, f"{source}_timings")} - set(STAGES))]
+        recorded_stages = {stage for s in tiles for stage in getattr(s, f"{source}_timings")}
+        stages = [*STEP_STAGES, *sorted(recorded_stages - set(STEP_STAGES))]
         for stage in stages:
             values = [
                 getattr(s, f"{source}_timings")[stage]
@@ -723,7 +722,7 @@ def timing_breakdown(snapshots: list[StepSnapshot]) -> dict[str, Any]:
                     "total_s": float(np.sum(values)),
                 }
         result[source] = table
-    latencies = [sum(v for k, v in s.recorded_timings.items() if k != "acquire") for s in tiles]
+    latencies = [sum(v for k, v in s.recorded_timings.items() if k in DECISION_STAGES) for s in tiles]
     result["latency"] = {"median_s": float(np.median(latencies)) if latencies else None}
     return result
 

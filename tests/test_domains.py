@@ -73,6 +73,11 @@ def test_a_straight_wall_is_found_where_it_is(
     )
     assert wall.residual_nm < 0.5 and wall.half_length_nm > 3.0
     assert math.hypot(*wall.direction) == pytest.approx(1.0)
+    # The second polarization is that of the side the normal points to.
+    clean = two_domains(positions, point, angle_deg, rotation, noise_pm=0.0, seed=1)
+    across = wall.offsets_nm(positions)[1]
+    for side, mask in ((0, across < -1.0), (1, across > 1.0)):
+        np.testing.assert_allclose(wall.polarization_pm[side], clean[mask].mean(axis=0), atol=4.0)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -99,7 +104,15 @@ def test_a_curved_phase_boundary_and_crossing_walls_are_not_walls() -> None:
 def test_thresholds_come_from_the_config() -> None:
     positions = b_lattice()
     shifts = two_domains(positions, (5.0, 5.0), 45.0, 90, noise_pm=8.0, seed=3)
+    assert find_wall(positions, shifts) is not None
     assert find_wall(positions, shifts, WallConfig(min_separation_pm=60.0)) is None
+    assert find_wall(positions, shifts, WallConfig(min_contrast=50.0)) is None
+    assert find_wall(positions, shifts, WallConfig(max_residual_nm=0.01)) is None
+    assert find_wall(positions, shifts, WallConfig(min_boundary_columns=500)) is None
+    # A wall 1.6 nm from the tile edge leaves 16 % of the columns on its far side.
+    edge = two_domains(positions, (1.6, 5.0), 90.0, 90, noise_pm=8.0, seed=3)
+    assert find_wall(positions, edge) is not None
+    assert find_wall(positions, edge, WallConfig(min_side_fraction=0.2)) is None
     small = b_lattice(3.0)  # 49 columns, fewer than min_columns
     small_shifts = two_domains(small, (1.5, 1.5), 45.0, 90, noise_pm=4.0, seed=3)
     assert find_wall(small, small_shifts) is None
@@ -114,6 +127,8 @@ def test_non_finite_shifts_are_ignored_and_mismatched_inputs_refused() -> None:
     assert wall is not None and line_distance(wall, (5.0, 5.0)) < 0.3
     with pytest.raises(ValueError, match="positions but"):
         find_wall(positions, shifts[:-1])
+    with pytest.raises(ValueError, match=r"displacement_pm must have shape \(N, 2\), got \(625, 3\)"):
+        find_wall(positions, np.zeros((625, 3)))
 
 
 def test_a_wall_segment_survives_a_json_round_trip() -> None:
@@ -121,8 +136,8 @@ def test_a_wall_segment_survives_a_json_round_trip() -> None:
     wall = find_wall(positions, two_domains(positions, (5.0, 5.0), 30.0, 90, noise_pm=5.0, seed=5))
     assert wall is not None
     assert WallSegment.from_record(json.loads(json.dumps(wall.to_record()))) == wall
-    # The same wall seen from the other side gets the same direction sign.
-    assert wall.direction[0] > 0 or (wall.direction[0] == 0 and wall.direction[1] > 0)
+    # The sign convention: the direction's x component is never negative.
+    assert wall.direction[0] >= 0
 
 
 def test_smoothing_averages_within_the_radius() -> None:
@@ -130,6 +145,19 @@ def test_smoothing_averages_within_the_radius() -> None:
     shifts = np.array([[10.0, 0.0], [20.0, 0.0], [0.0, 30.0]])
     np.testing.assert_allclose(smooth_displacement(positions, shifts, 1.0), [[15, 0], [15, 0], [0, 30]])
     np.testing.assert_allclose(smooth_displacement(positions[:1], shifts[:1], 1.0), shifts[:1])
+    # A radius holding far more than 64 points is honoured exactly (brute force).
+    dense = b_lattice(6.0)
+    values = np.random.default_rng(0).normal(size=dense.shape)
+    inside = np.hypot(*(dense[:, None, :] - dense[None, :, :]).transpose(2, 0, 1)) <= 2.5
+    expected = (inside[:, :, None] * values[None, :, :]).sum(axis=1) / inside.sum(axis=1)[:, None]
+    np.testing.assert_allclose(smooth_displacement(dense, values, 2.5), expected, atol=1e-12)
+
+
+def test_a_small_smoothing_radius_still_finds_the_wall() -> None:
+    positions = b_lattice()
+    shifts = two_domains(positions, (5.0, 5.0), 0.0, 180, noise_pm=2.0, seed=6)
+    wall = find_wall(positions, shifts, WallConfig(smoothing_radius_nm=0.5))
+    assert wall is not None and line_distance(wall, (5.0, 5.0)) < 0.3
 
 
 def test_the_wall_in_a_simulated_tile_lies_on_the_planted_wall() -> None:

@@ -177,12 +177,17 @@ def test_killed_session_resumes_to_the_same_final_state(
     assert [s.record["request"] for s in resumed_steps] == [s.record["request"] for s in complete_steps]
     assert [s.record["decision"] for s in resumed_steps] == [s.record["decision"] for s in complete_steps]
     np.testing.assert_array_equal(resumed_steps[-1].image, complete_steps[-1].image)
+    # The walls found before the kill were rebuilt from the journal, and the same ones found after.
+    walls = [s.record["wall"] for s in resumed_steps]
+    assert walls == [s.record["wall"] for s in complete_steps]
+    assert any(wall is not None for wall in walls[1:steps_before])
     scores = [s.record["score"] for s in resumed_steps]
     expected = [s.record["score"] for s in complete_steps]
     np.testing.assert_allclose(np.array(scores, dtype=float), np.array(expected, dtype=float), rtol=1e-6)
     summary = json.loads((interrupted / "summary.json").read_text())
     reference = json.loads((complete / "summary.json").read_text())
-    for key in ("tiles", "nodes", "mean_dose_e_per_a2", "imaged_features", "detected_features"):
+    keys = ("tiles", "nodes", "mean_dose_e_per_a2", "imaged_features", "detected_features", "wall_segments")
+    for key in keys:
         assert summary[key] == pytest.approx(reference[key]), key
 
 
