@@ -285,9 +285,11 @@ class AnomalyScorer:
 
     Examples
     --------
-    >>> scorer = AnomalyScorer(AnomalyConfig(device="cpu"))  # doctest: +SKIP
-    >>> scorer.fit([graph.to_pyg()])  # doctest: +SKIP
-    >>> scores = scorer.score(graph.to_pyg()).score  # doctest: +SKIP
+    Not run as a test (it needs a MoleculeGraph ``graph`` of real columns)::
+
+        scorer = AnomalyScorer(AnomalyConfig(device="cpu"))
+        scorer.fit([graph.to_pyg()])
+        scores = scorer.score(graph.to_pyg()).score
     """
 
     def __init__(self, config: AnomalyConfig | None = None) -> None:

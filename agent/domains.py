@@ -103,8 +103,10 @@ class WallSegment:
             raise ValueError(f"a wall segment needs a non-zero direction, got {self.direction}")
         if self.half_length_nm < 0:
             raise ValueError(f"half_length_nm must be >= 0, got {self.half_length_nm}")
-        # Stored as a unit vector: wall_interest and offsets_nm measure distances with it.
-        object.__setattr__(self, "direction", (self.direction[0] / norm, self.direction[1] / norm))
+        # Stored as a unit vector: wall_interest and offsets_nm measure distances with it. One
+        # that is unit already is kept bit for bit, so records read back equal.
+        if abs(norm - 1.0) > 1e-12:
+            object.__setattr__(self, "direction", (self.direction[0] / norm, self.direction[1] / norm))
 
     @property
     def normal(self) -> np.ndarray:

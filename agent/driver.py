@@ -85,7 +85,7 @@ def dose_e_per_a2(beam_current_pa: float, dwell_us: float, pixel_size_nm: float)
     Examples
     --------
     >>> round(dose_e_per_a2(50.0, 1.0, 0.01), 0)
-    31207.0
+    31208.0
     """
     pixel_area_a2 = (pixel_size_nm * 10.0) ** 2
     return electrons_per_pixel(beam_current_pa, dwell_us) / pixel_area_a2

@@ -118,8 +118,10 @@ class SessionJournal:
 
     Examples
     --------
-    >>> with SessionJournal("run.h5", config={}, instrument={}) as journal:  # doctest: +SKIP
-    ...     journal.append({"kind": "survey"}, image=tile.image)
+    Not run as a test (it writes a file and needs a ``tile``)::
+
+        with SessionJournal("run.h5", config={}, instrument={}) as journal:
+            journal.append({"kind": "survey"}, image=tile.image)
     """
 
     def __init__(self, path: str | Path, config: dict[str, Any], instrument: dict[str, Any]) -> None:

@@ -261,9 +261,11 @@ class Session:
 
     Examples
     --------
-    >>> with SimulatedMicroscope() as microscope:  # doctest: +SKIP
-    ...     session = Session(microscope, SessionConfig(), journal_path="runs/s/journal.h5")
-    ...     session.run()
+    Not run as a test (a whole session takes about a minute)::
+
+        with SimulatedMicroscope() as microscope:
+            session = Session(microscope, SessionConfig(), journal_path="runs/s/journal.h5")
+            session.run()
     """
 
     def __init__(

@@ -53,10 +53,12 @@ class SimulatedMicroscope(MicroscopeDriver):
 
     Examples
     --------
-    >>> from agent.driver import ScanRequest
-    >>> with SimulatedMicroscope() as microscope:  # doctest: +SKIP
-    ...     tile = microscope.acquire(ScanRequest(x_nm=80, y_nm=80, shape=(512, 512),
-    ...                                           pixel_size_nm=0.02, dwell_us=2.0))
+    Not run as a test (it builds the full 160 nm specimen, several seconds)::
+
+        from agent.driver import ScanRequest
+        with SimulatedMicroscope() as microscope:
+            tile = microscope.acquire(ScanRequest(x_nm=80, y_nm=80, shape=(512, 512),
+                                                  pixel_size_nm=0.02, dwell_us=2.0))
     """
 
     def __init__(self, config: SimulatorConfig | None = None, specimen: Specimen | None = None) -> None:

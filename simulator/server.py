@@ -250,10 +250,12 @@ class InstrumentServer:
 
     Examples
     --------
-    >>> from simulator.drivers import SimulatedMicroscope
-    >>> with SimulatedMicroscope() as microscope, InstrumentServer(microscope) as server:  # doctest: +SKIP
-    ...     print(server.endpoint)
-    tcp://127.0.0.1:5555
+    Not run as a test (it binds a TCP port)::
+
+        from simulator.drivers import SimulatedMicroscope
+        with SimulatedMicroscope() as microscope, InstrumentServer(microscope) as server:
+            print(server.endpoint)
+        # tcp://127.0.0.1:5555
     """
 
     def __init__(

@@ -138,10 +138,12 @@ class ZmqMicroscope(MicroscopeDriver):
 
     Examples
     --------
-    >>> from agent.driver import ScanRequest
-    >>> with ZmqMicroscope("tcp://127.0.0.1:5555") as microscope:  # doctest: +SKIP
-    ...     tile = microscope.acquire(ScanRequest(x_nm=80, y_nm=80, shape=(512, 512),
-    ...                                           pixel_size_nm=0.02, dwell_us=2.0))
+    Not run as a test (it needs an instrument server listening)::
+
+        from agent.driver import ScanRequest
+        with ZmqMicroscope("tcp://127.0.0.1:5555") as microscope:
+            tile = microscope.acquire(ScanRequest(x_nm=80, y_nm=80, shape=(512, 512),
+                                                  pixel_size_nm=0.02, dwell_us=2.0))
     """
 
     recent_tiles = 1
