@@ -268,6 +268,7 @@ class _ReplayObserver:
             path = write_session_report(
                 self.session,
                 self.figure_dir / f"step-{record.index:04d}.png",
+                tracker=self.tracker,
                 title=f"Replay of {name}: step {record.index} ({record.kind}, {label})",
                 dpi=72,
             )
@@ -812,6 +813,7 @@ def run_replay(
     final_figure = write_session_report(
         session,
         out / "replay.png",
+        tracker=result.tracker,
         title=f"Replay of {_journal_name(Path(journal))}: all {len(result.snapshots)} steps",
     )
     final = final_region_scores(result)
