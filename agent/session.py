@@ -524,7 +524,7 @@ class Session:
         score = self._score_tile(request, tile, columns)
         timings["region_score"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        wall = self._find_wall(columns)
+        wall = self._find_wall(policy, columns)
         timings["walls"] = time.perf_counter() - tick
         tick = time.perf_counter()
         if self.scorer is not None or policy.score_source == "image":
@@ -556,9 +556,8 @@ class Session:
         self._finish(record, recorded)
         return record
 
-    def _find_wall(self, columns: Columns) -> WallSegment | None:
+    def _find_wall(self, policy: AcquisitionPolicy, columns: Columns) -> WallSegment | None:
         """The domain wall crossing the tile, told to a policy that follows walls (None otherwise)."""
-        policy = self._ensure_policy()
         if not policy.follows_walls or policy.config.wall_follow <= 0:
             return None
         wall = wall_in_tile(columns, self.config.walls)

@@ -238,13 +238,18 @@ def benchmark_guidance(
     }
 
 
-def _mean_imaged(rows: list[dict[str, Any]], policy: str, fraction: float) -> float | None:
-    """Mean imaged fraction of one policy on the default layout at one budget (None without rows)."""
+def _mean_fraction(
+    rows: list[dict[str, Any]], policy: str, layout: str, budget_fraction: float, key: str
+) -> float | None:
+    """Mean of ``key`` (imaged or detected fraction) over the seeds of one policy, layout and budget.
+
+    None when no row matches.
+    """
     values = [
-        row["imaged_fraction"]
+        row[key]
         for row in rows
-        if (row["policy"], row["layout"]) == (policy, "default")
-        and abs(row["budget_fraction"] - fraction) < 1e-9
+        if (row["policy"], row["layout"]) == (policy, layout)
+        and abs(row["budget_fraction"] - budget_fraction) < 1e-9
     ]
     return float(np.mean(values)) if values else None
 
@@ -265,8 +270,8 @@ def target_results(rows: list[dict[str, Any]], median_step_s: float | None) -> d
         Per target name: ``target``, ``measured`` (None when not measured, and for the ratio
         when the image-only GP imaged nothing) and ``met`` (None when not measured).
     """
-    guided = _mean_imaged(rows, "guided", 0.25)
-    anchor = _mean_imaged(rows, "image_gp", 0.25)
+    guided = _mean_fraction(rows, "guided", "default", 0.25, "imaged_fraction")
+    anchor = _mean_fraction(rows, "image_gp", "default", 0.25, "imaged_fraction")
     ratio = None if guided is None or anchor is None or anchor == 0 else guided / anchor
     measured = {
         "guided_imaged_at_25": (guided, lambda value, target: value >= target),
@@ -298,14 +303,9 @@ def format_report(report: dict[str, Any]) -> str:
     for policy, layout in keys:
         cells = []
         for fraction in BUDGET_FRACTIONS:
-            chosen = [
-                r
-                for r in report["rows"]
-                if (r["policy"], r["layout"], r["budget_fraction"]) == (policy, layout, fraction)
-            ]
-            imaged = np.mean([r["imaged_fraction"] for r in chosen]) if chosen else float("nan")
-            detected = np.mean([r["detected_fraction"] for r in chosen]) if chosen else float("nan")
-            cells.append("-" if not chosen else f"{imaged:.2f}/{detected:.2f}")
+            imaged = _mean_fraction(report["rows"], policy, layout, fraction, "imaged_fraction")
+            detected = _mean_fraction(report["rows"], policy, layout, fraction, "detected_fraction")
+            cells.append("-" if imaged is None or detected is None else f"{imaged:.2f}/{detected:.2f}")
         area = report["areas"].get(f"{policy}/{layout}", float("nan"))
         lines.append(
             f"{policy:<9} {layout:<8} " + " ".join(f"{cell:>14}" for cell in cells) + f" {area:>6.3f}"

@@ -22,6 +22,19 @@ SMALL_SPECIMEN = SpecimenConfig(
 )
 """A 30 x 30 nm specimen with every kind of planted feature (about 11k columns)."""
 
+def specimen_with(**settings: object) -> SpecimenConfig:
+    """A specimen config with no planted feature except those ``settings`` ask for.
+
+    Tests that study one kind of feature (a wall, two dislocations) start from this.
+    """
+    none = dict.fromkeys(
+        ("domain_walls", "dislocations", "strained_patches", "vacancy_clusters", "substitution_clusters",
+         "phase_patches", "amorphous_patches"),
+        0,
+    )  # fmt: skip
+    return SpecimenConfig(**(none | settings))  # type: ignore[arg-type]
+
+
 IDEAL_IMAGING = ImagingConfig(
     line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0), poisson_noise=False, detector_noise_counts=0.0
 )

@@ -11,9 +11,10 @@ import pytest
 from agent.columns import find_columns
 from agent.domains import WallConfig, WallSegment, find_wall, smooth_displacement, wall_in_tile
 from agent.driver import ScanRequest
-from simulator.config import SimulatorConfig, SpecimenConfig
+from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
 from simulator.specimen import LABEL_CODE, generate_specimen
+from tests.conftest import specimen_with
 
 LATTICE_NM = 0.396
 POLAR_PM = 25.0 / math.sqrt(2)  # per component of the projected <111> shift
@@ -161,11 +162,9 @@ def test_a_small_smoothing_radius_still_finds_the_wall() -> None:
 
 
 def test_the_wall_in_a_simulated_tile_lies_on_the_planted_wall() -> None:
-    specimen_config = SpecimenConfig(
-        size_nm=(30.0, 30.0), domain_walls=1, dislocations=0, strained_patches=0, vacancy_clusters=0,
-        substitution_clusters=0, phase_patches=0, amorphous_patches=0, edge_margin_nm=8.0,
-        wall_meander_nm=0.5,
-    )  # fmt: skip
+    specimen_config = specimen_with(
+        size_nm=(30.0, 30.0), domain_walls=1, edge_margin_nm=8.0, wall_meander_nm=0.5
+    )
     config = SimulatorConfig(seed=5, specimen=specimen_config)
     specimen = generate_specimen(specimen_config, config.seed)
     on_wall = specimen.label == LABEL_CODE["domain_wall"]

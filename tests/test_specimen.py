@@ -14,6 +14,7 @@ from simulator.specimen import (
     Specimen,
     generate_specimen,
 )
+from tests.conftest import specimen_with
 
 
 def test_default_specimen_is_large_and_deterministic() -> None:
@@ -74,17 +75,7 @@ def test_substituted_columns_are_sm_rich_and_dimmer(small_specimen: Specimen) ->
 
 
 def test_b_columns_follow_the_domain_polarization() -> None:
-    config = SpecimenConfig(
-        size_nm=(20.0, 20.0),
-        domain_walls=1,
-        dislocations=0,
-        strained_patches=0,
-        vacancy_clusters=0,
-        substitution_clusters=0,
-        phase_patches=0,
-        amorphous_patches=0,
-        thickness_gradient=0.0,
-    )
+    config = specimen_with(size_nm=(20.0, 20.0), domain_walls=1, thickness_gradient=0.0)
     specimen = generate_specimen(config, seed=2)
     cells = specimen.unit_cells()
     wall = specimen.features[0]

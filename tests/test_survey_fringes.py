@@ -8,9 +8,10 @@ import pytest
 from agent.driver import InstrumentDescription
 from agent.policy import PolicyConfig, PolicyError, make_policy, survey_interest
 from agent.survey import SURVEY_FEATURES, CandidateGrid, lattice_fringes, survey_features, survey_request
-from simulator.config import SimulatorConfig, SpecimenConfig
+from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
 from simulator.specimen import generate_specimen
+from tests.conftest import specimen_with
 
 
 def lattice_with_dislocation(size: int = 192, core: tuple[float, float] = (120.0, 70.0)) -> np.ndarray:
@@ -77,17 +78,8 @@ def test_no_fringes_in_noise_or_tiny_images() -> None:
 @pytest.fixture(scope="module")
 def moire_survey() -> tuple[CandidateGrid, list, np.ndarray, InstrumentDescription]:
     """A real simulated survey at 0.25 nm/px (moiré fringes) of a specimen with two dislocations."""
-    specimen_config = SpecimenConfig(
-        size_nm=(40.0, 40.0),
-        domain_walls=0,
-        dislocations=2,
-        strained_patches=0,
-        vacancy_clusters=0,
-        substitution_clusters=0,
-        phase_patches=0,
-        amorphous_patches=0,
-        thickness_gradient=0.0,
-        edge_margin_nm=8.0,
+    specimen_config = specimen_with(
+        size_nm=(40.0, 40.0), dislocations=2, thickness_gradient=0.0, edge_margin_nm=8.0
     )
     config = SimulatorConfig(seed=5, specimen=specimen_config)
     specimen = generate_specimen(config.specimen, config.seed)
