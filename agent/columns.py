@@ -61,6 +61,11 @@ class ColumnFinderConfig(StrictModel):
     lattice_spacing_nm: float | None = Field(
         None, gt=0, description="A-A spacing; estimated from each tile when not given"
     )
+    expected_spacing_nm: float | None = Field(
+        None,
+        gt=0,
+        description="the material's A-A spacing: the estimate looks only within 0.8-1.25 x of it",
+    )
     column_sigma_fraction: float = Field(
         0.09, gt=0, lt=0.5, description="expected column width (Gaussian sigma) over the spacing"
     )
@@ -176,7 +181,9 @@ class Columns:
 # ----------------------------------------------------------------------------- lattice spacing
 
 
-def estimate_lattice_spacing(image: np.ndarray, min_px: float = 4.0) -> float | None:
+def estimate_lattice_spacing(
+    image: np.ndarray, min_px: float = 4.0, expected_px: float | None = None
+) -> float | None:
     """Lattice spacing of a crystalline image from its power spectrum, in pixels.
 
     The radially averaged power spectrum of a square lattice peaks at ``n / a``
@@ -184,12 +191,18 @@ def estimate_lattice_spacing(image: np.ndarray, min_px: float = 4.0) -> float | 
     strongest ring's power is taken as the fundamental, refined by a parabola.
     For a perovskite with dim B columns that is the A-A spacing.
 
+    An amorphous patch or a vacuum edge in part of the tile puts power at low
+    frequencies that can pass for a ring; when the material is known, give
+    ``expected_px`` and only rings within 0.8-1.25 x of it count.
+
     Parameters
     ----------
     image : numpy.ndarray
         2-D image, at least 32 x 32 pixels.
     min_px : float
         Smallest spacing considered, pixels.
+    expected_px : float, optional
+        The material's spacing in pixels, when known.
 
     Returns
     -------
@@ -217,12 +230,13 @@ def estimate_lattice_spacing(image: np.ndarray, min_px: float = 4.0) -> float | 
     found = [
         spacing
         for r0, c0 in starts
-        if (spacing := _crop_lattice_spacing(image[r0 : r0 + side, c0 : c0 + side], min_px)) is not None
+        if (spacing := _crop_lattice_spacing(image[r0 : r0 + side, c0 : c0 + side], min_px, expected_px))
+        is not None
     ]
     return float(np.median(found)) if found else None
 
 
-def _crop_lattice_spacing(crop: np.ndarray, min_px: float) -> float | None:
+def _crop_lattice_spacing(crop: np.ndarray, min_px: float, expected_px: float | None = None) -> float | None:
     """:func:`estimate_lattice_spacing` of one square crop, in pixels (None: no clear lattice ring)."""
     side = crop.shape[0]
     square = np.asarray(crop, dtype=np.float64)
@@ -239,6 +253,9 @@ def _crop_lattice_spacing(crop: np.ndarray, min_px: float) -> float | None:
     interior = segment[1:-1]
     is_peak = (interior > segment[:-2]) & (interior >= segment[2:])
     peaks = np.flatnonzero(is_peak) + 1
+    if expected_px is not None:
+        k = peaks + k_low
+        peaks = peaks[(k >= side / (1.25 * expected_px)) & (k <= side / (0.8 * expected_px))]
     if peaks.size == 0:
         return None
     # A lattice ring must clearly stand above the spectrum around it, or this is noise. The
@@ -248,7 +265,11 @@ def _crop_lattice_spacing(crop: np.ndarray, min_px: float) -> float | None:
     strongest = segment[peaks].max()
     if strongest < 20.0 * floor:
         return None
-    k = int(peaks[segment[peaks] >= 0.2 * strongest][0]) + k_low
+    if expected_px is not None:
+        # Near the known spacing the fundamental is the strongest ring; other bumps are clutter.
+        k = int(peaks[np.argmax(segment[peaks])]) + k_low
+    else:
+        k = int(peaks[segment[peaks] >= 0.2 * strongest][0]) + k_low
     below, at, above = np.log(profile[k - 1 : k + 2])
     curvature = below - 2 * at + above
     offset = 0.5 * (below - above) / curvature if curvature < 0 else 0.0
@@ -819,7 +840,8 @@ def find_columns_in_image(
     if config.lattice_spacing_nm is not None:
         spacing_px = config.lattice_spacing_nm / pixel_size_nm
     else:
-        estimate = estimate_lattice_spacing(prepared)
+        expected = None if config.expected_spacing_nm is None else config.expected_spacing_nm / pixel_size_nm
+        estimate = estimate_lattice_spacing(prepared, expected_px=expected)
         if estimate is None:
             return Columns.empty(
                 "no lattice periodicity found (vacuum, amorphous or featureless tile); "
