@@ -21,6 +21,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -565,6 +566,23 @@ class MicroscopeDriver(ABC):
     def total_dose_e_per_a2(self) -> float:
         """Dose summed over all exposures (each counted once, whatever its area), e-/Å²."""
         return self._total_dose
+
+    def resume_after(self, requests: Sequence[ScanRequest], t_end: float | None) -> None:
+        """Bring the instrument's physical state up to date after the agent restarted.
+
+        The requests already executed, in order, and the instrument time the last one
+        ended. Exposes nothing. A real instrument kept its state, so the default does
+        nothing; a simulated one that restarted with the agent replays its stage moves
+        and drift.
+
+        Parameters
+        ----------
+        requests : sequence of ScanRequest
+            The requests already executed, in order.
+        t_end : float or None
+            Instrument time the last one ended, seconds since the epoch; None when unknown.
+        """
+        del requests, t_end
 
     def abort(self) -> None:
         """Ask the acquisition in progress (if any) to stop as soon as possible."""

@@ -36,7 +36,7 @@ from agent.columns import (
 from agent.driver import ScanRequest, Tile
 from agent.graph import MoleculeGraph
 from analysis.ground_truth import score_columns
-from simulator.config import ImagingConfig, SimulatorConfig, SpecimenConfig
+from simulator.config import SimulatorConfig, SpecimenConfig
 from simulator.drivers import SimulatedMicroscope
 from simulator.specimen import LABEL_CODE, SITE_A, SITE_B, Specimen, generate_specimen
 
@@ -46,8 +46,6 @@ DWELLS_US = (2.0, 8.0, 32.0, 100.0)
 DEFAULT_DWELL_US = 32.0
 TARGETS = {"recall": 0.995, "precision": 0.995, "rms_px": 0.1, "species_accuracy": 0.99,
            "seconds_4096": 2.0, "merge_500k_s": 0.05}  # fmt: skip
-
-IDEAL_SCAN = ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0))
 
 
 def _tile_centres(specimen: Specimen, count: int, half_nm: float, seed: int) -> list[tuple[float, float]]:
@@ -100,7 +98,7 @@ def _find_and_build(tile: Tile, config: ColumnFinderConfig) -> tuple[Columns, fl
 
 def _merge_500k(progress: Progress, repeats: int) -> dict[str, Any]:
     """Median time to merge a found 512 x 512 tile into a graph of about 500k nodes."""
-    config = SimulatorConfig(specimen=SpecimenConfig(size_nm=(200.0, 200.0)), imaging=IDEAL_SCAN)
+    config = SimulatorConfig(specimen=SpecimenConfig(size_nm=(200.0, 200.0))).ideal_instrument()
     specimen = generate_specimen(config.specimen, seed=11)
     lattice = np.isin(specimen.site, (SITE_A, SITE_B))
     centres = _tile_centres(specimen, repeats, 5.2, seed=5)
@@ -167,7 +165,7 @@ def benchmark_columns(*, tiles_per_dose: int = 2, seed: int = 0, include_4096: b
         ``dose``, ``dwell_us``, ``recall``, ``precision``, ``rms_px``, ``rms_a_px``, ``rms_b_px``,
         ``species_accuracy``, ``seconds``), ``merge_500k``, ``targets``, ``machine``.
     """
-    config = SimulatorConfig(seed=seed, imaging=IDEAL_SCAN)
+    config = SimulatorConfig(seed=seed).ideal_instrument()
     specimen = generate_specimen(config.specimen, seed)
     methods = ["peaks", "seed"]
     try:

@@ -18,7 +18,7 @@ from agent.columns import find_columns
 from agent.driver import ScanRequest
 from agent.graph import MoleculeGraph
 from analysis.ground_truth import match_columns
-from simulator.config import ImagingConfig, SimulatorConfig
+from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
 from simulator.specimen import LABEL_CODE, LABELS, Specimen, generate_specimen
 
@@ -96,9 +96,8 @@ def scan_specimen(
     LabelledGraph
         Graph, specimen and node labels.
     """
-    config = (config or SimulatorConfig()).model_copy(update={"seed": seed})
-    imaging = config.imaging.model_copy(update={"line_jitter_nm": 0.0, "drift_nm_per_s": (0.0, 0.0)})
-    config = config.model_copy(update={"imaging": ImagingConfig.model_validate(imaging.model_dump())})
+    # Labels come from ground-truth stage positions: the instrument must place every tile exactly.
+    config = (config or SimulatorConfig()).model_copy(update={"seed": seed}).ideal_instrument()
     specimen = generate_specimen(config.specimen, seed)
     graph = MoleculeGraph()
     tile_nm = tile_px * pixel_size_nm

@@ -25,7 +25,7 @@ from agent.anomaly import AnomalyConfig, AnomalyScorer
 from agent.columns import SPECIES_A, SPECIES_B, ColumnFinderConfig, Columns, find_columns
 from agent.driver import ScanRequest
 from agent.graph import MoleculeGraph
-from simulator.config import ImagingConfig, SimulatorConfig, SpecimenConfig
+from simulator.config import SimulatorConfig, SpecimenConfig
 from simulator.drivers import SimulatedMicroscope
 from simulator.specimen import SITE_A, SITE_B, generate_specimen
 
@@ -45,7 +45,7 @@ def _timed(function: Callable[[], object], repeats: int, synchronize: bool) -> l
 
 
 def check_columns(report: dict, device: str) -> None:
-    config = SimulatorConfig(imaging=ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0)))
+    config = SimulatorConfig().ideal_instrument()
     with SimulatedMicroscope(config) as microscope:
         tile = microscope.acquire(
             ScanRequest(

@@ -78,7 +78,12 @@ class SpecimenConfig(StrictModel):
 
 
 class ImagingConfig(StrictModel):
-    """HAADF image formation: probe, detector, noise and scan distortions."""
+    """HAADF image formation: probe, detector, noise, scan distortions and specimen drift.
+
+    The drift terms other than the constant rate (random walk, post-move transient) are
+    state of the simulated microscope, which integrates them over its instrument clock;
+    the stand-alone renderers in :mod:`simulator.imaging` use only the constant rate.
+    """
 
     column_sigma_nm: float = Field(0.035, gt=0.0, description="Gaussian width of a column image")
     haadf_peak_fraction: float = Field(
@@ -87,18 +92,57 @@ class ImagingConfig(StrictModel):
     background_fraction: float = Field(0.01, ge=0.0, le=1.0, description="diffuse background fraction")
     detector_noise_counts: float = Field(0.5, ge=0.0, description="Gaussian read noise, in counts")
     poisson_noise: bool = Field(True, description="counting noise; off only for tests and figures")
-    line_jitter_nm: float = Field(0.004, ge=0.0, description="random x shift of each scan line")
-    drift_nm_per_s: tuple[float, float] = Field((0.05, 0.03), description="slow drift (x, y)")
-    flyback_us: float = Field(20.0, ge=0.0, description="dead time at the end of each scan line")
+    line_jitter_nm: float = Field(0.004, ge=0.0, description="random x shift of each scan line, nm")
+    drift_nm_per_s: tuple[float, float] = Field(
+        (0.01, 0.006), description="constant specimen drift rate after settling (x, y), nm/s"
+    )
+    drift_random_walk_nm_per_s_per_sqrt_s: float = Field(
+        0.002, ge=0.0, description="random walk of the drift velocity, nm/s per sqrt(s) of instrument time"
+    )
+    settle_drift_nm_per_s: float = Field(
+        0.05, ge=0.0, description="extra drift speed right after a stage move, along the move, nm/s"
+    )
+    settle_drift_tau_s: float = Field(30.0, gt=0.0, description="decay time of the post-move drift, seconds")
+    flyback_us: float = Field(20.0, ge=0.0, description="dead time at the end of each scan line, us")
+    flyback_settle_nm: float = Field(
+        0.02, ge=0.0, description="x lag of the beam at the start of each line (flyback settling), nm"
+    )
+    flyback_settle_us: float = Field(
+        30.0, gt=0.0, description="decay time of the line-start lag, microseconds of scan time"
+    )
 
     @property
     def distortions(self) -> bool:
-        """True when line jitter or drift move the image away from the ideal lattice."""
-        return self.line_jitter_nm > 0 or any(v != 0 for v in self.drift_nm_per_s)
+        """True when jitter, drift or flyback settling move the image away from the ideal lattice."""
+        return (
+            self.line_jitter_nm > 0
+            or any(v != 0 for v in self.drift_nm_per_s)
+            or self.drift_random_walk_nm_per_s_per_sqrt_s > 0
+            or self.settle_drift_nm_per_s > 0
+            or self.flyback_settle_nm > 0
+        )
+
+    def without_scan_errors(self) -> ImagingConfig:
+        """A copy with line jitter, every drift term and flyback settling off; noise unchanged.
+
+        Returns
+        -------
+        ImagingConfig
+            The ideal scan; :meth:`SimulatorConfig.ideal_instrument` also turns placement errors off.
+        """
+        return self.model_copy(
+            update={
+                "line_jitter_nm": 0.0,
+                "drift_nm_per_s": (0.0, 0.0),
+                "drift_random_walk_nm_per_s_per_sqrt_s": 0.0,
+                "settle_drift_nm_per_s": 0.0,
+                "flyback_settle_nm": 0.0,
+            }
+        )
 
 
 class InstrumentConfig(StrictModel):
-    """Limits of the simulated instrument, as reported by ``describe()``."""
+    """Limits of the simulated instrument, as reported by ``describe()``, and its stage placement errors."""
 
     name: str = "Micrography simulated STEM"
     beam_current_pa: float = Field(20.0, gt=0.0)
@@ -111,6 +155,12 @@ class InstrumentConfig(StrictModel):
     )
     dose_map_cell_nm: float = Field(0.5, gt=0.0, description="resolution of the dose bookkeeping")
     stage_settle_s: float = Field(0.5, ge=0.0, description="instrument time spent per stage move")
+    placement_sigma_nm: float = Field(
+        2.0, ge=0.0, description="random error of each stage move or scan offset, per axis (1 sigma), nm"
+    )
+    hysteresis_nm: float = Field(
+        1.0, ge=0.0, description="extra landing error along the direction of a move, per moved axis, nm"
+    )
 
 
 class SimulatorConfig(StrictModel):
@@ -120,3 +170,20 @@ class SimulatorConfig(StrictModel):
     specimen: SpecimenConfig = SpecimenConfig()
     imaging: ImagingConfig = ImagingConfig()
     instrument: InstrumentConfig = InstrumentConfig()
+
+    def ideal_instrument(self) -> SimulatorConfig:
+        """A copy whose instrument places every frame exactly: no placement error, drift, jitter or flyback.
+
+        Counting and read noise are unchanged. With :meth:`ImagingConfig.without_scan_errors`
+        (the scan's share) this is the one place that knows every instrument error; tests and
+        benchmarks that compare with ground-truth stage positions use it.
+
+        Returns
+        -------
+        SimulatorConfig
+            The ideal instrument with the same specimen, seed and noise.
+        """
+        instrument = self.instrument.model_copy(update={"placement_sigma_nm": 0.0, "hysteresis_nm": 0.0})
+        return self.model_copy(
+            update={"imaging": self.imaging.without_scan_errors(), "instrument": instrument}
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,10 +19,18 @@ from agent.driver import (
     electrons_per_pixel,
 )
 from simulator.config import SimulatorConfig
-from simulator.imaging import frame_time_s, render_tile_image
+from simulator.imaging import (
+    add_detector_noise,
+    flyback_offsets_nm,
+    frame_time_s,
+    line_time_us,
+    render_expected_counts,
+)
 from simulator.specimen import Specimen, generate_specimen
 
 _NOISE_STREAM = 1  # spawn-key prefix of the per-exposure noise streams (0 is the specimen)
+_ERROR_STREAM = 2  # spawn-key prefix of the per-exposure placement and drift streams
+_MOVE_TOLERANCE_NM = 1e-9  # a requested centre this close to the previous one is no move
 
 
 def _id_words(request_id: str) -> tuple[int, ...]:
@@ -29,20 +39,86 @@ def _id_words(request_id: str) -> tuple[int, ...]:
     return tuple(int.from_bytes(digest[index : index + 4], "little") for index in range(0, 16, 4))
 
 
+def _stream(seed: int, prefix: int, request_id: str) -> np.random.Generator:
+    """The random stream of one exposure, keyed by seed, stream prefix and request id."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(prefix, *_id_words(request_id))))
+
+
+@dataclass(frozen=True, eq=False)
+class ExposureTruth:
+    """Where one exposure of the simulated microscope really looked: ground truth, for evaluation only.
+
+    Offsets are from the nominal position the tile reports (``tile.pixel_to_stage``), in
+    specimen coordinates, nanometres. The specimen point imaged at pixel ``(r, c)`` is
+    ``tile.pixel_to_stage(r, c) + row_offset_nm[r] + (col_offset_nm[c], 0)``; see
+    :meth:`SimulatedMicroscope.true_position_nm`.
+
+    Parameters
+    ----------
+    placement_error_nm : tuple of float
+        Landing error ``(x, y)`` of the frame's stage move or scan offset (random plus hysteresis).
+    drift_offset_nm : tuple of float
+        Specimen drift ``(x, y)`` accumulated since the instrument started, at the frame's first pixel.
+    offset_nm : tuple of float
+        Total offset of pixel ``(0, 0)``: placement plus drift at the start (line jitter and flyback
+        lag of that pixel excluded).
+    row_offset_nm : numpy.ndarray
+        Total offset ``(x, y)`` of each scan line, shape ``(rows, 2)``: placement, drift at the
+        line's time and line jitter; flyback lag excluded.
+    col_offset_nm : numpy.ndarray
+        Flyback-settling x offset of each column, shape ``(cols,)``.
+    velocity_nm_per_s : tuple of float
+        Mean drift velocity ``(x, y)`` during the frame, nm/s.
+    """
+
+    placement_error_nm: tuple[float, float]
+    drift_offset_nm: tuple[float, float]
+    offset_nm: tuple[float, float]
+    row_offset_nm: np.ndarray
+    col_offset_nm: np.ndarray
+    velocity_nm_per_s: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One frame's share of the instrument's physical state, as the stage and drift left it."""
+
+    placement_nm: np.ndarray  # (2,)
+    drift_rows_nm: np.ndarray  # (rows, 2), drift at each line's start
+    velocity_nm_per_s: np.ndarray  # (2,)
+    t_start: float
+    t_end: float
+
+
+def _pair(values: np.ndarray) -> tuple[float, float]:
+    """Two numbers as a plain tuple of floats."""
+    return (float(values[0]), float(values[1]))
+
+
 class SimulatedMicroscope(MicroscopeDriver):
-    """A STEM that scans the synthetic Sm-BFO specimen.
+    """A STEM that scans the synthetic Sm-BFO specimen, with a real instrument's errors.
 
     The stage spans the specimen, ``[0, width] x [0, height]`` nanometres. Each
     exposure is rendered with its own noise stream derived from the seed and the
     request id, so the same requests give identical tiles, also across a restart
-    of the instrument (which is what lets an interrupted session resume exactly).
+    of the instrument (which is what lets an interrupted session resume exactly;
+    :meth:`resume_after` replays the physical state the restart lost).
     A dose map records every exposure; with ``instrument.max_dose_e_per_a2`` set,
     a scan that would push any area past the limit is refused before exposure.
+
+    Like a real instrument, a frame does not land exactly where it was asked (see
+    ``docs/instrument.md``): every move of the requested centre lands off by a random
+    error plus hysteresis along the move; the specimen drifts, continuing from frame to
+    frame (a constant rate, a random walk of the velocity and a transient after each
+    move), which also shears the lattice within a frame; each line is jittered and its
+    first columns lag after the flyback. Tiles report the nominal position
+    (``origin_nm`` of the request); :meth:`exposure_truth` says where each one really was.
 
     Time is simulated: the instrument clock starts at the wall-clock time of
     construction and advances by the frame time (and a stage settle time when the
     tile centre moves), so sessions run as fast as the computer allows while
-    tiles carry realistic instrument timestamps.
+    tiles carry realistic instrument timestamps. Drift depends only on differences
+    of this clock, never on the wall clock.
 
     Parameters
     ----------
@@ -59,6 +135,7 @@ class SimulatedMicroscope(MicroscopeDriver):
         with SimulatedMicroscope() as microscope:
             tile = microscope.acquire(ScanRequest(x_nm=80, y_nm=80, shape=(512, 512),
                                                   pixel_size_nm=0.02, dwell_us=2.0))
+            truth = microscope.exposure_truth(tile.request.request_id)
     """
 
     def __init__(self, config: SimulatorConfig | None = None, specimen: Specimen | None = None) -> None:
@@ -80,7 +157,14 @@ class SimulatedMicroscope(MicroscopeDriver):
         )
         self.dose_map = DoseMap((0.0, float(width)), (0.0, float(height)), instrument.dose_map_cell_nm)
         self.clock_s = time.time()
-        self._stage_nm: tuple[float, float] | None = None
+        # Physical state: the last requested centre, where it really landed, and the drift.
+        self._stage_nm: np.ndarray | None = None
+        self._placement_nm = np.zeros(2)
+        self._drift_nm = np.zeros(2)
+        self._walk_velocity_nm_per_s = np.zeros(2)
+        self._move_direction = np.zeros(2)
+        self._since_move_s = math.inf
+        self._truth: dict[str, tuple[ScanRequest, ExposureTruth]] = {}
 
     def describe(self) -> InstrumentDescription:
         """Stage limits (the specimen extent), pixel-size and dwell ranges, detectors, beam current."""
@@ -98,43 +182,204 @@ class SimulatedMicroscope(MicroscopeDriver):
         """The specimen with its labels: for evaluation only, never for the agent's decisions."""
         return self._specimen
 
+    def exposure_truth(self, request_id: str) -> ExposureTruth:
+        """Where the exposure of ``request_id`` really looked; for evaluation only.
+
+        Parameters
+        ----------
+        request_id : str
+            Id of an exposure this instrument made (or replayed with :meth:`resume_after`).
+
+        Returns
+        -------
+        ExposureTruth
+            Placement error, drift and per-line and per-column offsets of that frame.
+
+        Raises
+        ------
+        KeyError
+            If this instrument never executed that request.
+        """
+        try:
+            return self._truth[request_id][1]
+        except KeyError:
+            raise KeyError(
+                f"no exposure {request_id!r} on this instrument; ground truth exists only for "
+                "requests it executed or replayed"
+            ) from None
+
+    def true_position_nm(self, request_id: str, row: object, col: object) -> tuple[np.ndarray, np.ndarray]:
+        """Specimen position really imaged at pixel coordinates of an exposure, in nanometres.
+
+        Implements the :class:`ExposureTruth` contract, ``tile.pixel_to_stage(r, c) +
+        row_offset_nm[r] + (col_offset_nm[c], 0)``; fractional coordinates interpolate the
+        offsets linearly between neighbouring lines and columns.
+
+        Parameters
+        ----------
+        request_id : str
+            Id of the exposure.
+        row, col : array_like
+            Pixel coordinates; integer values are pixel centres.
+
+        Returns
+        -------
+        x_nm, y_nm : numpy.ndarray
+            Specimen coordinates, nanometres.
+        """
+        self.exposure_truth(request_id)  # raises, with a message, for an unknown id
+        request, truth = self._truth[request_id]
+        r = np.asarray(row, dtype=float)
+        c = np.asarray(col, dtype=float)
+        rows, cols = request.shape
+        x0, y0 = request.origin_nm
+        line = np.arange(rows)
+        x = x0 + c * request.pixel_size_nm + np.interp(r, line, truth.row_offset_nm[:, 0])
+        x = x + np.interp(c, np.arange(cols), truth.col_offset_nm)
+        y = y0 + r * request.pixel_size_nm + np.interp(r, line, truth.row_offset_nm[:, 1])
+        return x, y
+
+    def resume_after(self, requests: Sequence[ScanRequest], t_end: float | None) -> None:
+        """Replay the stage moves and drift of requests executed before the agent restarted.
+
+        The physical state (stage position, landing error, drift) is brought to where a
+        real instrument would have kept it, without rendering or dosing, so the next
+        acquisition equals the one an uninterrupted instrument would have made. Ground
+        truth of the replayed requests becomes available through :meth:`exposure_truth`.
+
+        Parameters
+        ----------
+        requests : sequence of ScanRequest
+            The requests already executed, in order.
+        t_end : float or None
+            Instrument time the last one ended, seconds since the epoch; the next frame
+            starts after it. None keeps this instrument's clock.
+        """
+        with self._lock:
+            for request in requests:
+                self._record(request, self._advance(request), self._noise_stream(request))
+            if t_end is not None:
+                self.clock_s = float(t_end)
+
+    def _noise_stream(self, request: ScanRequest) -> np.random.Generator:
+        return _stream(self.config.seed, _NOISE_STREAM, request.request_id)
+
+    def _advance(self, request: ScanRequest) -> _Frame:
+        """Move the stage to ``request``, let the specimen drift through its frame, advance the clock."""
+        instrument, imaging = self.config.instrument, self.config.imaging
+        rng = _stream(self.config.seed, _ERROR_STREAM, request.request_id)
+        landing = rng.standard_normal(2) * instrument.placement_sigma_nm
+        rows, cols = request.shape
+        walk = rng.standard_normal((rows + 1, 2, 2))  # the velocity's random walk, per time step
+
+        centre = np.array([request.x_nm, request.y_nm], dtype=float)
+        if self._stage_nm is None:
+            moved = True  # the first frame lands somewhere from an unknown previous position
+            self._placement_nm = landing
+        else:
+            delta = centre - self._stage_nm
+            axes = np.abs(delta) > _MOVE_TOLERANCE_NM
+            moved = bool(axes.any())
+            if moved:
+                hysteresis = instrument.hysteresis_nm * np.sign(delta)
+                self._placement_nm = np.where(axes, landing + hysteresis, self._placement_nm)
+                self._move_direction = delta / float(np.hypot(delta[0], delta[1]))
+        if moved:
+            self._since_move_s = 0.0
+        self._stage_nm = centre
+
+        # Time steps: the settle after a move (to line 0), then one line each (to t_end).
+        line_s = line_time_us(cols, request.dwell_us, imaging) * 1e-6
+        dt = np.full(rows + 1, line_s)
+        dt[0] = instrument.stage_settle_s if moved else 0.0
+        ages = self._since_move_s + np.concatenate([[0.0], np.cumsum(dt)])
+        tau = imaging.settle_drift_tau_s
+        decay = np.exp(-ages / tau)
+        transient = imaging.settle_drift_nm_per_s * tau * (decay[:-1] - decay[1:])
+        # The random walk integrated exactly over each step (velocity and position jointly Gaussian).
+        sigma = imaging.drift_random_walk_nm_per_s_per_sqrt_s
+        dv = sigma * np.sqrt(dt)[:, None] * walk[:, :, 0]
+        v_before = self._walk_velocity_nm_per_s + np.concatenate([np.zeros((1, 2)), np.cumsum(dv, 0)[:-1]])
+        walked = v_before * dt[:, None] + sigma * dt[:, None] ** 1.5 * (
+            0.5 * walk[:, :, 0] + walk[:, :, 1] / (2.0 * math.sqrt(3.0))
+        )
+        step = (
+            np.asarray(imaging.drift_nm_per_s, dtype=float)[None, :] * dt[:, None]
+            + transient[:, None] * self._move_direction[None, :]
+            + walked
+        )
+        drift = self._drift_nm + np.concatenate([np.zeros((1, 2)), np.cumsum(step, 0)])  # (rows + 2, 2)
+
+        self._drift_nm = drift[-1]
+        self._walk_velocity_nm_per_s = v_before[-1] + dv[-1]
+        self._since_move_s = float(ages[-1])
+        t_start = self.clock_s + float(dt[0])
+        t_end = t_start + frame_time_s(request.shape, request.dwell_us, imaging)
+        self.clock_s = t_end
+        return _Frame(
+            placement_nm=self._placement_nm.copy(),
+            drift_rows_nm=drift[1 : rows + 1],
+            velocity_nm_per_s=(drift[-1] - drift[1]) / (rows * line_s),
+            t_start=t_start,
+            t_end=t_end,
+        )
+
+    def _record(self, request: ScanRequest, frame: _Frame, noise: np.random.Generator) -> ExposureTruth:
+        """Draw the line jitter from the exposure's noise stream and keep the frame's ground truth."""
+        imaging = self.config.imaging
+        rows, cols = request.shape
+        row_offset = frame.placement_nm[None, :] + frame.drift_rows_nm
+        if imaging.line_jitter_nm > 0:
+            row_offset[:, 0] += noise.normal(0.0, imaging.line_jitter_nm, rows)
+        col_offset = (
+            flyback_offsets_nm(cols, request.dwell_us, imaging)
+            if imaging.flyback_settle_nm > 0
+            else np.zeros(cols)
+        )
+        row_offset.setflags(write=False)
+        col_offset.setflags(write=False)
+        truth = ExposureTruth(
+            placement_error_nm=_pair(frame.placement_nm),
+            drift_offset_nm=_pair(frame.drift_rows_nm[0]),
+            offset_nm=_pair(frame.placement_nm + frame.drift_rows_nm[0]),
+            row_offset_nm=row_offset,
+            col_offset_nm=col_offset,
+            velocity_nm_per_s=_pair(frame.velocity_nm_per_s),
+        )
+        self._truth[request.request_id] = (request, truth)
+        return truth
+
     def _acquire(self, request: ScanRequest) -> Tile:
         self._raise_if_aborted(request)
-        rng = np.random.default_rng(
-            np.random.SeedSequence(
-                self.config.seed, spawn_key=(_NOISE_STREAM, *_id_words(request.request_id))
-            )
-        )
+        frame = self._advance(request)
+        rng = self._noise_stream(request)
+        truth = self._record(request, frame, rng)
         per_pixel = electrons_per_pixel(self._description.beam_current_pa, request.dwell_us)
-        image = render_tile_image(
+        pixel = request.pixel_size_nm
+        rows_moved = bool(np.any(truth.row_offset_nm != 0))
+        columns_moved = bool(np.any(truth.col_offset_nm != 0))
+        expected = render_expected_counts(
             self._specimen,
             request.origin_nm,
             request.shape,
-            request.pixel_size_nm,
-            request.dwell_us,
+            pixel,
             per_pixel,
             self.config.imaging,
-            rng,
+            dx_px=truth.row_offset_nm[:, 0] / pixel if rows_moved else None,
+            dy_px=truth.row_offset_nm[:, 1] / pixel if rows_moved else None,
+            dx_col_px=truth.col_offset_nm / pixel if columns_moved else None,
         )
+        image = add_detector_noise(expected, self.config.imaging, rng)
         dose = self._description.dose_of(request)
         self.dose_map.add(request.extent_nm, dose)
-
-        centre = (request.x_nm, request.y_nm)
-        moved = self._stage_nm is None or not math.isclose(
-            math.dist(centre, self._stage_nm), 0.0, abs_tol=1e-9
-        )
-        self._stage_nm = centre
-        t_start = self.clock_s + (self.config.instrument.stage_settle_s if moved else 0.0)
-        t_end = t_start + frame_time_s(request.shape, request.dwell_us, self.config.imaging)
-        self.clock_s = t_end
         return Tile(
             image=image,
             request=request,
             origin_nm=request.origin_nm,
             pixel_size_nm=request.pixel_size_nm,
             dose_e_per_a2=dose,
-            t_start=t_start,
-            t_end=t_end,
+            t_start=frame.t_start,
+            t_end=frame.t_end,
             metadata={
                 "instrument": self._description.name,
                 "beam_current_pa": self._description.beam_current_pa,

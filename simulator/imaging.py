@@ -6,8 +6,8 @@ Z**1.7 over its atoms. The signal of a pixel is the blob averaged over the
 pixel's area, so the same code serves atomic-resolution tiles (0.01 nm/px)
 and survey scans where columns blur into contrast (several Å/px). Counting
 noise is Poisson in the number of electrons per pixel (beam current x dwell);
-the detector adds Gaussian read noise; the scan adds line-to-line jitter and
-slow drift.
+the detector adds Gaussian read noise; the scan adds line-to-line jitter,
+slow drift and a lag of the beam at the start of each line (flyback settling).
 
 Only the columns inside the window (plus a margin) are touched, so the cost
 depends on the window, not on the specimen size.
@@ -62,7 +62,9 @@ def scan_offsets_px(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where each scan line really was, relative to where it was meant to be.
 
-    Drift accumulates from the start of the frame; jitter is drawn per line.
+    Drift accumulates from the start of the frame at the constant rate ``drift_nm_per_s``;
+    jitter is drawn per line. (The simulated microscope integrates drift over its own clock
+    instead, continuing from frame to frame; see :class:`simulator.drivers.SimulatedMicroscope`.)
 
     Parameters
     ----------
@@ -91,6 +93,37 @@ def scan_offsets_px(
     return dx_nm / pixel_size_nm, dy_nm / pixel_size_nm
 
 
+def flyback_offsets_nm(cols: int, dwell_us: float, imaging: ImagingConfig) -> np.ndarray:
+    """Line-start lag of the beam after flyback: the x offset of each column, in nanometres.
+
+    The scan coils settle after each flyback, so the beam trails its nominal position at
+    the start of a line: column ``c``, reached ``t = c * dwell`` after the line started, is
+    offset by ``flyback_settle_nm * exp(-t / flyback_settle_us)``.
+
+    Parameters
+    ----------
+    cols : int
+        Pixels per line.
+    dwell_us : float
+        Dwell per pixel, microseconds.
+    imaging : ImagingConfig
+        Gives the lag amplitude and its decay time.
+
+    Returns
+    -------
+    numpy.ndarray
+        Offset of each column along x, nanometres, shape ``(cols,)``.
+
+    Examples
+    --------
+    >>> lag = flyback_offsets_nm(4, 30.0, ImagingConfig(flyback_settle_nm=0.02, flyback_settle_us=30.0))
+    >>> [round(float(value), 5) for value in lag]
+    [0.02, 0.00736, 0.00271, 0.001]
+    """
+    t_us = np.arange(cols) * dwell_us
+    return imaging.flyback_settle_nm * np.exp(-t_us / imaging.flyback_settle_us)
+
+
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
     """Standard normal CDF in float32; torch's vectorised erf is an order of magnitude faster than scipy's."""
     values = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
@@ -111,6 +144,7 @@ def column_signal(
     sigma_px: float,
     dx_px: np.ndarray | None = None,
     dy_px: np.ndarray | None = None,
+    dx_col_px: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sum of pixel-averaged Gaussian blobs, one per column.
 
@@ -127,6 +161,10 @@ def column_signal(
     dx_px, dy_px : numpy.ndarray, optional
         Per-row scan offsets (see :func:`scan_offsets_px`): row ``i`` images the
         specimen at ``(col + dx[i], i + dy[i])``.
+    dx_col_px : numpy.ndarray, optional
+        Per-column x offsets (see :func:`flyback_offsets_nm`), added to the per-row ones:
+        pixel ``(i, j)`` images the specimen at ``(j + dx[i] + dx_col[j], i + dy[i])``,
+        averaged over the pixel's width shifted by the same amount.
 
     Returns
     -------
@@ -146,10 +184,16 @@ def column_signal(
     distorted = dx_px is not None or dy_px is not None
     dx = np.zeros(rows) if dx_px is None else np.asarray(dx_px, dtype=float)
     dy = np.zeros(rows) if dy_px is None else np.asarray(dy_px, dtype=float)
+    dx_col = None if dx_col_px is None else np.asarray(dx_col_px, dtype=float)
     line_y = np.arange(rows) + dy  # where each line really sampled the specimen
     reach = math.ceil(4.0 * sigma_px) + 1
     span = 2 * reach + 1
     offsets = np.arange(span)
+    # Per-column offsets move the pixels that see a blob by up to their largest value.
+    reach_x = reach + (0 if dx_col is None else math.ceil(float(np.abs(dx_col).max())))
+    span_x = 2 * reach_x + 1
+    offsets_x = np.arange(span_x)
+    sqrt_2pi_sigma = np.float32(sigma_px * _SQRT_2PI)
 
     for start in range(0, x_px.size, _COLUMN_CHUNK):
         u = x_px[start : start + _COLUMN_CHUNK]
@@ -167,21 +211,28 @@ def column_signal(
             * (sigma_px * _SQRT_2PI)
             * valid_row
         )
-        col0 = np.rint(u - dx[centre_row]).astype(np.int64) - reach
-        if distorted:
+        col0 = np.rint(u - dx[centre_row]).astype(np.int64) - reach_x
+        patch_cols = col0[:, None] + offsets_x[None, :]  # (k, span_x)
+        if dx_col is not None:
+            # Each pixel's interval is shifted by its line's and its column's offset: (k, span, span_x).
+            left = (patch_cols - 0.5 + dx_col[np.clip(patch_cols, 0, cols - 1)] - u[:, None])[
+                :, None, :
+            ] + dx[safe_rows][:, :, None]
+            gx = (_normal_cdf((left + 1.0) / sigma_px) - _normal_cdf(left / sigma_px)) * sqrt_2pi_sigma
+            patch = gx * (gy * w[:, None])[:, :, None]
+        elif distorted:
             # Each line has its own x offset: (k, span rows, span + 1 edges).
             edges = (
                 (col0[:, None] - 0.5 - u[:, None])[:, :, None]
                 + dx[safe_rows][:, :, None]
-                + np.arange(span + 1)[None, None, :]
+                + np.arange(span_x + 1)[None, None, :]
             )
             gx = _pixel_averaged_gaussian(edges, sigma_px)
             patch = gx * (gy * w[:, None])[:, :, None]
         else:
-            edges = col0[:, None] + np.arange(span + 1)[None, :] - 0.5 - u[:, None]
+            edges = col0[:, None] + np.arange(span_x + 1)[None, :] - 0.5 - u[:, None]
             gx = _pixel_averaged_gaussian(edges, sigma_px)
             patch = (gy * w[:, None])[:, :, None] * gx[:, None, :]
-        patch_cols = col0[:, None] + offsets[None, :]
         valid_col = (patch_cols >= 0) & (patch_cols < cols)
         flat = safe_rows[:, :, None] * cols + np.clip(patch_cols, 0, cols - 1)[:, None, :]
         keep = valid_row[:, :, None] & valid_col[:, None, :]
@@ -193,6 +244,30 @@ def column_signal(
     return image.reshape(shape)
 
 
+def _largest(*offsets: np.ndarray | None) -> float:
+    """Sum of the largest magnitudes of the given offsets (None counts as zero)."""
+    return sum(0.0 if offset is None else float(np.abs(offset).max()) for offset in offsets)
+
+
+def _sampled_grid_px(
+    shape: tuple[int, int],
+    dx_px: np.ndarray | None,
+    dy_px: np.ndarray | None,
+    dx_col_px: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates ``(x, y)`` each pixel really sampled, broadcastable to ``shape``."""
+    rows, cols = shape
+    x = np.arange(cols, dtype=float)[None, :]
+    y = np.arange(rows, dtype=float)[:, None]
+    if dx_col_px is not None:
+        x = x + np.asarray(dx_col_px, dtype=float)[None, :]
+    if dx_px is not None:
+        x = x + np.asarray(dx_px, dtype=float)[:, None]
+    if dy_px is not None:
+        y = y + np.asarray(dy_px, dtype=float)[:, None]
+    return x, y
+
+
 def render_expected_counts(
     specimen: Specimen,
     origin_nm: tuple[float, float],
@@ -202,6 +277,7 @@ def render_expected_counts(
     imaging: ImagingConfig,
     dx_px: np.ndarray | None = None,
     dy_px: np.ndarray | None = None,
+    dx_col_px: np.ndarray | None = None,
 ) -> np.ndarray:
     """Noise-free HAADF signal of a window, in detected electrons per pixel.
 
@@ -221,6 +297,8 @@ def render_expected_counts(
         Probe width, detector fractions.
     dx_px, dy_px : numpy.ndarray, optional
         Per-row scan offsets in pixels.
+    dx_col_px : numpy.ndarray, optional
+        Per-column x offsets in pixels (see :func:`column_signal`).
 
     Returns
     -------
@@ -229,8 +307,8 @@ def render_expected_counts(
     """
     rows, cols = shape
     sigma_px = imaging.column_sigma_nm / pixel_size_nm
-    shift_x = 0.0 if dx_px is None else float(np.abs(dx_px).max())
-    shift_y = 0.0 if dy_px is None else float(np.abs(dy_px).max())
+    shift_x = _largest(dx_px, dx_col_px)
+    shift_y = _largest(dy_px)
     margin_x = (4 * sigma_px + 2 + shift_x) * pixel_size_nm
     margin_y = (4 * sigma_px + 2 + shift_y) * pixel_size_nm
     x0, y0 = origin_nm
@@ -243,12 +321,13 @@ def render_expected_counts(
     x_px = (specimen.x_nm[index] - x0) / pixel_size_nm
     y_px = (specimen.y_nm[index] - y0) / pixel_size_nm
     columns = column_signal(
-        x_px, y_px, specimen.weight[index].astype(np.float64), shape, sigma_px, dx_px, dy_px
+        x_px, y_px, specimen.weight[index].astype(np.float64), shape, sigma_px, dx_px, dy_px, dx_col_px
     )
-    # The diffuse background follows the thickness, evaluated on the nominal grid.
-    x_line = x0 + np.arange(cols) * pixel_size_nm
-    y_line = y0 + np.arange(rows) * pixel_size_nm
-    background = imaging.background_fraction * specimen.thickness_factor(x_line[None, :], y_line[:, None])
+    # The diffuse background follows the thickness where each pixel really sampled the specimen.
+    x_grid, y_grid = _sampled_grid_px(shape, dx_px, dy_px, dx_col_px)
+    background = imaging.background_fraction * specimen.thickness_factor(
+        x0 + x_grid * pixel_size_nm, y0 + y_grid * pixel_size_nm
+    )
     return electrons_per_pixel * (background + imaging.haadf_peak_fraction * columns)
 
 
@@ -319,8 +398,8 @@ def render_tile_image(
         float32 image.
     """
     return _scanned_with_noise(
-        lambda dx_px, dy_px: render_expected_counts(
-            specimen, origin_nm, shape, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px
+        lambda dx_px, dy_px, dx_col_px: render_expected_counts(
+            specimen, origin_nm, shape, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px, dx_col_px
         ),
         shape,
         pixel_size_nm,
@@ -331,7 +410,7 @@ def render_tile_image(
 
 
 def _scanned_with_noise(
-    expected_counts: Callable[[np.ndarray | None, np.ndarray | None], np.ndarray],
+    expected_counts: Callable[[np.ndarray | None, np.ndarray | None, np.ndarray | None], np.ndarray],
     shape: tuple[int, int],
     pixel_size_nm: float,
     dwell_us: float,
@@ -339,10 +418,12 @@ def _scanned_with_noise(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Draw the scan distortions, form the expected counts with them, then add detector noise."""
-    dx_px = dy_px = None
+    dx_px = dy_px = dx_col_px = None
     if imaging.distortions:
         dx_px, dy_px = scan_offsets_px(shape, pixel_size_nm, dwell_us, imaging, rng)
-    return add_detector_noise(expected_counts(dx_px, dy_px), imaging, rng)
+    if imaging.flyback_settle_nm > 0:
+        dx_col_px = flyback_offsets_nm(shape[1], dwell_us, imaging) / pixel_size_nm
+    return add_detector_noise(expected_counts(dx_px, dy_px, dx_col_px), imaging, rng)
 
 
 def render_rotated_expected_counts(
@@ -355,6 +436,7 @@ def render_rotated_expected_counts(
     imaging: ImagingConfig,
     dx_px: np.ndarray | None = None,
     dy_px: np.ndarray | None = None,
+    dx_col_px: np.ndarray | None = None,
 ) -> np.ndarray:
     """Noise-free HAADF signal of a scan frame rotated on the stage, in detected electrons per pixel.
 
@@ -383,6 +465,8 @@ def render_rotated_expected_counts(
         Probe width, detector fractions.
     dx_px, dy_px : numpy.ndarray, optional
         Per-row scan offsets in frame pixels (see :func:`scan_offsets_px`).
+    dx_col_px : numpy.ndarray, optional
+        Per-column x offsets in frame pixels (see :func:`column_signal`).
 
     Returns
     -------
@@ -392,10 +476,7 @@ def render_rotated_expected_counts(
     rows, cols = shape
     cos_r, sin_r = math.cos(rotation_rad), math.sin(rotation_rad)
     sigma_px = imaging.column_sigma_nm / pixel_size_nm
-    shift = max(
-        0.0 if dx_px is None else float(np.abs(dx_px).max()),
-        0.0 if dy_px is None else float(np.abs(dy_px).max()),
-    )
+    shift = max(_largest(dx_px, dx_col_px), _largest(dy_px))
     # A circle around the frame holds every column that can reach it, whatever the rotation.
     reach_nm = (0.5 * math.hypot(rows, cols) + 4 * sigma_px + 2 + shift) * pixel_size_nm
     cx, cy = centre_nm
@@ -404,16 +485,17 @@ def render_rotated_expected_counts(
     x_px = (cos_r * ex + sin_r * ey) / pixel_size_nm + 0.5 * (cols - 1)
     y_px = (-sin_r * ex + cos_r * ey) / pixel_size_nm + 0.5 * (rows - 1)
     columns = column_signal(
-        x_px, y_px, specimen.weight[index].astype(np.float64), shape, sigma_px, dx_px, dy_px
+        x_px, y_px, specimen.weight[index].astype(np.float64), shape, sigma_px, dx_px, dy_px, dx_col_px
     )
-    u = (np.arange(cols) - 0.5 * (cols - 1)) * pixel_size_nm
-    v = (np.arange(rows) - 0.5 * (rows - 1)) * pixel_size_nm
+    x_grid, y_grid = _sampled_grid_px(shape, dx_px, dy_px, dx_col_px)
+    u = (x_grid - 0.5 * (cols - 1)) * pixel_size_nm
+    v = (y_grid - 0.5 * (rows - 1)) * pixel_size_nm
     if abs(sin_r) < 1e-12 and cos_r > 0:
         # Aligned (a compensated scan rotation): lines of x and y, as the aligned renderer uses.
-        x_stage, y_stage = (cx + u)[None, :], (cy + v)[:, None]
+        x_stage, y_stage = cx + u, cy + v
     else:
-        x_stage = cx + cos_r * u[None, :] - sin_r * v[:, None]
-        y_stage = cy + sin_r * u[None, :] + cos_r * v[:, None]
+        x_stage = cx + cos_r * u - sin_r * v
+        y_stage = cy + sin_r * u + cos_r * v
     background = imaging.background_fraction * specimen.thickness_factor(x_stage, y_stage)
     return electrons_per_pixel * (background + imaging.haadf_peak_fraction * columns)
 
@@ -461,7 +543,7 @@ def render_rotated_tile_image(
         float32 image.
     """
     return _scanned_with_noise(
-        lambda dx_px, dy_px: render_rotated_expected_counts(
+        lambda dx_px, dy_px, dx_col_px: render_rotated_expected_counts(
             specimen,
             centre_nm,
             shape,
@@ -471,6 +553,7 @@ def render_rotated_tile_image(
             imaging,
             dx_px,
             dy_px,
+            dx_col_px,
         ),
         shape,
         pixel_size_nm,

@@ -22,6 +22,7 @@ SMALL_SPECIMEN = SpecimenConfig(
 )
 """A 30 x 30 nm specimen with every kind of planted feature (about 11k columns)."""
 
+
 def specimen_with(**settings: object) -> SpecimenConfig:
     """A specimen config with no planted feature except those ``settings`` ask for.
 
@@ -35,10 +36,11 @@ def specimen_with(**settings: object) -> SpecimenConfig:
     return SpecimenConfig(**(none | settings))  # type: ignore[arg-type]
 
 
-IDEAL_IMAGING = ImagingConfig(
-    line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0), poisson_noise=False, detector_noise_counts=0.0
-)
-"""Noise-free, undistorted imaging, for checks against ground-truth positions."""
+IDEAL_IMAGING = ImagingConfig(poisson_noise=False, detector_noise_counts=0.0).without_scan_errors()
+"""Noise-free, undistorted imaging, for checks against ground-truth positions.
+
+A simulated microscope also needs an ideal stage: ``config.ideal_instrument()``.
+"""
 
 
 @pytest.fixture(scope="session")

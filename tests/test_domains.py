@@ -165,7 +165,8 @@ def test_the_wall_in_a_simulated_tile_lies_on_the_planted_wall() -> None:
     specimen_config = specimen_with(
         size_nm=(30.0, 30.0), domain_walls=1, edge_margin_nm=8.0, wall_meander_nm=0.5
     )
-    config = SimulatorConfig(seed=5, specimen=specimen_config)
+    # The found wall is compared with the planted one in stage coordinates: an ideal stage.
+    config = SimulatorConfig(seed=5, specimen=specimen_config).ideal_instrument()
     specimen = generate_specimen(specimen_config, config.seed)
     on_wall = specimen.label == LABEL_CODE["domain_wall"]
     wall_points = np.stack([specimen.x_nm[on_wall], specimen.y_nm[on_wall]], 1)

@@ -26,7 +26,8 @@ PIXEL_NM = 0.02
 @pytest.fixture(scope="module")
 def microscope(small_config: SimulatorConfig, small_specimen: Specimen) -> SimulatedMicroscope:
     imaging = IDEAL_IMAGING.model_copy(update={"poisson_noise": True})
-    return SimulatedMicroscope(small_config.model_copy(update={"imaging": imaging}), small_specimen)
+    ideal = small_config.ideal_instrument()  # merged columns are compared with ground-truth positions
+    return SimulatedMicroscope(ideal.model_copy(update={"imaging": imaging}), small_specimen)
 
 
 def scan(microscope: SimulatedMicroscope, x: float, y: float, size: int) -> Tile:

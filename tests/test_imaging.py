@@ -112,7 +112,7 @@ def test_substitution_cluster_columns_image_dimmer(small_specimen: Specimen) -> 
 
 
 def test_noise_variance_follows_poisson_statistics(small_specimen: Specimen) -> None:
-    imaging = ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0), detector_noise_counts=0.0)
+    imaging = ImagingConfig(detector_noise_counts=0.0).without_scan_errors()
     rng = np.random.default_rng(0)
     relative_noise = []
     for electrons in (100.0, 400.0, 1600.0):
@@ -129,7 +129,7 @@ def test_noise_variance_follows_poisson_statistics(small_specimen: Specimen) -> 
 
 
 def test_read_noise_adds_to_counting_noise(small_specimen: Specimen) -> None:
-    imaging = ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0), detector_noise_counts=3.0)
+    imaging = ImagingConfig(detector_noise_counts=3.0).without_scan_errors()
     expected = render_expected_counts(small_specimen, ORIGIN, SHAPE, PIXEL_NM, 200.0, imaging)
     noisy = add_detector_noise(expected, imaging, np.random.default_rng(1))
     assert (noisy - expected).var() == pytest.approx(expected.mean() + 9.0, rel=0.04)
@@ -159,13 +159,7 @@ def test_survey_pixels_average_the_same_signal(small_specimen: Specimen) -> None
 
 
 def test_drift_and_jitter_move_the_lattice(small_specimen: Specimen) -> None:
-    drifting = ImagingConfig(
-        line_jitter_nm=0.0,
-        drift_nm_per_s=(0.0, 20.0),
-        poisson_noise=False,
-        detector_noise_counts=0.0,
-        flyback_us=0.0,
-    )
+    drifting = IDEAL_IMAGING.model_copy(update={"drift_nm_per_s": (0.0, 20.0), "flyback_us": 0.0})
     rng = np.random.default_rng(0)
     shape = (200, 200)
     still = render_expected_counts(small_specimen, ORIGIN, shape, PIXEL_NM, 100.0, IDEAL_IMAGING)

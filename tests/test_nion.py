@@ -250,7 +250,7 @@ def test_a_short_guided_session_completes_through_nion(
 def test_counts_follow_the_pixel_time_with_poisson_noise(specimen: Specimen) -> None:
     from nion.device_kit.ScanDevice import ScanFrameParameters
 
-    imaging = ImagingConfig(line_jitter_nm=0.0, drift_nm_per_s=(0.0, 0.0))  # counting and read noise on
+    imaging = ImagingConfig().without_scan_errors()  # counting and read noise on
     config = SimulatorConfig(seed=SEED, specimen=SMALL_SPECIMEN, imaging=imaging)
     generator = SpecimenScanGenerator(config, specimen)
 

@@ -138,9 +138,25 @@ def test_a_restarted_microscope_gives_the_same_tile_for_the_same_request(
     small_config: SimulatorConfig, small_specimen: Specimen
 ) -> None:
     request = scan(request_id="session-00007")
+    history = scan(x_nm=10.0, request_id="session-00006")
     with SimulatedMicroscope(small_config, small_specimen) as first:
-        first.acquire(scan(x_nm=10.0))  # a different history before it
+        end = first.acquire(history).t_end  # a different history before it
         before = first.acquire(request).image
     with SimulatedMicroscope(small_config, small_specimen) as restarted:
+        restarted.resume_after([history], end)  # the instrument's state survives the restart
+        after = restarted.acquire(request).image
+        assert restarted.exposures == 1
+    np.testing.assert_array_equal(before, after)
+
+
+def test_an_ideal_microscope_gives_the_same_tile_whatever_came_before(
+    small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    ideal = small_config.ideal_instrument()
+    request = scan(request_id="session-00007")
+    with SimulatedMicroscope(ideal, small_specimen) as first:
+        first.acquire(scan(x_nm=10.0))
+        before = first.acquire(request).image
+    with SimulatedMicroscope(ideal, small_specimen) as restarted:
         after = restarted.acquire(request).image
     np.testing.assert_array_equal(before, after)

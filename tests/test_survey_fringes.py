@@ -81,7 +81,8 @@ def moire_survey() -> tuple[CandidateGrid, list, np.ndarray, InstrumentDescripti
     specimen_config = specimen_with(
         size_nm=(40.0, 40.0), dislocations=2, thickness_gradient=0.0, edge_margin_nm=8.0
     )
-    config = SimulatorConfig(seed=5, specimen=specimen_config)
+    # Survey features are compared with the planted cores in stage coordinates: an ideal stage.
+    config = SimulatorConfig(seed=5, specimen=specimen_config).ideal_instrument()
     specimen = generate_specimen(config.specimen, config.seed)
     cores = np.array([f.center_nm for f in specimen.features if f.kind == "dislocation_core"])
     with SimulatedMicroscope(config, specimen) as microscope:
