@@ -173,11 +173,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.target == "guidance":
         from analysis.bench_guidance import benchmark_guidance, format_report
 
-        report = benchmark_guidance()
+        report = benchmark_guidance(instrument=args.instrument)
     elif args.target == "analyze":
         from analysis.bench_analyze import benchmark_analyze, format_report
 
         report = benchmark_analyze()
+    elif args.target == "stitching":
+        from analysis.bench_stitching import benchmark_stitching, format_report
+
+        report = benchmark_stitching()
     else:  # argparse restricts the choices; kept for type checkers
         raise ConfigError(f"unknown benchmark {args.target!r}")
     print(format_report(report))
@@ -754,14 +758,25 @@ def build_parser() -> argparse.ArgumentParser:
         "decision latency (tens of minutes). "
         "analyze: `micrography analyze` end to end on a 4096x4096 synthetic image with about 80k "
         "columns, in a fresh process: seconds per stage and peak memory (targets: under 60 s and "
-        "4 GB on 2 cores; about a minute).",
+        "4 GB on 2 cores; about a minute). "
+        "stitching: raster and guided sessions with overlapping tiles on a realistic instrument, "
+        "without drift, and with 0.3 nm/s drift and 5 nm placement error: duplicate nodes, residual "
+        "placement error, stitched against single-tile column RMS, seam scores and registration time "
+        "(about ten minutes).",
     )
     bench.add_argument(
         "target",
-        choices=["simulator", "link", "columns", "anomaly", "guidance", "analyze"],
+        choices=["simulator", "link", "columns", "anomaly", "guidance", "analyze", "stitching"],
         help="what to measure",
     )
     bench.add_argument("--json", metavar="PATH", help="write the figures here")
+    bench.add_argument(
+        "--instrument",
+        choices=["realistic", "ideal"],
+        default="realistic",
+        help="guidance: the simulated instrument, with its placement error, drift and scan "
+        "distortions (default) or without any",
+    )
     bench.add_argument("--config", metavar="YAML", help="simulator configuration (default: built-in)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per case (default 5)")
     bench.add_argument(

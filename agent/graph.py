@@ -198,6 +198,11 @@ class MoleculeGraph:
         return self._view(self._displacement)
 
     @property
+    def weight(self) -> np.ndarray:
+        """Summed observation weight of each node (fit quality, less near a tile edge); 1: one clean look."""
+        return self._view(self._weight)
+
+    @property
     def first_tile(self) -> np.ndarray:
         """Index into :attr:`tile_ids` of the tile that first saw each node."""
         return self._view(self._first_tile)

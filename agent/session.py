@@ -2,7 +2,8 @@
 
 Each step of the loop::
 
-    acquire -> columns -> graph merge -> GAE update and scores -> region score
+    acquire -> columns -> register (placement and drift within the frame, agent.registration)
+            -> graph merge in the specimen frame -> GAE update and scores -> region score
             -> domain wall in the tile (policy.ingest_walls)
             -> surrogate update (policy.ingest) -> next request (policy.suggest)
 
@@ -41,11 +42,12 @@ from agent.errors import MicrographyError
 from agent.graph import GraphConfig, MoleculeGraph
 from agent.journal import JournalStep, SessionJournal
 from agent.policy import POLICY_NAMES, AcquisitionPolicy, PolicyConfig, make_policy
+from agent.registration import Placement, Registrar, RegistrationConfig
 from agent.surrogate import SurrogateConfig
 from agent.survey import CandidateGrid, lattice_disorder, survey_features, survey_request
 
 STEP_STAGES: tuple[str, ...] = (
-    "acquire", "columns", "graph", "anomaly", "region_score", "walls", "surrogate", "decision",
+    "acquire", "columns", "register", "graph", "anomaly", "region_score", "walls", "surrogate", "decision",
 )  # fmt: skip
 """Stages timed in every step, in pipeline order (``StepRecord.timings`` keys)."""
 
@@ -83,6 +85,13 @@ class SessionConfig(StrictModel):
     budget: BudgetConfig = BudgetConfig()
     survey: ScanSettings = ScanSettings(pixel_size_nm=0.25, dwell_us=4.0, shape=(4096, 4096))
     tiles: ScanSettings = ScanSettings(pixel_size_nm=0.02, dwell_us=8.0, shape=(512, 512))
+    tile_overlap_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="nominal overlap of neighbouring candidate tiles (share of a tile side); "
+        "an overlap of a few nm lets registration place each tile to picometres",
+    )
     start_tiles: int = Field(4, ge=1, description="spread-out tiles before the first decision")
     checkpoint: str | None = Field(None, description="GAE checkpoint; by default trained on the start tiles")
     warmup_steps: int = Field(
@@ -96,6 +105,7 @@ class SessionConfig(StrictModel):
         description="region score = mean of this top share of node scores (small clusters count)",
     )
     columns: ColumnFinderConfig = ColumnFinderConfig()
+    registration: RegistrationConfig = RegistrationConfig()
     graph: GraphConfig = GraphConfig()
     walls: WallConfig = WallConfig()
     anomaly: AnomalyConfig = AnomalyConfig(device="auto", online_steps=4)
@@ -122,7 +132,7 @@ class StepRecord:
     tile : Tile or None
         The tile (None when rebuilt from a journal without images).
     columns : Columns or None
-        Columns found (None for survey tiles).
+        Columns found (None for survey tiles), at the instrument's nominal stage positions.
     score : float
         Region interest ingested by the policy (NaN for survey tiles).
     decision : list of dict
@@ -131,6 +141,9 @@ class StepRecord:
         Seconds per stage.
     extra : dict
         Counts and summaries (nodes, new nodes, dose spent, surrogate summary).
+    placement : Placement or None
+        Where the tile was measured to be (None for survey tiles); ``placement.apply(columns)``
+        gives the columns in the session's specimen frame, as merged into the graph.
     """
 
     index: int
@@ -142,6 +155,14 @@ class StepRecord:
     decision: list[dict[str, Any]]
     timings: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
+    placement: Placement | None = None
+
+    @property
+    def extent_nm(self) -> tuple[float, float, float, float]:
+        """The tile's area in the session's specimen frame (registered), else as requested, nm."""
+        if self.placement is not None and self.tile is not None:
+            return self.placement.extent_nm(self.tile)
+        return self.request.extent_nm
 
     def to_record(self) -> dict[str, Any]:
         """The journal's JSON record of this step."""
@@ -160,6 +181,7 @@ class StepRecord:
                 "t_end": tile.t_end,
                 "metadata": tile.metadata,
             },
+            "placement": None if self.placement is None else self.placement.to_record(),
             "score": None if not math.isfinite(self.score) else self.score,
             "decision": self.decision,
             "timings": self.timings,
@@ -218,6 +240,27 @@ def tile_interest(
         return math.nan
     scores = scorer.score(graph.to_pyg(nodes)).score
     return float(region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, top_fraction)[0])
+
+
+def session_column_config(config: SessionConfig) -> ColumnFinderConfig:
+    """The column finder a session uses: its own settings, told the material's spacing (``graph``).
+
+    Knowing the spacing keeps a tile that lands partly on vacuum or an amorphous patch (the
+    stage is never exactly where it was asked) from reading the clutter as the lattice.
+
+    Parameters
+    ----------
+    config : SessionConfig
+        Session settings.
+
+    Returns
+    -------
+    ColumnFinderConfig
+        ``config.columns`` with ``expected_spacing_nm`` set when it was not.
+    """
+    if config.columns.expected_spacing_nm is not None:
+        return config.columns
+    return config.columns.model_copy(update={"expected_spacing_nm": config.graph.lattice_spacing_nm})
 
 
 def session_scorer(config: SessionConfig, graph: MoleculeGraph) -> AnomalyScorer:
@@ -281,9 +324,14 @@ class Session:
         self.on_step = on_step
         self.description = driver.describe()
         self.grid = CandidateGrid.tiling(
-            self.description, self.config.tiles.shape, self.config.tiles.pixel_size_nm
+            self.description,
+            self.config.tiles.shape,
+            self.config.tiles.pixel_size_nm,
+            self.config.tile_overlap_fraction,
         )
         self.graph = MoleculeGraph(self.config.graph)
+        self.registrar = Registrar(self.config.registration)
+        self._column_config = session_column_config(self.config)
         self.scorer: AnomalyScorer | None = None
         self.policy: AcquisitionPolicy | None = None
         self.steps: list[StepRecord] = []
@@ -300,7 +348,7 @@ class Session:
         self._t_last: float | None = None
         self._replay: list[JournalStep] = []
         self._replay_problems: list[str] = []
-        self._pending_starts: list[tuple[ScanRequest, Tile, Columns]] = []
+        self._pending_starts: list[tuple[ScanRequest, Tile, tuple[float, float, float, float]]] = []
         if self.config.policy not in POLICY_NAMES:
             raise SessionError(
                 f"unknown policy {self.config.policy!r}; choose one of {', '.join(POLICY_NAMES)}"
@@ -470,12 +518,17 @@ class Session:
         if not self._next and not self.stop_reason:
             self._next = policy.suggest(1)
 
-    def _score_tile(self, request: ScanRequest, tile: Tile | None, columns: Columns | None) -> float:
-        """Region interest of a tile: mean of its top node scores (interior nodes), or an image statistic."""
+    def _score_tile(
+        self, request: ScanRequest, tile: Tile | None, extent_nm: tuple[float, float, float, float]
+    ) -> float:
+        """Region interest of a tile: mean of its top node scores (interior nodes), or an image statistic.
+
+        ``extent_nm`` is the tile's registered area in the specimen frame.
+        """
         policy = self._ensure_policy()
         if policy.score_source == "image":
             return float(lattice_disorder(tile.image)) if tile is not None else math.nan
-        return tile_interest(self.graph, self.scorer, request.extent_nm, self.config.region_top_fraction)
+        return tile_interest(self.graph, self.scorer, extent_nm, self.config.region_top_fraction)
 
     def _train_scorer(self) -> None:
         """Load the checkpoint, or warm up the GAE on the start tiles' graph."""
@@ -495,6 +548,7 @@ class Session:
         self._account(tile)
         if kind == "survey":
             self.survey_tiles.append(tile)
+            self.registrar.add_survey(tile)
             record = StepRecord(len(self.steps), kind, request, tile, None, math.nan, [], timings)
             self._finish(record, recorded)
             return record
@@ -502,10 +556,21 @@ class Session:
         tick = time.perf_counter()
         columns = recorded.columns if recorded is not None and recorded.columns is not None else None
         if columns is None:
-            columns = find_columns(tile, self.config.columns)
+            columns = find_columns(tile, self._column_config)
         timings["columns"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        merge = self.graph.merge(columns, tile.extent_nm)
+        placement = self.registrar.place(tile, columns, self.graph, self.config.graph.lattice_spacing_nm)
+        if recorded is not None and recorded.record.get("placement") not in (None, placement.to_record()):
+            raise SessionError(
+                f"replaying step {recorded.index} of the journal placed tile {request.request_id} at "
+                f"{placement.to_record()} but the session had placed it at {recorded.record['placement']}; "
+                "the configuration or the software changed since"
+            )
+        placed = placement.apply(columns)
+        extent = placement.extent_nm(tile)
+        timings["register"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        merge = self.graph.merge(placed, extent)
         timings["graph"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -521,16 +586,16 @@ class Session:
         timings["anomaly"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        score = self._score_tile(request, tile, columns)
+        score = self._score_tile(request, tile, extent)
         timings["region_score"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        wall = self._find_wall(policy, columns)
+        wall = self._find_wall(policy, placed)
         timings["walls"] = time.perf_counter() - tick
         tick = time.perf_counter()
         if self.scorer is not None or policy.score_source == "image":
             policy.ingest([request], [score])
         else:
-            self._pending_starts.append((request, tile, columns))
+            self._pending_starts.append((request, tile, extent))
         timings["surrogate"] = time.perf_counter() - tick
 
         decision: list[ScanRequest] = []
@@ -551,7 +616,7 @@ class Session:
         }
         record = StepRecord(
             len(self.steps), kind, request, tile, columns, score,
-            [r.model_dump(mode="json") for r in decision], timings, extra,
+            [r.model_dump(mode="json") for r in decision], timings, extra, placement,
         )  # fmt: skip
         self._finish(record, recorded)
         return record
@@ -568,8 +633,8 @@ class Session:
     def _ingest_pending_starts(self) -> None:
         """Score the start tiles once the scorer exists and tell the policy about them."""
         policy = self._ensure_policy()
-        for request, tile, columns in self._pending_starts:
-            policy.ingest([request], [self._score_tile(request, tile, columns)])
+        for request, tile, extent in self._pending_starts:
+            policy.ingest([request], [self._score_tile(request, tile, extent)])
         self._pending_starts = []
 
     def _finish(self, record: StepRecord, recorded: JournalStep | None) -> None:
@@ -637,6 +702,11 @@ class Session:
                         f"session would have chosen {None if expected is None else expected.request_id}"
                     )
             self._step(request, step.record["kind"], recorded=step)
+        # A simulated instrument restarted with the agent catches up on its stage moves and drift;
+        # a real one kept them (the default hook does nothing).
+        requests = [ScanRequest.model_validate(step.record["request"]) for step in replay]
+        t_end = (replay[-1].record.get("tile") or {}).get("t_end") if replay else None
+        self.driver.resume_after(requests, t_end)
         self._replay = []
 
 

@@ -73,6 +73,7 @@ def run_policy_session(
     layout: str = "default",
     max_fraction: float = max(BUDGET_FRACTIONS),
     session: SessionConfig | None = None,
+    instrument: str = "realistic",
 ) -> dict[str, Any]:
     """One session of one policy on one specimen, with its discovery curve.
 
@@ -88,6 +89,9 @@ def run_policy_session(
         Budget as a fraction of the tiles needed to cover the stage.
     session : SessionConfig, optional
         Session settings (policy, seed and budget are set here).
+    instrument : str
+        ``"realistic"`` (the simulator's default: placement error, drift, scan distortions)
+        or ``"ideal"`` (every instrument error off).
 
     Returns
     -------
@@ -97,6 +101,10 @@ def run_policy_session(
     """
     specimen_config = CONTROL_SPECIMEN if layout == "control" else SpecimenConfig()
     simulator = SimulatorConfig(seed=seed, specimen=specimen_config)
+    if instrument == "ideal":
+        simulator = simulator.ideal_instrument()
+    elif instrument != "realistic":
+        raise ValueError(f"instrument must be 'realistic' or 'ideal', got {instrument!r}")
     specimen = generate_specimen(simulator.specimen, seed)
     base = session or SessionConfig()
     with SimulatedMicroscope(simulator, specimen) as microscope:
@@ -155,6 +163,7 @@ def benchmark_guidance(
     policies: Sequence[str] = POLICY_NAMES,
     control_seed: int | None = CONTROL_SEED,
     max_fraction: float = max(BUDGET_FRACTIONS),
+    instrument: str = "realistic",
 ) -> dict[str, Any]:
     """Run every policy on every seed (and the control specimen) and collect the discovery figures.
 
@@ -168,11 +177,13 @@ def benchmark_guidance(
         Seed of the control specimen (None skips it).
     max_fraction : float
         Largest budget, as a fraction of the tiles covering the stage.
+    instrument : str
+        ``"realistic"`` or ``"ideal"`` (see :func:`run_policy_session`).
 
     Returns
     -------
     dict
-        ``rows`` (``policy``, ``layout``, ``seed``, ``budget_fraction``, ``imaged_fraction``,
+        ``instrument``, ``rows`` (``policy``, ``layout``, ``seed``, ``budget_fraction``, ``imaged_fraction``,
         ``detected_fraction``), ``curves`` (per session: ``policy``, ``layout``, ``seed``,
         ``grid_tiles``, ``total_features`` and ``points``, one per tile with ``tiles``,
         ``mean_dose_e_per_a2`` and ``imaged_fraction``), ``areas`` (area under the imaged curve
@@ -190,7 +201,7 @@ def benchmark_guidance(
     with Progress(transient=True) as progress:
         task = progress.add_task("guided-session benchmark", total=len(runs))
         for policy, seed, layout in runs:
-            result = run_policy_session(policy, seed, layout, max_fraction)
+            result = run_policy_session(policy, seed, layout, max_fraction, instrument=instrument)
             for fraction, figures in sorted(result["checkpoints"].items()):
                 rows.append(
                     {
@@ -234,6 +245,7 @@ def benchmark_guidance(
         },
         "targets": TARGETS,
         "target_results": target_results(rows, median_step),
+        "instrument": instrument,
         "machine": machine_info(),
     }
 
@@ -295,6 +307,7 @@ def target_results(rows: list[dict[str, Any]], median_step_s: float | None) -> d
 def format_report(report: dict[str, Any]) -> str:
     """Mean imaged / detected fractions per policy, layout and budget, as a text table."""
     lines = [
+        f"instrument: {report.get('instrument', 'realistic')}",
         f"{'policy':<9} {'layout':<8} "
         + " ".join(f"{f'{int(f * 100)}% tiles':>14}" for f in BUDGET_FRACTIONS)
         + f" {'AUC':>6}"

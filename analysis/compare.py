@@ -31,11 +31,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from agent.config import validate_config
+from agent.driver import ScanRequest
 from agent.errors import MicrographyError
 from agent.session import Session, SessionConfig, StepRecord
 from agent.survey import CandidateGrid
 from analysis.bench_guidance import BUDGET_FRACTIONS, budget_tiles
-from analysis.guidance import detected_features, recorded_ground_truth
+from analysis.guidance import (
+    detected_features,
+    recorded_ground_truth,
+    recorded_simulator,
+    replayed_exposure_truths,
+)
 from analysis.replay import RecordedInstrument, open_recorded, progress_bar, replay_journal
 
 FRACTION_KEYS = ("imaged_fraction", "detected_fraction")
@@ -292,11 +298,15 @@ def journal_curve(
         )
     if specimen is not None:
         detected: dict[int, float] = {}
+        simulator, _ = recorded_simulator(contents)
+        requests = [ScanRequest.model_validate(step.record["request"]) for step in contents.steps]
+        exposures = replayed_exposure_truths(simulator, specimen, requests) if simulator is not None else {}
 
         def count_detected(session: Session, record: StepRecord) -> None:
             tiles = sum(step.kind != "survey" for step in session.steps)
             if record.kind != "survey" and (tiles in checkpoints or tiles == len(points)):
-                detected[tiles] = len(detected_features(session, specimen)) / len(specimen.features)
+                found = detected_features(session, specimen, exposures)
+                detected[tiles] = len(found) / len(specimen.features)
 
         result = replay_journal(
             path,

@@ -27,7 +27,7 @@ from agent.session import DECISION_STAGES, Session, StepRecord
 from agent.survey import CandidateGrid
 from analysis.ground_truth import match_columns
 from simulator.config import SimulatorConfig
-from simulator.drivers import SimulatedMicroscope
+from simulator.drivers import ExposureTruth, SimulatedMicroscope
 from simulator.specimen import Specimen, generate_specimen
 
 
@@ -58,14 +58,42 @@ def feature_candidates(specimen: Specimen, grid: CandidateGrid) -> list[set[int]
     return result
 
 
+def recorded_simulator(contents: JournalContents) -> tuple[SimulatorConfig | None, str]:
+    """The simulated instrument a journal was recorded on, or why it cannot be known.
+
+    Parameters
+    ----------
+    contents : JournalContents
+        A journal as read by :func:`agent.journal.read_journal`.
+
+    Returns
+    -------
+    simulator : SimulatorConfig or None
+        The recorded simulator settings (``micrography run`` records them; a missing
+        ``simulator`` entry means the built-in specimen with the session's seed).
+    reason : str
+        Empty with a configuration; otherwise why there is none.
+    """
+    config = contents.config
+    name = contents.instrument.get("name", "an unnamed instrument")
+    try:
+        recorded = {**(config.get("simulator") or {}), "seed": config.get("seed", 0)}
+        simulator = SimulatorConfig.model_validate(recorded)
+    except ValidationError:
+        return None, "the recorded simulator configuration is not valid for this Micrography"
+    if name != simulator.instrument.name:
+        return None, f"recorded on {name!r}, not on the simulated microscope"
+    return simulator, ""
+
+
 def recorded_ground_truth(contents: JournalContents) -> tuple[Specimen | None, str]:
     """The planted features of a session recorded on the simulated microscope, or why there are none.
 
     The specimen is regenerated from the simulator configuration and seed recorded in the
-    journal (``micrography run`` records them; a missing ``simulator`` entry means the built-in
-    specimen with the session's seed). It is trusted only if the regenerated instrument
-    reproduces the first recorded high-resolution tile, so a journal of another specimen (or of
-    a real instrument) is never judged against the wrong truth.
+    journal (:func:`recorded_simulator`). It is trusted only if the regenerated instrument,
+    brought to the state of the recording by the requests before it, reproduces the first
+    recorded high-resolution tile, so a journal of another specimen (or of a real instrument)
+    is never judged against the wrong truth.
 
     Parameters
     ----------
@@ -79,25 +107,24 @@ def recorded_ground_truth(contents: JournalContents) -> tuple[Specimen | None, s
     reason : str
         Empty with a specimen; otherwise why there is no ground truth, in a microscopist's words.
     """
-    config = contents.config
-    name = contents.instrument.get("name", "an unnamed instrument")
-    try:
-        recorded = {**(config.get("simulator") or {}), "seed": config.get("seed", 0)}
-        simulator = SimulatorConfig.model_validate(recorded)
-    except ValidationError:
-        return None, "the recorded simulator configuration is not valid for this Micrography"
+    simulator, reason = recorded_simulator(contents)
+    if simulator is None:
+        return None, reason
     unrecorded = "the simulator settings were not recorded"
-    if name != simulator.instrument.name:
-        return None, f"recorded on {name!r}, not on the simulated microscope"
-    first = next(
-        (s for s in contents.steps if s.record.get("kind") != "survey" and s.image is not None), None
+    position = next(
+        (k for k, s in enumerate(contents.steps) if s.record.get("kind") != "survey" and s.image is not None),
+        None,
     )
-    if first is None:
+    if position is None:
         return None, "no high-resolution tile was recorded to check a regenerated specimen against"
+    first = contents.steps[position]
     specimen = generate_specimen(simulator.specimen, simulator.seed)
     with SimulatedMicroscope(simulator, specimen) as microscope:
         if microscope.describe().model_dump(mode="json") != contents.instrument:
             return None, f"the recorded stage differs from the regenerated specimen's ({unrecorded})"
+        # The stage moves and drift before the first tile decide where it landed.
+        before = [ScanRequest.model_validate(s.record["request"]) for s in contents.steps[:position]]
+        microscope.resume_after(before, None)
         tile = microscope.acquire(ScanRequest.model_validate(first.record["request"]))
     same = tile.image.shape == first.image.shape and np.allclose(
         tile.image, first.image, rtol=1e-5, atol=1e-3
@@ -105,6 +132,87 @@ def recorded_ground_truth(contents: JournalContents) -> tuple[Specimen | None, s
     if not same:
         return None, f"the regenerated specimen does not reproduce the recorded tiles ({unrecorded})"
     return specimen, ""
+
+
+def exposure_truths(
+    session: Session, simulator: SimulatorConfig | None = None, specimen: Specimen | None = None
+) -> dict[str, ExposureTruth]:
+    """Where every tile of a session on the simulated microscope truly was (evaluation only).
+
+    Parameters
+    ----------
+    session : Session
+        A session that has run (or been rebuilt from its journal).
+    simulator, specimen : optional
+        The simulated instrument and specimen, when ``session.driver`` is not the simulated
+        microscope itself (a replay): a fresh one replays the session's requests.
+
+    Returns
+    -------
+    dict
+        Request id to :class:`~simulator.drivers.ExposureTruth`; empty when the truth cannot be had.
+    """
+    requests = [step.request for step in session.steps]
+    driver = session.driver
+    if isinstance(driver, SimulatedMicroscope):
+        return _truths_of(driver, requests)
+    if simulator is None or specimen is None:
+        return {}
+    return replayed_exposure_truths(simulator, specimen, requests)
+
+
+def replayed_exposure_truths(
+    simulator: SimulatorConfig, specimen: Specimen, requests: list[ScanRequest]
+) -> dict[str, ExposureTruth]:
+    """True placements of ``requests`` on a fresh simulated microscope that replays them (no exposure).
+
+    Parameters
+    ----------
+    simulator : SimulatorConfig
+        The recorded instrument.
+    specimen : Specimen
+        Its specimen.
+    requests : list of ScanRequest
+        Every request of the session, in order (the survey too: its moves set the drift).
+
+    Returns
+    -------
+    dict
+        Request id to :class:`~simulator.drivers.ExposureTruth`.
+    """
+    with SimulatedMicroscope(simulator, specimen) as driver:
+        driver.resume_after(requests, None)
+        return _truths_of(driver, requests)
+
+
+def _truths_of(driver: SimulatedMicroscope, requests: list[ScanRequest]) -> dict[str, ExposureTruth]:
+    truths = {}
+    for request in requests:
+        try:
+            truths[request.request_id] = driver.exposure_truth(request.request_id)
+        except KeyError:
+            continue
+    return truths
+
+
+def specimen_frame_nodes(session: Session, exposures: dict[str, ExposureTruth]) -> np.ndarray:
+    """Graph node positions moved from the session's frame into the specimen's, ``(N, 2)`` nm.
+
+    Each node is corrected by the placement error of the tile that first saw it (its true
+    offset less the measured one), so a tile the registration placed a few cells off is
+    still judged on the columns it really imaged.
+    """
+    graph = session.graph
+    points = np.stack([graph.x_nm, graph.y_nm], 1)
+    if not exposures or len(graph) == 0:
+        return points
+    measured = {s.request.request_id: s.placement for s in session.steps if s.placement is not None}
+    correction = np.zeros((len(graph.tile_ids), 2))
+    for index, tile_id in enumerate(graph.tile_ids):
+        truth, placement = exposures.get(tile_id), measured.get(tile_id)
+        if truth is not None and placement is not None:
+            correction[index] = np.asarray(truth.offset_nm) - np.asarray(placement.offset_nm)
+    return points + correction[graph.first_tile]
 
 
 @dataclass
@@ -150,7 +258,9 @@ class DiscoveryTracker:
         )
 
 
-def detected_features(session: Session, specimen: Specimen) -> set[int]:
+def detected_features(
+    session: Session, specimen: Specimen, exposures: dict[str, ExposureTruth] | None = None
+) -> set[int]:
     """Features with at least one node scoring above the session's detection threshold.
 
     Parameters
@@ -159,6 +269,9 @@ def detected_features(session: Session, specimen: Specimen) -> set[int]:
         A session that has run.
     specimen : Specimen
         Ground truth.
+    exposures : dict, optional
+        True placements (:func:`exposure_truths`); by default those of ``session.driver``
+        when it is the simulated microscope. Nodes are matched to the specimen through them.
 
     Returns
     -------
@@ -168,9 +281,10 @@ def detected_features(session: Session, specimen: Specimen) -> set[int]:
     if len(session.graph) == 0:
         return set()
     scores = session.node_scores()
+    exposures = exposure_truths(session) if exposures is None else exposures
     # One match gives both the label and the feature of every node.
     match = match_columns(
-        np.stack([session.graph.x_nm, session.graph.y_nm], 1),
+        specimen_frame_nodes(session, exposures),
         np.stack([specimen.x_nm, specimen.y_nm], 1),
         0.25 * specimen.config.lattice_nm,
     )

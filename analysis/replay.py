@@ -46,6 +46,7 @@ from agent.journal import JournalContents, JournalError, read_journal
 from agent.protocol.messages import jsonable
 
 # The session's own switch to single-threaded torch, so re-scored reductions repeat its bits exactly.
+from agent.registration import Placement
 from agent.session import (
     DECISION_STAGES,
     STEP_STAGES,
@@ -53,12 +54,20 @@ from agent.session import (
     SessionConfig,
     SessionError,
     StepRecord,
+    session_column_config,
     session_scorer,
     single_thread_torch,
     tile_interest,
 )
 from agent.survey import CandidateGrid
-from analysis.guidance import DiscoveryTracker, detected_features, recorded_ground_truth, write_session_report
+from analysis.guidance import (
+    DiscoveryTracker,
+    detected_features,
+    exposure_truths,
+    recorded_ground_truth,
+    recorded_simulator,
+    write_session_report,
+)
 from simulator.specimen import Specimen
 
 SCORE_TOLERANCE = 1e-9
@@ -449,7 +458,8 @@ def replay_journal(
                     observer.session.close()
     detected = None
     if specimen is not None:
-        detected = len(detected_features(session, specimen))
+        simulator, _ = recorded_simulator(contents)
+        detected = len(detected_features(session, specimen, exposure_truths(session, simulator, specimen)))
     return ReplayResult(
         contents=contents,
         session=session,
@@ -503,7 +513,7 @@ def final_region_scores(result: ReplayResult) -> np.ndarray:
     return tile_region_scores(
         session.graph,
         session.scorer,
-        (step.request.extent_nm for step in result.tile_steps),
+        (step.extent_nm for step in result.tile_steps),
         session.config.region_top_fraction,
     )
 
@@ -581,8 +591,10 @@ def rescore_tiles(
                 raise ReplayError(f"step {step.index} has no recorded image; it cannot be re-scored")
             columns = step.columns
             if columns is None or config.columns != recorded.columns:
-                columns = find_columns(step.tile, config.columns)
-            merge = graph.merge(columns, step.tile.extent_nm)
+                columns = find_columns(step.tile, session_column_config(config))
+            # The recorded placement: re-scoring changes the model, not where the tiles were.
+            placement = step.placement or Placement.nominal(step.tile)
+            merge = graph.merge(placement.apply(columns), placement.extent_nm(step.tile))
             starts += step.kind == "start"
             ready = step.kind == "guided" or starts >= config.start_tiles
             if scorer is None and ready and len(graph):
@@ -855,7 +867,7 @@ def run_replay(
     if new_config is not None:
         graph, scorer = rescore_tiles(session.steps, new_config, session.config, progress)
         new = tile_region_scores(
-            graph, scorer, (step.request.extent_nm for step in tile_steps), new_config.region_top_fraction
+            graph, scorer, (step.extent_nm for step in tile_steps), new_config.region_top_fraction
         )
         label = f"model {Path(checkpoint).name}" if checkpoint else f"config {Path(config_path or '').name}"
         if checkpoint and config_path:

@@ -140,7 +140,8 @@ def test_killed_session_resumes_to_the_same_final_state(
     values = SMALL_SESSION.model_dump(mode="json")
     values["simulator"] = {"specimen": small_config.specimen.model_dump(mode="json")}
     session_yaml.write_text(yaml.safe_dump(values))
-    command = [sys.executable, "-m", "agent.cli", "run", "--config", str(session_yaml), "--seed", "3"]
+    # Seed 5: on the realistic instrument its first tile crosses a wall, before any kill.
+    command = [sys.executable, "-m", "agent.cli", "run", "--config", str(session_yaml), "--seed", "5"]
 
     complete = tmp_path / "complete"
     subprocess.run([*command, "--out", str(complete)], check=True, capture_output=True, timeout=300)

@@ -183,7 +183,7 @@ def test_rescoring_follows_the_session_and_changes_with_the_region_rule(guided: 
     result = replay_journal(guided.journal, progress=False)
     old = final_region_scores(result)
     session = result.session
-    extents = [step.request.extent_nm for step in result.tile_steps]
+    extents = [step.extent_nm for step in result.tile_steps]  # registered, as the session scored them
 
     # With the recorded configuration the re-scoring is the session itself, bit for bit.
     graph, scorer = rescore_tiles(session.steps, session.config, session.config, progress=False)
@@ -200,7 +200,7 @@ def test_rescoring_follows_the_session_and_changes_with_the_region_rule(guided: 
         nodes = session.graph.nodes_in(x_min, x_max, y_min, y_max)
         nodes = nodes[session.graph.interior[nodes]]
         expected.append(session.scorer.score(session.graph.to_pyg(nodes)).score.mean())
-    np.testing.assert_allclose(new, expected, rtol=1e-9)
+    np.testing.assert_allclose(new, expected, rtol=1e-6)  # float32 scores, summed in another order
     assert np.all(new <= old + 1e-12), "a mean of all nodes never exceeds the mean of the top ones"
     change = rank_change(old, new)
     assert change["spearman"] == pytest.approx(stats.spearmanr(old, new).statistic)
