@@ -39,6 +39,7 @@ notion of species; ``match_template`` serves the coarse, lattice-free survey mat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,7 @@ class RegistrationConfig(StrictModel):
         50, ge=4, description="columns matched in the overlap for an overlap registration"
     )
     min_species_agreement: float = Field(
-        0.85, gt=0.5, le=1.0, description="share of overlap columns whose species must agree"
+        0.6, gt=0.5, le=1.0, description="share of overlap columns whose species must agree (A on B: ~0.2)"
     )
     min_overlap_score: float = Field(
         5.0, gt=0, description="fingerprint z-score (residual correlation x sqrt(columns)) a match must reach"
@@ -105,7 +106,7 @@ class RegistrationConfig(StrictModel):
         0.6, gt=0, description="low-pass that removes the lattice before the survey match"
     )
     min_survey_correlation: float = Field(
-        0.6, gt=0, lt=1, description="normalised cross-correlation a survey match must reach"
+        0.85, gt=0, lt=1, description="normalised cross-correlation a survey match must reach"
     )
     survey_margin: float = Field(
         0.05, gt=0, lt=1, description="a survey match must beat every other local peak by this correlation"
@@ -150,6 +151,13 @@ class Placement:
         The drift model's prediction before measurement, nm.
     predicted_sigma_nm : float
         Its one-sigma uncertainty, nm.
+    moves : tuple
+        Parts of the mosaic this tile joined, moved onto its lattice before it was merged:
+        ``((tile ids, (dx, dy) nm), ...)``; apply them with
+        :meth:`agent.graph.MoleculeGraph.translate_tiles` before merging the tile.
+    quality : float
+        How distinct the measurement was: the fingerprint z-score of an overlap or lattice
+        match, the peak correlation of a survey match (0 otherwise).
     """
 
     tile_id: str
@@ -163,6 +171,8 @@ class Placement:
     matched_columns: int = 0
     predicted_offset_nm: tuple[float, float] = (0.0, 0.0)
     predicted_sigma_nm: float = 0.0
+    moves: tuple[tuple[tuple[str, ...], tuple[float, float]], ...] = ()
+    quality: float = 0.0
 
     def shift_nm(self, row_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Offset of each scan row from its nominal position, nm (placement plus drift)."""
@@ -218,6 +228,8 @@ class Placement:
             "matched_columns": self.matched_columns,
             "predicted_offset_nm": list(self.predicted_offset_nm),
             "predicted_sigma_nm": self.predicted_sigma_nm,
+            "moves": [{"tiles": list(tiles), "shift_nm": list(shift)} for tiles, shift in self.moves],
+            "quality": self.quality,
         }
 
     @classmethod
@@ -238,6 +250,11 @@ class Placement:
                 float(record["predicted_offset_nm"][1]),
             ),
             predicted_sigma_nm=float(record["predicted_sigma_nm"]),
+            moves=tuple(
+                (tuple(str(t) for t in move["tiles"]), tuple(float(v) for v in move["shift_nm"][:2]))
+                for move in record.get("moves", [])
+            ),
+            quality=float(record.get("quality", 0.0)),
         )
 
     @classmethod
@@ -698,6 +715,8 @@ class OverlapMatch:
         columns coincide with the stitched ones, but which cell is a guess (the prior's).
     velocity_correction : numpy.ndarray
         Change to the assumed drift velocity within the frame, nm/s.
+    reference : numpy.ndarray
+        Indices of the reference columns (the part of the mosaic) the tile was registered to.
     """
 
     offset_nm: np.ndarray
@@ -705,6 +724,7 @@ class OverlapMatch:
     matched: int
     search: CellSearch
     velocity_correction: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    reference: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def _residual_intensity(points: np.ndarray, scattering: np.ndarray, species: np.ndarray) -> np.ndarray:
@@ -755,29 +775,6 @@ def _lattice_phase(positions: np.ndarray, basis: np.ndarray, origin: np.ndarray)
     return np.angle(np.exp(2j * math.pi * fraction).mean(axis=0)) / (2 * math.pi)
 
 
-def _phase_groups(
-    positions: np.ndarray, group: np.ndarray, basis: np.ndarray, origin: np.ndarray, tolerance: float = 0.1
-) -> list[np.ndarray]:
-    """Indices of the reference columns split into sets that share one lattice phase.
-
-    Each source tile of the stitched graph has its own phase; tiles registered to each other
-    share it, an unregistered tile need not. A set with two phases would index half of its
-    columns into the wrong cells.
-    """
-    labels = np.unique(group)
-    phases = np.array([_lattice_phase(positions[group == label], basis, origin) for label in labels])
-    unassigned = list(range(labels.size))
-    sets: list[np.ndarray] = []
-    while unassigned:
-        seed = unassigned[0]
-        difference = phases[unassigned] - phases[seed]
-        difference = np.abs(difference - np.round(difference))
-        members = [unassigned[i] for i in np.flatnonzero(np.all(difference <= tolerance, axis=1))]
-        sets.append(np.flatnonzero(np.isin(group, labels[members])))
-        unassigned = [i for i in unassigned if i not in members]
-    return sets
-
-
 def register_to_graph(
     points: np.ndarray,
     scattering: np.ndarray,
@@ -792,6 +789,7 @@ def register_to_graph(
     row_time_s: np.ndarray | None = None,
     velocity_sigma: float = 0.0,
     reference_group: np.ndarray | None = None,
+    group_weight: np.ndarray | None = None,
     fingerprint: np.ndarray | None = None,
     reference_fingerprint: np.ndarray | None = None,
 ) -> OverlapMatch | None:
@@ -824,8 +822,11 @@ def register_to_graph(
     velocity_sigma : float
         Prior one-sigma of the assumed velocity, nm/s (0 keeps it).
     reference_group : numpy.ndarray, optional
-        Source tile of each reference column; sets of tiles with different lattice phases
-        are searched separately.
+        Label of each reference column's part of the mosaic (tiles registered to each other);
+        parts placed independently need not share a lattice phase and are searched separately.
+    group_weight : numpy.ndarray, optional
+        Per reference column, the weight (columns) of its part: with no decisive cell the tile
+        snaps onto the heaviest part it overlaps.
     fingerprint, reference_fingerprint : numpy.ndarray, optional
         Which columns' intensities may serve as fingerprints (False: too close to a tile edge).
 
@@ -839,10 +840,11 @@ def register_to_graph(
     # The combined A+B pattern repeats every half diagonal: its cells are (a1 +- a2) / 2.
     basis = np.stack([0.5 * (vectors.a1 + vectors.a2), 0.5 * (vectors.a1 - vectors.a2)], 1)
     origin = points[0] + prior_offset_nm
-    groups = (
-        [np.arange(len(reference_points))] if reference_group is None
-        else _phase_groups(reference_points, reference_group, basis, origin)
-    )  # fmt: skip
+    if reference_group is None:
+        groups = [np.arange(len(reference_points))]
+    else:
+        labels = np.asarray(reference_group)
+        groups = [np.flatnonzero(labels == label) for label in np.unique(labels)]
     # B columns carry no fingerprint of their own (Fe+O columns vary little), and columns cut by
     # a tile edge are dim in every tile (they would correlate two tiles laid edge on edge).
     tile_fp = species == SPECIES_A
@@ -856,7 +858,7 @@ def register_to_graph(
         reference_fp, _residual_intensity(reference_points, reference_scattering, reference_species), 0.0
     )
     decisive: tuple[CellSearch, np.ndarray] | None = None
-    locked: tuple[CellSearch, np.ndarray] | None = None
+    locked: tuple[CellSearch, np.ndarray, float] | None = None
     for members in groups:
         if members.size < config.min_overlap_columns:
             continue
@@ -869,17 +871,20 @@ def register_to_graph(
             continue
         if found.decisive and (decisive is None or found.score > decisive[0].score):
             decisive = (found, members)
-        if found.locked_offset_nm is not None and (locked is None or found.overlap > locked[0].overlap):
-            locked = (found, members)
-    chosen = decisive or locked
+        # Lacking a decisive cell, snap onto the part of the mosaic with the most weight behind it.
+        weight = found.overlap if group_weight is None else group_weight[int(members[0])]
+        if found.locked_offset_nm is not None and (locked is None or weight > locked[2]):
+            locked = (found, members, weight)
+    chosen = decisive or (None if locked is None else locked[:2])
     if chosen is None:
         return None
     found, members = chosen
     offset = prior_offset_nm + (found.offset_nm if found.decisive else found.locked_offset_nm)
-    return _refine_overlap(
+    match = _refine_overlap(
         points, species, reference_points[members], reference_species[members], offset, vectors,
         config, row_time_s, velocity_sigma, found,
     )  # fmt: skip
+    return None if match is None else dataclasses.replace(match, reference=members)
 
 
 @dataclass(frozen=True)
@@ -1020,6 +1025,23 @@ def _refine_overlap(
     sigma = math.inf
     velocity = np.zeros(2)
     times = np.zeros(len(points)) if row_time_s is None else np.asarray(row_time_s, dtype=float)
+    # The cell search indexes columns on one lattice; where the stitched columns bend (strain,
+    # an earlier tile's drift) its cell can be an A-on-B one locally. Among the chosen cell and
+    # its four species-swapping neighbours, keep the one whose columns agree in species here.
+    half_diagonals = [
+        np.zeros(2),
+        *(sign * (vectors.a1 + turn * vectors.a2) / 2 for sign in (1, -1) for turn in (1, -1)),
+    ]
+    agreeing = []
+    for step in half_diagonals:
+        distance, nearest = tree.query(points + offset + step, distance_upper_bound=0.35 * spacing)
+        ok = np.isfinite(distance)
+        ok[ok] &= reference_species[nearest[ok]] == species[ok]
+        agreeing.append(int(np.count_nonzero(ok)))
+    # A neighbour replaces the chosen cell only when clearly better (a wrong cell matches ~20 %).
+    best = int(np.argmax(agreeing))
+    if agreeing[best] > 1.5 * max(agreeing[0], 1):
+        offset = offset + half_diagonals[best]
     for _ in range(3):
         moved = points + offset + times[:, None] * velocity
         distance, nearest = tree.query(moved, distance_upper_bound=0.3 * spacing)
@@ -1077,6 +1099,24 @@ class Registrar:
         )
         self.surveys: list[Tile] = []
         self.placements: list[Placement] = []
+        self._parent: dict[str, str] = {}  # union-find over tile ids: the parts of the mosaic
+        self.shifts: dict[str, np.ndarray] = {}  # later moves of each tile, nm
+
+    def part_of(self, tile_id: str) -> str:
+        """The part of the mosaic a tile belongs to (tiles registered to each other), by a member's id."""
+        root = self._parent.setdefault(tile_id, tile_id)
+        while root != self._parent[root]:
+            self._parent[root] = self._parent[self._parent[root]]
+            root = self._parent[root]
+        return root
+
+    def _join(self, first: str, second: str) -> None:
+        self._parent[self.part_of(first)] = self.part_of(second)
+
+    def current_offset_nm(self, tile_id: str) -> np.ndarray:
+        """A tile's placement offset now: as measured plus every later move of its part, nm."""
+        placement = next(p for p in self.placements if p.tile_id == tile_id)
+        return np.asarray(placement.offset_nm) + self.shifts.get(tile_id, np.zeros(2))
 
     def add_survey(self, tile: Tile) -> None:
         """Use a survey tile as the coarse reference; the first exposure defines the frame."""
@@ -1137,17 +1177,23 @@ class Registrar:
             prior_sigma = 0.0
         corrected = self._drift_corrected(columns, velocity, t_line)
         method, offset, sigma, matched, reason, registered = "predicted", prior, prior_sigma, 0, "", True
+        quality = 0.0
         if is_first:
             reason = "first tile: defines the session frame"
         search = config.search_sigmas * prior_sigma
         overlap = None
+        context = None
         if not is_first and len(graph) and vectors is not None and len(columns):
             # The overlap first: it is exact when present; a survey match only narrows a window
             # that the overlap search covers anyway.
-            overlap = self._overlap(corrected, columns, vectors, velocity, t_line, tile, graph, prior, search)
-        if overlap is not None:
+            context = self._overlap_context(columns, vectors, velocity, t_line, tile, graph, prior, search)
+            if context is not None:
+                overlap = self._overlap(corrected, columns, context, prior, search, t_line)
+        moves: list[tuple[tuple[str, ...], tuple[float, float]]] = []
+        tile_id = tile.request.request_id
+        if overlap is not None and context is not None:
             velocity = velocity + overlap.velocity_correction
-            offset, matched = overlap.offset_nm, overlap.matched
+            offset, matched, quality = overlap.offset_nm, overlap.matched, overlap.search.z
             if overlap.search.decisive:
                 method, sigma = "overlap", overlap.sigma_nm
             else:
@@ -1156,14 +1202,24 @@ class Registrar:
                     f"lattice-locked to the overlap: its fingerprint (z {overlap.search.z:.1f}) cannot tell "
                     "one cell from the next; the cell is the prediction's"
                 )
+            anchor = context.parts[int(overlap.reference[0])]
+            self._join(tile_id, anchor)
+            placed = corrected + offset + (columns.row_px * t_line)[:, None] * overlap.velocity_correction
+            moves = self._bridges(placed, columns, context, anchor, tile_id)
         elif not is_first and self.surveys:
             survey = self.surveys[-1]
             survey_match = register_to_survey(tile, survey, prior, search, config)
             if survey_match is not None:
                 # The survey drifted while it was scanned: its row r sits where the specimen was
                 # r line times after the survey began (the session frame is the survey's start).
-                shift = velocity * survey_match.survey_row * line_time_s(survey)
-                method, offset, sigma = "survey", survey_match.offset_nm + shift, survey_match.sigma_nm
+                scanned_s = survey_match.survey_row * line_time_s(survey)
+                shift = velocity * scanned_s
+                # ... and the drift velocity then is known only so well: it blurs deep survey rows.
+                drift_sigma = max(tracker.predict(t_mid)[3], config.velocity_sigma_floor_nm_per_s) * scanned_s
+                method, offset = "survey", survey_match.offset_nm + shift
+                sigma = math.hypot(survey_match.sigma_nm, drift_sigma)
+                quality = survey_match.correlation
+        self.part_of(tile_id)
         if method == "predicted" and not is_first:
             registered = False
             reason = (
@@ -1171,7 +1227,7 @@ class Registrar:
                 else "no imaged overlap and no distinct survey match"
             )  # fmt: skip
         placement = Placement(
-            tile_id=tile.request.request_id,
+            tile_id=tile_id,
             method=method,
             offset_nm=(float(offset[0]), float(offset[1])),
             sigma_nm=float(sigma),
@@ -1182,12 +1238,56 @@ class Registrar:
             matched_columns=matched,
             predicted_offset_nm=(float(prior[0]), float(prior[1])),
             predicted_sigma_nm=float(prior_sigma),
+            moves=tuple(moves),
+            quality=float(quality),
         )
         if registered:
             # The filter stands at mid-frame: carry the first pixel's offset there.
             tracker.update_offset(t_mid, np.asarray(offset) + velocity * half_frame, max(sigma, 1e-4))
         self.placements.append(placement)
         return placement
+
+    def _bridges(
+        self,
+        placed: np.ndarray,
+        columns: Columns,
+        context: _OverlapContext,
+        anchor: str,
+        tile_id: str,
+    ) -> list[tuple[tuple[str, ...], tuple[float, float]]]:
+        """Move the other parts of the mosaic the tile overlaps onto its lattice; join them to it.
+
+        Each part was placed only as well as the instrument's placement; where the new tile
+        overlaps two, it fixes their relative position, so the lighter part moves (the cell
+        nearest its present place, or the one its fingerprint picks) instead of leaving
+        duplicate columns where the parts meet.
+        """
+        moves = []
+        tile_tree = cKDTree(placed)
+        for part in sorted(set(context.parts) - {anchor}):
+            members = np.flatnonzero(np.asarray(context.parts) == part)
+            if members.size < self.config.min_overlap_columns:
+                continue
+            points = context.reference[members]
+            # Only the part's columns that lie on the new tile take part.
+            near = np.isfinite(tile_tree.query(points, distance_upper_bound=context.spacing)[0])
+            if np.count_nonzero(near) < self.config.min_overlap_columns:
+                continue
+            match = register_to_graph(
+                points[near], context.scattering[members][near], context.species[members][near],
+                placed, columns.scattering, columns.species,
+                context.vectors, np.zeros(2), self.config.search_sigmas * self.config.placement_sigma_nm,
+                self.config,
+            )  # fmt: skip
+            if match is None:
+                continue
+            tiles = tuple(sorted(t for t in self._parent if self.part_of(t) == part))
+            shift = (float(match.offset_nm[0]), float(match.offset_nm[1]))
+            for name in tiles:
+                self.shifts[name] = self.shifts.get(name, np.zeros(2)) + np.asarray(shift)
+            self._join(part, tile_id)
+            moves.append((tiles, shift))
+        return moves
 
     @staticmethod
     def _drift_corrected(columns: Columns, velocity: np.ndarray, t_line: float) -> np.ndarray:
@@ -1203,9 +1303,8 @@ class Registrar:
             & (columns.col_px >= margin) & (columns.col_px <= cols - 1 - margin)
         )  # fmt: skip
 
-    def _overlap(
+    def _overlap_context(
         self,
-        points: np.ndarray,
         columns: Columns,
         vectors: LatticeVectors,
         velocity: np.ndarray,
@@ -1214,14 +1313,19 @@ class Registrar:
         graph: Any,
         offset: np.ndarray,
         search: float,
-    ) -> OverlapMatch | None:
+    ) -> _OverlapContext | None:
+        """The stitched columns within reach of the tile, with the part of the mosaic of each."""
         x_min, x_max, y_min, y_max = tile.extent_nm
         reach = search + 1.0
         nodes = graph.nodes_in(x_min + offset[0] - reach, x_max + offset[0] + reach,
                                y_min + offset[1] - reach, y_max + offset[1] + reach)  # fmt: skip
         if nodes.size < self.config.min_overlap_columns:
             return None
-        reference = np.stack([graph.x_nm[nodes], graph.y_nm[nodes]], 1)
+        names = [graph.tile_ids[k] for k in graph.first_tile[nodes]]
+        parts = [self.part_of(name) for name in names]
+        labels = {part: index for index, part in enumerate(sorted(set(parts)))}
+        label = np.array([labels[part] for part in parts])
+        sizes = np.bincount(label)
         # Undo the drift shear in the lattice vectors: they become the specimen's.
         shear = velocity * t_line / tile.pixel_size_nm
         true_vectors = LatticeVectors(
@@ -1230,11 +1334,52 @@ class Registrar:
             vectors.sigma_nm,
             vectors.count,
         )
+        return _OverlapContext(
+            reference=np.stack([graph.x_nm[nodes], graph.y_nm[nodes]], 1),
+            scattering=graph.scattering[nodes],
+            species=graph.species[nodes],
+            fingerprint=graph.weight[nodes] >= 0.6,
+            parts=parts,
+            label=label,
+            weight=sizes[label].astype(float),
+            vectors=true_vectors,
+            spacing=float(np.hypot(*vectors.a1)),
+            tile_fingerprint=self._away_from_edges(columns, tile, float(np.hypot(*vectors.a1))),
+        )
+
+    def _overlap(
+        self,
+        points: np.ndarray,
+        columns: Columns,
+        context: _OverlapContext,
+        offset: np.ndarray,
+        search: float,
+        t_line: float,
+    ) -> OverlapMatch | None:
         return register_to_graph(
             points, columns.scattering, columns.species,
-            reference, graph.scattering[nodes], graph.species[nodes],
-            true_vectors, np.asarray(offset, dtype=float), max(search, 0.5), self.config,
-            columns.row_px * t_line, max(self.tracker.predict(self.tracker.t or 0.0)[3], 0.02),
-            graph.first_tile[nodes], self._away_from_edges(columns, tile, float(np.hypot(*vectors.a1))),
-            graph.weight[nodes] >= 0.6,
+            context.reference, context.scattering, context.species,
+            context.vectors, np.asarray(offset, dtype=float), max(search, 0.5), self.config,
+            row_time_s=columns.row_px * t_line,
+            velocity_sigma=max(self.tracker.predict(self.tracker.t or 0.0)[3], 0.02),
+            reference_group=context.label,
+            group_weight=context.weight,
+            fingerprint=context.tile_fingerprint,
+            reference_fingerprint=context.fingerprint,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _OverlapContext:
+    """The stitched columns near a tile, as registration needs them."""
+
+    reference: np.ndarray
+    scattering: np.ndarray
+    species: np.ndarray
+    fingerprint: np.ndarray
+    parts: list[str]
+    label: np.ndarray
+    weight: np.ndarray
+    vectors: LatticeVectors
+    spacing: float
+    tile_fingerprint: np.ndarray

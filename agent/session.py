@@ -159,7 +159,10 @@ class StepRecord:
 
     @property
     def extent_nm(self) -> tuple[float, float, float, float]:
-        """The tile's area in the session's specimen frame (registered), else as requested, nm."""
+        """The tile's area in the specimen frame as registered at its step, else as requested, nm.
+
+        A later tile may move it (``Placement.moves``); the graph's ``tile_extents`` are current.
+        """
         if self.placement is not None and self.tile is not None:
             return self.placement.extent_nm(self.tile)
         return self.request.extent_nm
@@ -240,6 +243,25 @@ def tile_interest(
         return math.nan
     scores = scorer.score(graph.to_pyg(nodes)).score
     return float(region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, top_fraction)[0])
+
+
+def apply_moves(graph: MoleculeGraph, placement: Placement) -> np.ndarray:
+    """Move the parts of the mosaic a tile's registration joined (``placement.moves``); before its merge.
+
+    Parameters
+    ----------
+    graph : MoleculeGraph
+        The stitched graph.
+    placement : Placement
+        The new tile's placement.
+
+    Returns
+    -------
+    numpy.ndarray
+        Ids of the nodes whose features changed.
+    """
+    moved = [graph.translate_tiles(tiles, shift) for tiles, shift in placement.moves]
+    return np.unique(np.concatenate(moved)) if moved else np.zeros(0, dtype=np.int64)
 
 
 def session_column_config(config: SessionConfig) -> ColumnFinderConfig:
@@ -570,7 +592,9 @@ class Session:
         extent = placement.extent_nm(tile)
         timings["register"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        moved = apply_moves(self.graph, placement)
         merge = self.graph.merge(placed, extent)
+        updated = np.union1d(merge.updated_nodes, moved)
         timings["graph"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -581,8 +605,8 @@ class Session:
         if self.scorer is None and (starts_done or kind == "guided") and len(self.graph):
             self._train_scorer()
             self._ingest_pending_starts()
-        elif self.scorer is not None and merge.updated_nodes.size:
-            self.scorer.update(self.graph.to_pyg(merge.updated_nodes))
+        elif self.scorer is not None and updated.size:
+            self.scorer.update(self.graph.to_pyg(updated))
         timings["anomaly"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

@@ -206,12 +206,13 @@ def specimen_frame_nodes(session: Session, exposures: dict[str, ExposureTruth]) 
     points = np.stack([graph.x_nm, graph.y_nm], 1)
     if not exposures or len(graph) == 0:
         return points
-    measured = {s.request.request_id: s.placement for s in session.steps if s.placement is not None}
+    placed = {p.tile_id for p in session.registrar.placements}
     correction = np.zeros((len(graph.tile_ids), 2))
     for index, tile_id in enumerate(graph.tile_ids):
-        truth, placement = exposures.get(tile_id), measured.get(tile_id)
-        if truth is not None and placement is not None:
-            correction[index] = np.asarray(truth.offset_nm) - np.asarray(placement.offset_nm)
+        truth = exposures.get(tile_id)
+        if truth is not None and tile_id in placed:
+            # Where registration has the tile now: as measured, plus later moves of its part.
+            correction[index] = np.asarray(truth.offset_nm) - session.registrar.current_offset_nm(tile_id)
     return points + correction[graph.first_tile]
 
 

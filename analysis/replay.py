@@ -54,6 +54,7 @@ from agent.session import (
     SessionConfig,
     SessionError,
     StepRecord,
+    apply_moves,
     session_column_config,
     session_scorer,
     single_thread_torch,
@@ -513,7 +514,8 @@ def final_region_scores(result: ReplayResult) -> np.ndarray:
     return tile_region_scores(
         session.graph,
         session.scorer,
-        (step.extent_nm for step in result.tile_steps),
+        # The graph's extents: registration may have moved a tile after its step (a bridge).
+        session.graph.tile_extents,
         session.config.region_top_fraction,
     )
 
@@ -594,13 +596,15 @@ def rescore_tiles(
                 columns = find_columns(step.tile, session_column_config(config))
             # The recorded placement: re-scoring changes the model, not where the tiles were.
             placement = step.placement or Placement.nominal(step.tile)
+            moved = apply_moves(graph, placement)
             merge = graph.merge(placement.apply(columns), placement.extent_nm(step.tile))
+            updated = np.union1d(merge.updated_nodes, moved)
             starts += step.kind == "start"
             ready = step.kind == "guided" or starts >= config.start_tiles
             if scorer is None and ready and len(graph):
                 scorer = session_scorer(config, graph)
-            elif scorer is not None and merge.updated_nodes.size:
-                scorer.update(graph.to_pyg(merge.updated_nodes))
+            elif scorer is not None and updated.size:
+                scorer.update(graph.to_pyg(updated))
             bar.advance(task)
     return graph, scorer
 
@@ -867,7 +871,7 @@ def run_replay(
     if new_config is not None:
         graph, scorer = rescore_tiles(session.steps, new_config, session.config, progress)
         new = tile_region_scores(
-            graph, scorer, (step.extent_nm for step in tile_steps), new_config.region_top_fraction
+            graph, scorer, session.graph.tile_extents, new_config.region_top_fraction
         )
         label = f"model {Path(checkpoint).name}" if checkpoint else f"config {Path(config_path or '').name}"
         if checkpoint and config_path:

@@ -245,6 +245,12 @@ def test_a_short_guided_session_completes_through_nion(
     assert contents.steps[0].record["kind"] == "survey"
     for step in session.steps:
         assert step.tile is None or step.tile.metadata["nion_hardware_source"] == "micrography_usim_scan"
+    # The same registration placed every Nion tile (its calibrations give the nominal placement).
+    placements = [step.record["placement"] for step in contents.steps[1:]]
+    assert all(
+        p is not None and p["method"] in ("overlap", "lattice", "survey", "predicted") for p in placements
+    )
+    assert all("register" in step.record["timings"] for step in contents.steps[1:])
 
 
 def test_counts_follow_the_pixel_time_with_poisson_noise(specimen: Specimen) -> None:

@@ -243,3 +243,33 @@ def test_a_session_journals_every_placement_and_resume_reproduces_them(tmp_path:
     assert rebuilt == recorded
     steps = read_journal(journal).steps[1:]
     assert len(steps) == 6 and all(step.record["placement"] is not None for step in steps)
+
+
+def test_a_tile_bridging_two_parts_moves_the_lighter_one_onto_its_lattice(fingerprinted) -> None:
+    from agent.session import apply_moves
+
+    config, specimen = fingerprinted
+    with SimulatedMicroscope(config, specimen) as microscope:
+        registrar, graph = Registrar(), MoleculeGraph()
+
+        def place(x: float, error: tuple[float, float], name: str) -> Placement:
+            tile = acquire_misplaced(microscope, x, 15.0, error, name, 20.0)
+            columns = find_columns(tile, FINDER)
+            placement = registrar.place(tile, columns, graph, SPACING)
+            apply_moves(graph, placement)
+            graph.merge(placement.apply(columns), placement.extent_nm(tile))
+            return placement
+
+        place(8.0, (0.0, 0.0), "left")
+        right = place(22.5, (0.7, -0.5), "right")  # no overlap: only the prediction places it
+        assert right.method == "predicted" and not right.registered
+        bridge = place(15.2, (-0.3, 0.2), "bridge")  # overlaps both by about 3 nm
+    assert bridge.method == "overlap"
+    assert bridge.offset_nm == pytest.approx((-0.3, 0.2), abs=0.02)
+    # The right tile, placed 0.86 nm off, was moved onto the bridge's lattice.
+    (tiles, shift), *_ = bridge.moves
+    assert tiles == ("right",) and shift == pytest.approx((0.7, -0.5), abs=0.03)
+    np.testing.assert_allclose(registrar.current_offset_nm("right"), (0.7, -0.5), atol=0.03)
+    assert registrar.part_of("right") == registrar.part_of("left") == registrar.part_of("bridge")
+    assert duplicate_pairs(graph) == 0
+    assert Placement.from_record(bridge.to_record()) == bridge
