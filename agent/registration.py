@@ -328,30 +328,6 @@ def _orientation(vectors: np.ndarray) -> float:
     return float(np.angle(np.exp(4j * angle).mean())) / 4.0
 
 
-def lattice_vectors(columns: Columns, spacing_nm: float | None = None) -> LatticeVectors | None:
-    """Median nearest-neighbour lattice vectors of the tile's columns (A and B sublattices alike).
-
-    Parameters
-    ----------
-    columns : Columns
-        Columns of one tile in nominal stage coordinates.
-    spacing_nm : float, optional
-        A-A spacing; defaults to the columns' own.
-
-    Returns
-    -------
-    LatticeVectors or None
-        None when fewer than 30 neighbour pairs lie along each lattice direction.
-    """
-    spacing = spacing_nm or columns.lattice_spacing_nm
-    if spacing is None or len(columns) < 20:
-        return None
-    vectors, _ = _lattice_pairs(columns, spacing)
-    if vectors.shape[0] < 60:
-        return None
-    return _vectors_from_pairs(vectors, _orientation(vectors))
-
-
 def frame_velocity(
     vectors: LatticeVectors, pixel_size_nm: float, line_time: float
 ) -> tuple[np.ndarray, float]:
@@ -1101,6 +1077,7 @@ class Registrar:
         self.placements: list[Placement] = []
         self._parent: dict[str, str] = {}  # union-find over tile ids: the parts of the mosaic
         self.shifts: dict[str, np.ndarray] = {}  # later moves of each tile, nm
+        self._by_id: dict[str, Placement] = {}
 
     def part_of(self, tile_id: str) -> str:
         """The part of the mosaic a tile belongs to (tiles registered to each other), by a member's id."""
@@ -1115,7 +1092,7 @@ class Registrar:
 
     def current_offset_nm(self, tile_id: str) -> np.ndarray:
         """A tile's placement offset now: as measured plus every later move of its part, nm."""
-        placement = next(p for p in self.placements if p.tile_id == tile_id)
+        placement = self._by_id[tile_id]
         return np.asarray(placement.offset_nm) + self.shifts.get(tile_id, np.zeros(2))
 
     def add_survey(self, tile: Tile) -> None:
@@ -1145,7 +1122,7 @@ class Registrar:
         """
         if not self.config.enabled:
             placement = Placement.nominal(tile)
-            self.placements.append(placement)
+            self._keep(placement)
             return placement
         config = self.config
         t_line = line_time_s(tile)
@@ -1166,7 +1143,6 @@ class Registrar:
                 t_mid, measured[0], max(measured[1], config.velocity_sigma_floor_nm_per_s)
             )
             velocity = tracker.predict(t_mid)[2]
-        tracker._advance(t_mid)
         drift, prior_sigma, _, _ = tracker.predict(t_mid)
         half_frame = t_mid - tile.t_start
         # The offset of the frame's first pixel: the drift at t_start.
@@ -1244,8 +1220,12 @@ class Registrar:
         if registered:
             # The filter stands at mid-frame: carry the first pixel's offset there.
             tracker.update_offset(t_mid, np.asarray(offset) + velocity * half_frame, max(sigma, 1e-4))
-        self.placements.append(placement)
+        self._keep(placement)
         return placement
+
+    def _keep(self, placement: Placement) -> None:
+        self.placements.append(placement)
+        self._by_id[placement.tile_id] = placement
 
     def _bridges(
         self,
@@ -1321,10 +1301,11 @@ class Registrar:
                                y_min + offset[1] - reach, y_max + offset[1] + reach)  # fmt: skip
         if nodes.size < self.config.min_overlap_columns:
             return None
-        names = [graph.tile_ids[k] for k in graph.first_tile[nodes]]
-        parts = [self.part_of(name) for name in names]
-        labels = {part: index for index, part in enumerate(sorted(set(parts)))}
-        label = np.array([labels[part] for part in parts])
+        tiles, of_node = np.unique(graph.first_tile[nodes], return_inverse=True)
+        part_of_tile = [self.part_of(graph.tile_ids[k]) for k in tiles]
+        labels = {part: index for index, part in enumerate(sorted(set(part_of_tile)))}
+        label = np.array([labels[part] for part in part_of_tile])[of_node]
+        parts = [part_of_tile[k] for k in of_node]
         sizes = np.bincount(label)
         # Undo the drift shear in the lattice vectors: they become the specimen's.
         shear = velocity * t_line / tile.pixel_size_nm

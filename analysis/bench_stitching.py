@@ -188,20 +188,22 @@ def evaluate_session(session: Session, microscope: SimulatedMicroscope, specimen
     interior = graph.interior & np.isfinite(scores)
     near_seam = np.zeros(len(graph), dtype=bool)
     extents = [np.asarray(extent) for extent in graph.tile_extents]
+    # Inside each tile's extent, a spacing in from its edges: a seam is a tile edge inside another
+    # tile (the border of the scanned area is no seam).
+    inside = [
+        (points[:, 0] > e[0] + spacing) & (points[:, 0] < e[1] - spacing)
+        & (points[:, 1] > e[2] + spacing) & (points[:, 1] < e[3] - spacing)
+        for e in extents
+    ]  # fmt: skip
     for index, extent in enumerate(extents):
-        others = [e for k, e in enumerate(extents) if k != index]
+        inside_other = np.zeros(len(graph), dtype=bool)
+        for other, within in enumerate(inside):
+            if other != index:
+                inside_other |= within
         for axis, edge in ((0, extent[0]), (0, extent[1]), (1, extent[2]), (1, extent[3])):
-            coordinate = points[:, axis]
-            along = points[:, 1 - axis]
             low, high = (extent[2], extent[3]) if axis == 0 else (extent[0], extent[1])
-            on_edge = (np.abs(coordinate - edge) <= spacing) & (along >= low) & (along <= high)
-            # A seam is an edge inside another tile; the border of the scanned area is no seam.
-            inside_other = np.zeros(len(graph), dtype=bool)
-            for other in others:
-                inside_other |= (
-                    (points[:, 0] > other[0] + spacing) & (points[:, 0] < other[1] - spacing)
-                    & (points[:, 1] > other[2] + spacing) & (points[:, 1] < other[3] - spacing)
-                )  # fmt: skip
+            along = points[:, 1 - axis]
+            on_edge = (np.abs(points[:, axis] - edge) <= spacing) & (along >= low) & (along <= high)
             near_seam |= on_edge & inside_other
     seam_scores, inner_scores = scores[interior & near_seam], scores[interior & ~near_seam]
     placed_all = np.concatenate(placed_errors) if placed_errors else np.zeros((0, 2))
