@@ -191,12 +191,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pixel_size_option(value: str | None) -> float | str | None:
+    """``--pixel-size``: a number of nm, or ``auto`` (estimated from the material's lattice)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--pixel-size: expected a number of nm or 'auto', got {value!r}") from None
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse one large image and write its figure, HTML report and JSON."""
     from analysis.analyze import AnalyzeConfig, run_analysis
 
     options = {
-        "pixel_size_nm": args.pixel_size,
+        "pixel_size_nm": _pixel_size_option(args.pixel_size),
+        "material": args.material,
         "lattice_spacing_nm": args.lattice_spacing,
         "threshold_sigma": args.threshold_sigma,
         "model": args.model,
@@ -215,8 +226,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     outputs = run_analysis(args.image, out, config, show_progress=not args.quiet)
     summary = outputs.summary
     columns = summary["columns"]
+    labels = summary["material"]["labels"]
     print(
-        f"columns: {columns['total']:,} ({columns['counts']['A']:,} A, {columns['counts']['B']:,} B), "
+        f"{summary['material']['name']} at {summary['image']['pixel_size_nm']:.4g} nm/px: "
+        f"columns: {columns['total']:,} ({columns['counts']['A']:,} {labels['A']}, "
+        f"{columns['counts']['B']:,} {labels['B']}; {columns['counts']['O']:,} O), "
+        f"vacancy sites {columns['vacancy_sites']['A']} A / {columns['vacancy_sites']['B']} B, "
         f"spacing {columns['lattice_spacing_nm'] * 1e3:.1f} pm; "
         f"{summary['embedding']['clusters']} embedding clusters; "
         f"{summary['anomaly']['anomalous_columns']:,} columns above score {summary['anomaly']['threshold']:g}"
@@ -712,7 +727,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("image", metavar="IMAGE", help="image file or Sm-BFO dataset folder")
     analyze.add_argument("--out", metavar="DIR", help="output folder (default runs/analyze-<image name>)")
     analyze.add_argument(
-        "--pixel-size", type=float, metavar="NM", help="pixel size, nm (needed for .npy and .tif)"
+        "--pixel-size",
+        metavar="NM|auto",
+        help="pixel size, nm (needed for .npy and .tif), or 'auto' to estimate it from the material's "
+        "lattice; checked against the image before any work",
+    )
+    analyze.add_argument(
+        "--material",
+        metavar="NAME",
+        help="what the image shows: BiFeO3-001 (default) or SrTiO3-001; names the species and "
+        "decides whether polarization and domains are reported",
     )
     analyze.add_argument(
         "--lattice-spacing", type=float, metavar="NM", help="A-A spacing, nm (default: estimated)"
@@ -721,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold-sigma",
         type=float,
         metavar="S",
-        help="a column must stand S noise levels above the floor (default 5; 3.5 finds more dim B "
-        "columns in noisy images, with some false ones)",
+        help="a column must stand S noise levels above the floor (default 5); dim columns at expected "
+        "lattice sites are looked for again at 3 noise levels whatever this is",
     )
     analyze.add_argument(
         "--model", metavar="PT", help="GAE checkpoint (default: fitted on the image's own graph)"

@@ -20,6 +20,7 @@ from agent.columns import (
     _MAD_TO_SIGMA,
     _NOISE_KERNEL,
     _NOISE_KERNEL_GAIN,
+    _SMOOTHING_TRUNCATE,
     ColumnFinderConfig,
     PeakFit,
     PeakScales,
@@ -30,7 +31,7 @@ from agent.columns import (
 
 def _gaussian_smooth(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian filter with edge replication, like ``ndimage.gaussian_filter(mode='nearest')``."""
-    radius = int(4.0 * sigma + 0.5)  # scipy's truncate=4 radius
+    radius = int(_SMOOTHING_TRUNCATE * sigma + 0.5)  # scipy's radius for the numpy path's truncate
     taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
     kernel = torch.exp(-(taps**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
@@ -46,7 +47,8 @@ def _noise_sigma(image: torch.Tensor) -> float:
     r0, c0 = max((rows - 1024) // 2, 0), max((cols - 1024) // 2, 0)
     crop = image[r0 : r0 + 1024, c0 : c0 + 1024][None, None]
     kernel = torch.as_tensor(_NOISE_KERNEL, dtype=torch.float32, device=image.device).view(1, 1, 3, 3)
-    response = F.conv2d(crop, kernel).flatten()
+    # Every second response in each direction, as the numpy path does.
+    response = F.conv2d(crop, kernel)[0, 0, ::2, ::2].flatten()
     deviation = (response - response.median()).abs().median()
     return float(_MAD_TO_SIGMA * deviation / _NOISE_KERNEL_GAIN)
 

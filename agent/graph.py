@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 from scipy.spatial import cKDTree
 
-from agent.columns import SPECIES_A, SPECIES_B, Columns
+from agent.columns import SPECIES_A, SPECIES_B, SPECIES_O, Columns
 from agent.config import StrictModel
 
 NODE_FEATURES: tuple[str, ...] = (
@@ -326,6 +326,9 @@ class MoleculeGraph:
         """
         if columns.lattice_spacing_nm is not None and len(self) == 0:
             self.lattice_spacing_nm = columns.lattice_spacing_nm
+        # The graph is the cation lattice; pure-O columns stay in the Columns table only.
+        if np.any(columns.species == SPECIES_O):
+            columns = columns.select(columns.species != SPECIES_O)
         spacing = self.lattice_spacing_nm
         if extent_nm is None:
             if len(columns) == 0:

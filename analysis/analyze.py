@@ -43,6 +43,8 @@ from agent.columns import (
     ColumnFinderConfig,
     Columns,
     PreprocessingStages,
+    check_pixel_size,
+    estimate_pixel_size,
     find_columns_in_image,
     preprocessing_stages,
 )
@@ -56,6 +58,7 @@ from agent.graph import (
     nn_distances_by_pair,
     nn_distances_by_species,
 )
+from agent.materials import DEFAULT_MATERIAL, Material, resolve_material
 from analysis.segmentation import Segmentation, column_patches, segment_patches
 from simulator.dataset import RecordedImage, UnitCellParameters, load_image
 
@@ -81,7 +84,14 @@ STAGES: tuple[str, ...] = (
 class AnalyzeConfig(StrictModel):
     """Options of a full-frame analysis; lengths relative to the A-A spacing unless named in nm/px/pm."""
 
-    pixel_size_nm: float | None = Field(None, gt=0, description="overrides the file's pixel size")
+    pixel_size_nm: float | Literal["auto"] | None = Field(
+        None,
+        description="overrides the file's pixel size, nm; 'auto' estimates it from the material's lattice",
+    )
+    material: str | Material = Field(
+        DEFAULT_MATERIAL,
+        description="what the image shows: a built-in name or a description (agent.materials)",
+    )
     lattice_spacing_nm: float | None = Field(
         None, gt=0, description="A-A spacing; estimated from the image when not given"
     )
@@ -401,13 +411,32 @@ def _window(shape: tuple[int, int], spacing_px: float) -> tuple[int, int, int]:
     return (shape[0] - side) // 2, (shape[1] - side) // 2, side
 
 
-def _resolve_pixel_size(recorded: RecordedImage, config: AnalyzeConfig) -> float:
-    pixel_size = config.pixel_size_nm or recorded.pixel_size_nm
+def resolve_pixel_size(recorded: RecordedImage, config: AnalyzeConfig) -> float:
+    """The pixel size to analyse with, nm: given, estimated (``auto``) or the file's, checked.
+
+    The check runs before any analysis: at this pixel size the material's cell must be
+    resolved, smaller than a third of the image, and within 20 % of the lattice the image
+    shows (see :func:`agent.columns.check_pixel_size`).
+
+    Raises
+    ------
+    ConfigError
+        If neither the file nor the options give a pixel size.
+    InvalidImageError
+        If the pixel size does not fit the image and the material (the message says why and
+        what the lattice implies).
+    """
+    material = resolve_material(config.material)
+    if config.pixel_size_nm == "auto":
+        pixel_size = estimate_pixel_size(recorded.image, material)
+    else:
+        pixel_size = config.pixel_size_nm or recorded.pixel_size_nm
     if pixel_size is None:
         raise ConfigError(
             f"{recorded.source}: the file gives no pixel size; pass it with --pixel-size NM "
-            "(for example 0.02 for 0.2 Å/px)"
+            "(for example 0.02 for 0.2 Å/px) or --pixel-size auto to estimate it from the lattice"
         )
+    check_pixel_size(recorded.image, float(pixel_size), material, source=str(recorded.source))
     return float(pixel_size)
 
 
@@ -441,7 +470,7 @@ def analyze_image(
 
     config = config or AnalyzeConfig()
     clock = clock or StageClock()
-    pixel_size = _resolve_pixel_size(recorded, config)
+    pixel_size = resolve_pixel_size(recorded, config)
     # The GAE and VAE layers are a few dozen wide: a second thread only adds synchronisation, and
     # on a loaded machine a spinning second thread made training 7-25x slower (measured).
     from threadpoolctl import threadpool_limits
@@ -468,6 +497,7 @@ def _analyze(
     finder = ColumnFinderConfig(
         lattice_spacing_nm=config.lattice_spacing_nm,
         device=config.device,
+        material=config.material,
         **({"threshold_sigma": config.threshold_sigma} if config.threshold_sigma else {}),
     )
     origin = (0.5 * pixel_size, 0.5 * pixel_size)
@@ -608,8 +638,18 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
     assert segmentation is not None and scores is not None and result.clusters is not None
     recorded = result.recorded
     counts = columns.species_counts()
-    total = len(columns)
+    material = resolve_material(result.config.material)
+    # The lattice columns are the cations; pure-O columns are counted on their own.
+    total = counts["A"] + counts["B"]
     summary: dict[str, Any] = {
+        "material": {
+            "name": material.name,
+            "formula": material.formula,
+            "zone_axis": material.zone_axis,
+            "a_nm": material.a_nm,
+            "polar": material.polar,
+            "labels": {"A": material.label("A"), "B": material.label("B"), "O": material.label("O")},
+        },
         "image": {
             "source": str(recorded.source),
             "shape_px": list(recorded.image.shape),
@@ -624,9 +664,11 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
         },
         "columns": {
             "total": total,
-            "counts": {"A": counts["A"], "B": counts["B"]},
+            "counts": {"A": counts["A"], "B": counts["B"], "O": counts["O"]},
             "fractions": {"A": counts["A"] / total, "B": counts["B"] / total},
             "abnormal_A": counts["A_abnormal"],
+            "abnormal_B": counts["B_abnormal"],
+            "vacancy_sites": {"A": counts["A_vacancy"], "B": counts["B_vacancy"]},
             "lattice_spacing_nm": columns.lattice_spacing_nm,
             "lattice_spacing_px": (columns.lattice_spacing_nm or 0.0) / result.pixel_size_nm,
             "columns_per_nm2": total / (recorded.image.size * result.pixel_size_nm**2),
@@ -659,15 +701,20 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
             )
         domains.append(entry)
     magnitude = np.hypot(*polarization.displacement_pm[valid].T)
-    summary["polarization"] = {
-        "b_columns_with_cell": int(valid.sum()),
-        "lattice_orientation_deg": polarization.lattice_orientation_deg,
-        "smoothing_radius_nm": result.config.domain_radius * (columns.lattice_spacing_nm or 0.0),
-        "nonpolar_threshold_pm": result.config.nonpolar_pm,
-        "magnitude_pm": _stats(magnitude),
-        "domains": domains,
-    }
-    if polarization.dataset is not None:
+    if not material.polar:
+        summary["polarization"] = {
+            "skipped": f"{material.name} is not polar: no polarization or domains are reported",
+        }
+    else:
+        summary["polarization"] = {
+            "b_columns_with_cell": int(valid.sum()),
+            "lattice_orientation_deg": polarization.lattice_orientation_deg,
+            "smoothing_radius_nm": result.config.domain_radius * (columns.lattice_spacing_nm or 0.0),
+            "nonpolar_threshold_pm": result.config.nonpolar_pm,
+            "magnitude_pm": _stats(magnitude),
+            "domains": domains,
+        }
+    if polarization.dataset is not None and material.polar:
         summary["polarization"]["dataset_pxy"] = {
             "cells": polarization.dataset["cells"],
             "matched_cells": polarization.dataset["matched"],
@@ -750,7 +797,7 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
                 "x_nm": float(graph.x_nm[node]),
                 "y_nm": float(graph.y_nm[node]),
                 "score": float(scores[node]),
-                "species": "A" if graph.species[node] == SPECIES_A else "B",
+                "species": material.label("A") if graph.species[node] == SPECIES_A else material.label("B"),
                 "top_feature": NODE_FEATURES[int(np.argmax(result.feature_z[node]))],
             }
             for node in hot
@@ -832,7 +879,8 @@ def run_analysis(
         progress.start()
     try:
         with clock.stage("load"):
-            recorded = load_image(path, config.pixel_size_nm)
+            given = config.pixel_size_nm if isinstance(config.pixel_size_nm, float) else None
+            recorded = load_image(path, given)
         result = analyze_image(recorded, config, clock)
         with clock.stage("report"):
             result.summary = summarise(result, clock.seconds)

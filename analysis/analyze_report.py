@@ -29,7 +29,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from agent.columns import SPECIES_A, SPECIES_B
+from agent.columns import SPECIES_A, SPECIES_B, SPECIES_O
+from agent.materials import resolve_material
 from agent.protocol.messages import jsonable
 from analysis.analyze import DOMAIN_NAMES, FullFrameAnalysis
 
@@ -172,8 +173,14 @@ def panel_columns(ax: Axes, result: FullFrameAnalysis) -> None:
     columns = result.columns
     assert columns is not None
     ax.imshow(image, cmap="gray", extent=extent)
-    for code, colour, name in ((SPECIES_A, "#ff8c00", "A (Bi/Sm)"), (SPECIES_B, "#00d0ff", "B (Fe)")):
+    material = resolve_material(result.config.material)
+    for code, colour, role in (
+        (SPECIES_A, "#ff8c00", "A"),
+        (SPECIES_B, "#00d0ff", "B"),
+        (SPECIES_O, "#b0ff60", "O"),
+    ):
         members = inside[columns.species[inside] == code]
+        name = f"{role} ({material.label(role)})" if role != "O" else "O"
         ax.scatter(columns.x_nm[members], columns.y_nm[members], s=6, c=colour, label=name, linewidths=0)
     abnormal = inside[columns.abnormal[inside]]
     if abnormal.size:
@@ -183,11 +190,23 @@ def panel_columns(ax: Axes, result: FullFrameAnalysis) -> None:
             s=30,
             facecolors="none",
             edgecolors="r",
-            label="abnormal A",
+            label="abnormal intensity",
         )
+    vacancies = columns.vacancies
+    x_min, x_max, y_min, y_max = extent[0], extent[1], min(extent[2:]), max(extent[2:])
+    shown = (vacancies.x_nm >= x_min) & (vacancies.x_nm <= x_max)
+    shown &= (vacancies.y_nm >= y_min) & (vacancies.y_nm <= y_max)
+    if shown.any():
+        ax.scatter(
+            vacancies.x_nm[shown], vacancies.y_nm[shown], s=40, marker="s", facecolors="none",
+            edgecolors="m", label="vacancy site",
+        )  # fmt: skip
     counts = columns.species_counts()
     ax.legend(loc="upper right", fontsize=6, markerscale=1.5)
-    ax.set_title(f"Columns: {counts['A']:,} A, {counts['B']:,} B")
+    ax.set_title(
+        f"Columns: {counts['A']:,} {material.label('A')}, {counts['B']:,} {material.label('B')}, "
+        f"{counts['O']:,} O; {counts['A_vacancy'] + counts['B_vacancy']} vacancy sites"
+    )
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
 
@@ -419,19 +438,63 @@ def panel_anomaly(ax: Axes, result: FullFrameAnalysis, figure: Figure) -> None:
 # ----------------------------------------------------------------------------- figures
 
 
+def _polar(result: FullFrameAnalysis) -> bool:
+    return resolve_material(result.config.material).polar
+
+
+def panel_not_polar(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Why a non-polar material has no polarization or domain maps."""
+    material = resolve_material(result.config.material)
+    ax.text(
+        0.5,
+        0.5,
+        f"{material.formula} {material.zone_axis} is not polar:\nno polarization or domain maps",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+    )
+    ax.set_axis_off()
+
+
+def panel_vacancies(ax: Axes, result: FullFrameAnalysis) -> None:
+    """Vacancy sites over the whole image, coloured by site, sized by confidence."""
+    columns = result.columns
+    assert columns is not None
+    vacancies = columns.vacancies
+    rows, cols = result.recorded.image.shape
+    p = result.pixel_size_nm
+    ax.imshow(result.recorded.image, cmap="gray", extent=(0, cols * p, rows * p, 0))
+    material = resolve_material(result.config.material)
+    for code, colour, role in ((SPECIES_A, "#ff8c00", "A"), (SPECIES_B, "#00d0ff", "B")):
+        members = vacancies.species == code
+        ax.scatter(
+            vacancies.x_nm[members], vacancies.y_nm[members], s=10 + 30 * vacancies.confidence[members],
+            facecolors="none", edgecolors=colour, label=f"{material.label(role)} site",
+        )  # fmt: skip
+    ax.legend(loc="upper right", fontsize=6)
+    ax.set_title(f"Vacancy sites ({len(vacancies)}; marker size: confidence)")
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
+
+
 def _overview(result: FullFrameAnalysis) -> Figure:
     figure, axes = plt.subplots(3, 4, figsize=(22, 16), constrained_layout=True)
     panel_image(axes[0, 0], result)
     panel_stage(axes[0, 1], result, "contrast")
     panel_columns(axes[0, 2], result)
     panel_nn(axes[0, 3], result)
-    panel_polarization(axes[1, 0], result)
     assert result.polarization is not None
-    if result.polarization.dataset is not None:
-        panel_dataset_pxy(axes[1, 1], result)
+    if _polar(result):
+        panel_polarization(axes[1, 0], result)
+        if result.polarization.dataset is not None:
+            panel_dataset_pxy(axes[1, 1], result)
+        else:
+            panel_cluster_map(axes[1, 1], result)
+        panel_domains(axes[1, 2], result)
     else:
+        panel_not_polar(axes[1, 0], result)
         panel_cluster_map(axes[1, 1], result)
-    panel_domains(axes[1, 2], result)
+        panel_vacancies(axes[1, 2], result)
     panel_classes(axes[1, 3], result, "gmm")
     panel_classes(axes[2, 0], result, "vae")
     panel_latent(axes[2, 1], result)
@@ -455,15 +518,16 @@ def _section_figures(result: FullFrameAnalysis) -> dict[str, Figure]:
     figures["Columns and nearest-neighbour distances"] = figure
 
     assert result.polarization is not None
-    with_dataset = result.polarization.dataset is not None
-    figure, axes = plt.subplots(
-        1, 3 if with_dataset else 2, figsize=(17 if with_dataset else 11.5, 5.5), constrained_layout=True
-    )
-    panel_polarization(axes[0], result)
-    if with_dataset:
-        panel_dataset_pxy(axes[1], result)
-    panel_domains(axes[-1], result)
-    figures["Polarization and domains"] = figure
+    if _polar(result):
+        with_dataset = result.polarization.dataset is not None
+        figure, axes = plt.subplots(
+            1, 3 if with_dataset else 2, figsize=(17 if with_dataset else 11.5, 5.5), constrained_layout=True
+        )
+        panel_polarization(axes[0], result)
+        if with_dataset:
+            panel_dataset_pxy(axes[1], result)
+        panel_domains(axes[-1], result)
+        figures["Polarization and domains"] = figure
 
     figure, axes = plt.subplots(1, 3, figsize=(17, 5.2), constrained_layout=True)
     panel_classes(axes[0], result, "gmm")
@@ -529,6 +593,7 @@ def render_html(summary: dict[str, Any], overview_png: bytes, sections: dict[str
 
     image = summary["image"]
     columns = summary["columns"]
+    labels = summary["material"]["labels"]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>Micrography analysis: {html.escape(Path(image['source']).name)}</title>",
@@ -536,8 +601,10 @@ def render_html(summary: dict[str, Any], overview_png: bytes, sections: dict[str
         "img{max-width:100%}table{border-collapse:collapse;margin:0.5em 0}"
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
         f"<h1>Full-frame analysis of {html.escape(image['source'])}</h1>",
-        f"<p>{image['shape_px'][0]} x {image['shape_px'][1]} px at {image['pixel_size_nm']:g} nm/px; "
-        f"{columns['total']:,} columns ({columns['counts']['A']:,} A, {columns['counts']['B']:,} B), "
+        f"<p>{html.escape(summary['material']['name'])}: {image['shape_px'][0]} x {image['shape_px'][1]} px "
+        f"at {image['pixel_size_nm']:g} nm/px; {columns['total']:,} columns "
+        f"({columns['counts']['A']:,} {html.escape(labels['A'])}, {columns['counts']['B']:,} "
+        f"{html.escape(labels['B'])}; {columns['counts']['O']:,} O columns besides), "
         f"A-A spacing {columns['lattice_spacing_nm'] * 1e3:.1f} pm. Total time "
         f"{summary['timings_s'].get('total', float('nan')):.1f} s, "
         f"peak memory {summary['peak_memory_mb']:.0f} MB.</p>",
@@ -553,9 +620,11 @@ def render_html(summary: dict[str, Any], overview_png: bytes, sections: dict[str
         "<p>The write-up's statistic, lengths of the K = 4 nearest-neighbour edges of the graph:</p>",
         _table([{"pair": pair, **stats} for pair, stats in summary["knn_edge_distances_pm"].items()]),
     ]
+    if "skipped" in summary["polarization"]:
+        parts.append(f"<p>{html.escape(summary['polarization']['skipped'])}.</p>")
     tables = {
         "Polarization and domains": _table(_flat_rows(summary["polarization"]))
-        + _table(summary["polarization"]["domains"])
+        + _table(summary["polarization"].get("domains", []))
         + (
             _table(_flat_rows(summary["polarization"]["dataset_pxy"]))
             if "dataset_pxy" in summary["polarization"]

@@ -1,14 +1,22 @@
-"""Scoring found columns against the synthetic specimen's ground truth."""
+"""Scoring found columns against ground truth: the synthetic specimen, or any table of true columns.
+
+:func:`score_columns` scores one axis-aligned tile against the specimen in stage
+coordinates. :func:`score_sites` scores in image pixels against a :class:`SiteTruth`
+(from the specimen in a rotated frame, :func:`specimen_site_truth`, or from a
+multislice fixture): detection per sublattice, species of A and B columns, pure-O
+columns taken for B, Sm-substituted A columns flagged abnormal, and vacancy sites.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from agent.columns import Columns
-from simulator.specimen import SITE_A, SITE_B, Specimen
+from agent.columns import SPECIES_A, SPECIES_B, SPECIES_O, Columns
+from simulator.specimen import SITE_A, SITE_B, SITE_O, Specimen
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ def score_columns(
         (columns.x_nm >= x_min + inset_nm) & (columns.x_nm <= x_max - inset_nm)
         & (columns.y_nm >= y_min + inset_nm) & (columns.y_nm <= y_max - inset_nm)
     )  # fmt: skip
+    # Pure-O columns are reported as such and are not lattice columns to score: not false either.
+    in_scored_area &= columns.species != SPECIES_O
     matched_found = np.zeros(len(columns), dtype=bool)
     matched_found[match.found] = True
     counted = np.isin(everywhere[match.truth], truth)
@@ -164,4 +174,205 @@ def score_columns(
         else float("nan"),
         "found": n_found,
         "true": int(truth.size),
+    }
+
+
+@dataclass(frozen=True)
+class SiteTruth:
+    """True columns and vacant sites of one image, in its pixel coordinates.
+
+    Parameters
+    ----------
+    x_px, y_px : numpy.ndarray
+        Positions, pixels (x along columns, y along rows).
+    species : numpy.ndarray
+        Site role, :data:`~agent.columns.SPECIES_A`, ``SPECIES_B`` or ``SPECIES_O``; other
+        values (amorphous atoms) are ignored.
+    sm_fraction : numpy.ndarray
+        Fraction of the A column's atoms that are the substituent (0 elsewhere).
+    vacant : numpy.ndarray
+        True for a site with no column (not in the image).
+    """
+
+    x_px: np.ndarray
+    y_px: np.ndarray
+    species: np.ndarray
+    sm_fraction: np.ndarray
+    vacant: np.ndarray
+
+
+def specimen_site_truth(
+    specimen: Specimen,
+    centre_nm: tuple[float, float],
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    rotation_rad: float = 0.0,
+) -> SiteTruth:
+    """The specimen's columns and vacancies seen in a (rotated) frame, in that frame's pixels.
+
+    The frame convention is :func:`simulator.imaging.render_rotated_expected_counts`: the
+    column axis along ``(cos r, sin r)`` on the stage, centre at ``centre_nm``.
+    """
+    rows, cols = shape
+    reach = 0.5 * float(np.hypot(rows, cols)) * pixel_size_nm + specimen.config.lattice_nm
+    cx, cy = centre_nm
+    index = specimen.columns_in(cx - reach, cx + reach, cy - reach, cy + reach)
+    vac = specimen.vacancies
+    x = np.concatenate([specimen.x_nm[index], vac["x_nm"]]) - cx
+    y = np.concatenate([specimen.y_nm[index], vac["y_nm"]]) - cy
+    cos_r, sin_r = float(np.cos(rotation_rad)), float(np.sin(rotation_rad))
+    # Amorphous atoms stay in the truth with role -1: a column found on one is neither right nor false.
+    code = {SITE_A: SPECIES_A, SITE_B: SPECIES_B, SITE_O: SPECIES_O}
+    site = np.concatenate([specimen.site[index], vac["site"]])
+    return SiteTruth(
+        x_px=(cos_r * x + sin_r * y) / pixel_size_nm + 0.5 * (cols - 1),
+        y_px=(-sin_r * x + cos_r * y) / pixel_size_nm + 0.5 * (rows - 1),
+        species=np.array([code.get(int(value), -1) for value in site], dtype=np.int8),
+        sm_fraction=np.concatenate([specimen.sm_fraction[index], np.zeros(len(vac["x_nm"]))]),
+        vacant=np.concatenate([np.zeros(index.size, bool), np.ones(len(vac["x_nm"]), bool)]),
+    )
+
+
+SITE_COUNTS = (
+    "a_true", "a_found", "a_as_a", "b_true", "b_found", "b_as_b", "o_true", "o_found", "o_as_b",
+    "cation_found", "cation_false", "substituted", "substituted_flagged", "normal_a", "normal_a_flagged",
+    "a_vacant", "a_vacant_found", "b_vacant", "b_vacant_found", "sites", "false_vacancies",
+)  # fmt: skip
+"""Counts returned by :func:`score_sites` (pooled over tiles by adding)."""
+
+
+def score_sites(
+    columns: Columns,
+    truth: SiteTruth,
+    spacing_px: float,
+    border_px: float,
+    shape: tuple[int, int],
+    *,
+    substituted_sm: float = 0.45,
+    normal_sm: float = 0.25,
+    vacancy_confidence: float = 0.5,
+) -> dict[str, Any]:
+    """Detection, species, abnormal flags and vacancy sites of one image against the truth.
+
+    Only what lies more than ``border_px`` inside the image is scored (the finder drops its
+    border). A match lies within a quarter of the A-A spacing.
+
+    Parameters
+    ----------
+    columns : Columns
+        What the finder returned (pixel positions are used).
+    truth : SiteTruth
+        True columns and vacant sites in the same pixels.
+    spacing_px : float
+        A-A spacing, pixels.
+    border_px : float
+        Scored area inset, pixels.
+    shape : tuple of int
+        Image ``(rows, cols)``.
+    substituted_sm, normal_sm : float
+        An A column with at least ``substituted_sm`` substituent must be flagged; one with at
+        most ``normal_sm`` must not.
+    vacancy_confidence : float
+        Reported vacancy sites at least this confident count.
+
+    Returns
+    -------
+    dict
+        The integer counts named in :data:`SITE_COUNTS` and the RMS errors ``rms_a_px``,
+        ``rms_b_px`` (NaN when none matched).
+    """
+    rows, cols = shape
+
+    def interior(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (x >= border_px) & (x <= cols - 1 - border_px) & (y >= border_px) & (y <= rows - 1 - border_px)
+
+    present = ~truth.vacant & (truth.species >= 0)
+    true_index = np.flatnonzero(~truth.vacant)
+    match = match_columns(
+        np.stack([columns.col_px, columns.row_px], 1),
+        np.stack([truth.x_px[true_index], truth.y_px[true_index]], 1),
+        0.25 * spacing_px,
+    )
+    matched_truth = true_index[match.truth]
+    scored = interior(truth.x_px[matched_truth], truth.y_px[matched_truth])
+    t_species = truth.species[matched_truth][scored]
+    f_species = columns.species[match.found][scored]
+    flagged = columns.abnormal[match.found][scored]
+    sm = truth.sm_fraction[matched_truth][scored]
+    distance = match.distance[scored]
+    in_view = interior(truth.x_px, truth.y_px)
+    counts: dict[str, Any] = {}
+    for name, code in (("a", SPECIES_A), ("b", SPECIES_B), ("o", SPECIES_O)):
+        counts[f"{name}_true"] = int(np.count_nonzero(present & in_view & (truth.species == code)))
+        counts[f"{name}_found"] = int(np.count_nonzero(t_species == code))
+    counts["a_as_a"] = int(np.count_nonzero((t_species == SPECIES_A) & (f_species == SPECIES_A)))
+    counts["b_as_b"] = int(np.count_nonzero((t_species == SPECIES_B) & (f_species == SPECIES_B)))
+    counts["o_as_b"] = int(np.count_nonzero((t_species == SPECIES_O) & (f_species == SPECIES_B)))
+    found_cation = interior(columns.col_px, columns.row_px) & np.isin(columns.species, (SPECIES_A, SPECIES_B))
+    on_amorphous = np.zeros(len(columns), dtype=bool)
+    on_amorphous[match.found[truth.species[matched_truth] < 0]] = True
+    found_cation &= ~on_amorphous
+    matched_cation = np.zeros(len(columns), dtype=bool)
+    cation_truth = np.isin(truth.species[matched_truth], (SPECIES_A, SPECIES_B))
+    matched_cation[match.found[cation_truth]] = True
+    counts["cation_found"] = int(np.count_nonzero(found_cation))
+    counts["cation_false"] = int(np.count_nonzero(found_cation & ~matched_cation))
+    is_a = t_species == SPECIES_A
+    counts["substituted"] = int(np.count_nonzero(is_a & (sm >= substituted_sm)))
+    counts["substituted_flagged"] = int(np.count_nonzero(is_a & (sm >= substituted_sm) & flagged))
+    counts["normal_a"] = int(np.count_nonzero(is_a & (sm <= normal_sm)))
+    counts["normal_a_flagged"] = int(np.count_nonzero(is_a & (sm <= normal_sm) & flagged))
+    # Vacancies: a reported site matches a true vacant site of the same role within a quarter cell.
+    vacancies = columns.vacancies.select(columns.vacancies.confidence >= vacancy_confidence)
+    reported_inside = interior(vacancies.col_px, vacancies.row_px)
+    vacancies = vacancies.select(reported_inside)
+    vacant = np.flatnonzero(truth.vacant & in_view & np.isin(truth.species, (SPECIES_A, SPECIES_B)))
+    hit = np.zeros(vacant.size, dtype=bool)
+    used = np.zeros(len(vacancies), dtype=bool)
+    if vacant.size and len(vacancies):
+        tree = cKDTree(np.stack([vacancies.col_px, vacancies.row_px], 1))
+        for k, index in enumerate(vacant):
+            for candidate in tree.query_ball_point((truth.x_px[index], truth.y_px[index]), 0.25 * spacing_px):
+                if not used[candidate] and vacancies.species[candidate] == truth.species[index]:
+                    hit[k] = used[candidate] = True
+                    break
+    for name, code in (("a", SPECIES_A), ("b", SPECIES_B)):
+        counts[f"{name}_vacant"] = int(np.count_nonzero(truth.species[vacant] == code))
+        counts[f"{name}_vacant_found"] = int(np.count_nonzero(hit & (truth.species[vacant] == code)))
+    counts["sites"] = int(np.count_nonzero(in_view & np.isin(truth.species, (SPECIES_A, SPECIES_B))))
+    counts["false_vacancies"] = int(np.count_nonzero(~used))
+    counts["rms_a_px"] = float(np.sqrt(np.mean(distance[is_a] ** 2))) if is_a.any() else float("nan")
+    is_b = t_species == SPECIES_B
+    counts["rms_b_px"] = float(np.sqrt(np.mean(distance[is_b] ** 2))) if is_b.any() else float("nan")
+    return counts
+
+
+def site_figures(counts: dict[str, Any]) -> dict[str, float | None]:
+    """Rates from pooled :func:`score_sites` counts (None where the denominator is zero).
+
+    Returns ``recall_a``, ``recall_b``, ``precision``, ``species_accuracy_a``,
+    ``species_accuracy_b``, ``o_as_b``, ``substituted_flagged``, ``normal_a_flagged``,
+    ``a_vacancy_recall``, ``b_vacancy_recall`` and ``false_vacancy_rate``.
+    """
+
+    def rate(numerator: str, denominator: str, complement: bool = False) -> float | None:
+        total = counts[denominator]
+        if not total:
+            return None
+        value = counts[numerator] / total
+        return 1.0 - value if complement else value
+
+    return {
+        "recall_a": rate("a_found", "a_true"),
+        "recall_b": rate("b_found", "b_true"),
+        "precision": rate("cation_false", "cation_found", complement=True),
+        "species_accuracy_a": rate("a_as_a", "a_found"),
+        "species_accuracy_b": rate("b_as_b", "b_found"),
+        "o_found": counts["o_found"],
+        "o_as_b": counts["o_as_b"],
+        "substituted_flagged": rate("substituted_flagged", "substituted"),
+        "normal_a_flagged": rate("normal_a_flagged", "normal_a"),
+        "a_vacancy_recall": rate("a_vacant_found", "a_vacant"),
+        "b_vacancy_recall": rate("b_vacant_found", "b_vacant"),
+        "false_vacancy_rate": rate("false_vacancies", "sites"),
     }

@@ -28,6 +28,9 @@ class SpecimenConfig(StrictModel):
         0.025, ge=0.0, description="B-column shift from the A-cell centre in a fully polar domain"
     )
     position_jitter_nm: float = Field(0.0, ge=0.0, description="static random column displacement")
+    oxygen_columns: bool = Field(
+        True, description="render the faint pure-O columns at the cell edges (about 2 % of a Bi column)"
+    )
 
     domain_walls: int = Field(4, ge=0, description="number of straight ferroelectric walls")
     wall_width_nm: float = Field(

@@ -15,6 +15,10 @@ each with a ground-truth label per column and a region record:
 * a Sm-rich, non-polar patch (the phase boundary) and an amorphous patch;
 * a thickness gradient that scales every column's intensity.
 
+Pure-O columns at the cell edges, (1/2, 0) and (0, 1/2) from an A column, are there
+as in a real [001] image (``SpecimenConfig.oxygen_columns``), with their weak Z**1.7
+contrast; they follow every displacement field but carry no label of their own.
+
 Rendering a window only touches the columns inside it: columns are stored
 sorted by spatial bin with an index of bin offsets (:meth:`Specimen.columns_in`).
 """
@@ -44,10 +48,10 @@ LABELS: tuple[str, ...] = (
 
 LABEL_CODE: dict[str, int] = {name: code for code, name in enumerate(LABELS)}
 
-SITE_A, SITE_B, SITE_CONTAMINANT = 0, 1, 2
-"""Column kinds: perovskite A site (Bi/Sm), B site (Fe-O), amorphous contaminant atom."""
+SITE_A, SITE_B, SITE_CONTAMINANT, SITE_O = 0, 1, 2, 3
+"""Column kinds: perovskite A site (Bi/Sm), B site (Fe-O), amorphous contaminant atom, pure-O column."""
 
-SITE_NAMES: tuple[str, ...] = ("A", "B", "contaminant")
+SITE_NAMES: tuple[str, ...] = ("A", "B", "contaminant", "O")
 
 Z_BI, Z_SM, Z_FE, Z_O = 83, 62, 26, 8
 HAADF_EXPONENT = 1.7
@@ -56,6 +60,7 @@ HAADF_EXPONENT = 1.7
 _BI_SCATTERING = Z_BI**HAADF_EXPONENT
 _SM_RELATIVE = Z_SM**HAADF_EXPONENT / _BI_SCATTERING
 _FEO_RELATIVE = (Z_FE**HAADF_EXPONENT + Z_O**HAADF_EXPONENT) / _BI_SCATTERING
+_O_RELATIVE = Z_O**HAADF_EXPONENT / _BI_SCATTERING
 _POISSON_RATIO = 0.3
 
 # Higher priority labels overwrite lower ones where features overlap; the
@@ -472,11 +477,14 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
     ii, jj = np.meshgrid(np.arange(cells_x), np.arange(cells_y), indexing="ij")
     ii, jj = ii.ravel(), jj.ravel()
     n_cells = ii.size
-    cell_ij = np.concatenate([np.stack([ii, jj], 1), np.stack([ii, jj], 1)]).astype(np.int32)
-    site = np.concatenate([np.full(n_cells, SITE_A), np.full(n_cells, SITE_B)]).astype(np.int8)
-    offset = np.where(site == SITE_A, 0.25, 0.75)
-    x0 = (cell_ij[:, 0] + offset) * a
-    y0 = (cell_ij[:, 1] + offset) * a
+    kinds = [SITE_A, SITE_B] + ([SITE_O, SITE_O] if config.oxygen_columns else [])
+    cell_ij = np.concatenate([np.stack([ii, jj], 1)] * len(kinds)).astype(np.int32)
+    site = np.concatenate([np.full(n_cells, kind) for kind in kinds]).astype(np.int8)
+    # Offsets in the cell: A at (1/4, 1/4), B at (3/4, 3/4), O at (3/4, 1/4) and (1/4, 3/4).
+    offset_x = np.repeat(np.array([0.25, 0.75, 0.75, 0.25][: len(kinds)]), n_cells)
+    offset_y = np.repeat(np.array([0.25, 0.75, 0.25, 0.75][: len(kinds)]), n_cells)
+    x0 = (cell_ij[:, 0] + offset_x) * a
+    y0 = (cell_ij[:, 1] + offset_y) * a
     is_b = site == SITE_B
 
     features: list[PlantedFeature] = []
@@ -617,19 +625,27 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
         label_masks["dislocation_core"].append((r < config.dislocation_core_radius_nm, feature.feature_id))
         # Where the extra half plane ends, columns crowd together; drop the
         # later of any pair too close to be separate columns (the coordination change).
-        near = np.flatnonzero(r < 3 * a)
-        tree = cKDTree(np.stack([x[near], y[near]], 1))
-        for first, second in tree.query_pairs(0.5 * a):
-            if keep[near[first]] and keep[near[second]]:
-                keep[near[max(first, second)]] = False
+        # Cations first (their nearest distance is a / sqrt 2), then O columns, which sit only
+        # a / 2 from their cations, against everything that is left.
+        cations = np.isin(site, (SITE_A, SITE_B))
+        for members, too_close in ((cations, 0.5 * a), (np.ones_like(cations), 0.3 * a)):
+            near = np.flatnonzero((r < 3 * a) & members)
+            tree = cKDTree(np.stack([x[near], y[near]], 1))
+            for first, second in tree.query_pairs(too_close):
+                if keep[near[first]] and keep[near[second]]:
+                    keep[near[max(first, second)]] = False
 
     # Vacancy clusters: missing columns, mostly on A sites.
     vacancy_sites: list[np.ndarray] = []
     vacancy_features: list[np.ndarray] = []
-    lattice_tree = cKDTree(np.stack([x, y], 1))
+    # Vacancies are cation sites; a tree of the cations alone also keeps the random draws (and
+    # so the specimen) the same with and without O columns.
+    cation_index = np.flatnonzero(np.isin(site, (SITE_A, SITE_B)))
+    lattice_tree = cKDTree(np.stack([x[cation_index], y[cation_index]], 1))
     for _ in range(config.vacancy_clusters):
         center = _point_near(rng, config, walls, cores)
-        members = np.array(lattice_tree.query_ball_point(center, config.cluster_radius_nm), dtype=np.int64)
+        hits = lattice_tree.query_ball_point(center, config.cluster_radius_nm)
+        members = cation_index[np.array(hits, dtype=np.int64)]
         members = members[keep[members]]
         if members.size == 0:
             continue
@@ -651,7 +667,7 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
         # The columns that lost a neighbour carry the label: a vacancy has no node of its own.
         neighbours = np.zeros(x.size, dtype=bool)
         for hits in lattice_tree.query_ball_point(np.stack([x[chosen], y[chosen]], 1), 1.05 * a):
-            neighbours[hits] = True
+            neighbours[cation_index[hits]] = True
         label_masks["vacancy"].append((neighbours, feature.feature_id))
 
     # Sm-substitution clusters: Sm-rich, dimmer A columns.
@@ -672,9 +688,20 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
     # Per-column composition and scattering weight.
     thickness = thickness_factor(x0, y0, config, seed)
     n_atoms = config.atoms_per_column
-    sm_count = rng.binomial(n_atoms, np.clip(sm_local, 0, 1))
+    # Drawn for the cation columns only (O columns hold no Sm): the random stream, and so every
+    # feature placed after this, is the same with and without O columns.
+    cations = np.isin(site, (SITE_A, SITE_B))
+    sm_count = np.zeros(site.size, dtype=np.int64)
+    sm_count[cations] = rng.binomial(n_atoms, np.clip(sm_local[cations], 0, 1))
     sm_fraction = np.where(site == SITE_A, sm_count / n_atoms, 0.0)
-    weight = np.where(site == SITE_A, 1 - sm_fraction * (1 - _SM_RELATIVE), _FEO_RELATIVE) * thickness
+    weight = (
+        np.select(
+            [site == SITE_A, site == SITE_B],
+            [1 - sm_fraction * (1 - _SM_RELATIVE), _FEO_RELATIVE],
+            _O_RELATIVE,
+        )
+        * thickness
+    )
     if config.position_jitter_nm > 0:
         x = x + rng.normal(0, config.position_jitter_nm, x.size)
         y = y + rng.normal(0, config.position_jitter_nm, y.size)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.columns import SPECIES_A, SPECIES_B, Columns, find_columns
+from agent.columns import SPECIES_A, SPECIES_B, SPECIES_O, Columns, find_columns
 from agent.driver import ScanRequest, Tile
 from agent.graph import (
     EDGE_FEATURES,
@@ -65,7 +65,8 @@ def stitched(microscope: SimulatedMicroscope) -> MoleculeGraph:
 
 def test_knn_edges_join_a_and_b_columns(single: tuple[MoleculeGraph, Tile, Columns]) -> None:
     graph, _, columns = single
-    assert len(graph) == len(columns)
+    # Every cation column is a node; the pure-O columns the finder reports are not.
+    assert len(graph) == np.count_nonzero(columns.species != SPECIES_O)
     assert graph.neighbours.shape == (len(graph), 4)
     interior = graph.interior
     assert interior.sum() > 0.6 * len(graph)
@@ -133,7 +134,8 @@ def test_four_overlapping_tiles_equal_one_tile(
     x_min, x_max, y_min, y_max = tile.extent_nm
     box = (x_min + 0.5, x_max - 0.5, y_min + 0.5, y_max - 0.5)
     one, four = graph.nodes_in(*box), stitched.nodes_in(*box)
-    assert abs(one.size - four.size) <= 2
+    # Dim columns at the edge of detection may be found in one tiling and not the other.
+    assert abs(one.size - four.size) <= max(2, 0.005 * one.size)
     match = match_columns(
         np.stack([stitched.x_nm[four], stitched.y_nm[four]], 1),
         np.stack([graph.x_nm[one], graph.y_nm[one]], 1),

@@ -11,6 +11,7 @@ from simulator.specimen import (
     SITE_A,
     SITE_B,
     SITE_CONTAMINANT,
+    SITE_O,
     Specimen,
     generate_specimen,
 )
@@ -21,7 +22,10 @@ def test_default_specimen_is_large_and_deterministic() -> None:
     first = generate_specimen(seed=5)
     second = generate_specimen(seed=5)
     assert first.size_nm == (160.0, 160.0)
-    assert 250_000 < len(first) < 400_000
+    cations = np.isin(first.site, (SITE_A, SITE_B))
+    assert 250_000 < np.count_nonzero(cations) < 400_000
+    # Two pure-O columns per cell, at the cell edges.
+    assert np.count_nonzero(first.site == SITE_O) == pytest.approx(np.count_nonzero(cations), rel=0.02)
     np.testing.assert_array_equal(first.x_nm, second.x_nm)
     np.testing.assert_array_equal(first.label, second.label)
     other = generate_specimen(seed=6)
@@ -54,10 +58,13 @@ def test_columns_in_matches_a_brute_force_search(small_specimen: Specimen) -> No
 def test_vacancies_are_missing_columns(small_specimen: Specimen) -> None:
     vacancies = small_specimen.vacancies
     assert vacancies["x_nm"].size >= 3
-    tree = cKDTree(np.stack([small_specimen.x_nm, small_specimen.y_nm], 1))
+    cations = np.isin(small_specimen.site, (SITE_A, SITE_B))
+    tree = cKDTree(np.stack([small_specimen.x_nm[cations], small_specimen.y_nm[cations]], 1))
     distance, _ = tree.query(np.stack([vacancies["x_nm"], vacancies["y_nm"]], 1))
-    # The nearest remaining column is a neighbour (A-B distance a/sqrt 2), never one on the site.
+    # The nearest remaining cation is a neighbour (A-B distance a/sqrt 2), never one on the site.
     assert distance.min() > 0.5 * small_specimen.config.lattice_nm
+    # Vacancies are cation sites; the pure-O columns are never removed.
+    assert np.all(np.isin(vacancies["site"], (SITE_A, SITE_B)))
 
 
 def test_substituted_columns_are_sm_rich_and_dimmer(small_specimen: Specimen) -> None:
