@@ -22,7 +22,10 @@ Node features (:data:`NODE_FEATURES`, physical units in the names):
 * intensity relative to the same-species neighbours and to the same-species
   columns of the surrounding ~5 x 5 nm (clusters of substituted columns are
   uniform inside, so only the wider reference sees them), width relative to
-  the neighbours, species, fit quality.
+  the neighbours, species, fit quality;
+* vacant neighbour sites: the confidence-weighted count of the finder's vacancy
+  sites (:class:`~agent.columns.VacancySites`) within the first neighbour shell, so
+  an empty A or B site is seen by its neighbours although it has no node.
 
 Nodes whose neighbourhood reaches beyond the scanned area are marked not
 :attr:`MoleculeGraph.interior`: their missing neighbours are the edge of the
@@ -59,6 +62,7 @@ NODE_FEATURES: tuple[str, ...] = (
     "relative_width",
     "is_b_site",
     "fit_quality",
+    "vacant_neighbour_sites",
 )
 """Names (and units) of the columns of the node-feature matrix; the feature schema."""
 
@@ -148,6 +152,8 @@ class MoleculeGraph:
         self._interior = np.zeros(capacity, dtype=bool)
         self._displacement = np.zeros((capacity, 2))
         self._cells: dict[tuple[int, int], np.ndarray] = {}
+        # Vacancy sites: x, y (nm), confidence and the tile that reported them.
+        self._vacancies = np.zeros((0, 4))
         self.tile_extents: list[tuple[float, float, float, float]] = []
         self.tile_ids: list[str] = []
         self.lattice_spacing_nm = self.config.lattice_spacing_nm
@@ -341,6 +347,7 @@ class MoleculeGraph:
         self.tile_extents.append(tuple(float(v) for v in extent_nm))  # type: ignore[arg-type]
         self.tile_ids.append(columns.tile_id)
         tile_index = len(self.tile_ids) - 1
+        self._add_vacancies(columns, tile_index)
         if len(columns) == 0:
             return MergeReport(0, 0, np.zeros(0, dtype=np.int64))
 
@@ -400,6 +407,9 @@ class MoleculeGraph:
         before = [self.tile_extents[k] for k in indices]
         self._x[moved] += dx
         self._y[moved] += dy
+        carried = np.isin(self._vacancies[:, 3], indices)
+        self._vacancies[carried, 0] += dx
+        self._vacancies[carried, 1] += dy
         for k in indices:
             x0, x1, y0, y1 = self.tile_extents[k]
             self.tile_extents[k] = (x0 + dx, x1 + dx, y0 + dy, y1 + dy)
@@ -452,6 +462,27 @@ class MoleculeGraph:
         return ids
 
     # ------------------------------------------------------------------ edges and features
+
+    @property
+    def vacancy_sites(self) -> np.ndarray:
+        """``(M, 3)`` vacancy sites of all merged tiles: x, y (nm) and confidence (one row per site)."""
+        return self._vacancies[:, :3].copy()
+
+    def _add_vacancies(self, columns: Columns, tile_index: int) -> None:
+        """File a tile's vacancy sites; a site reported again keeps its highest confidence."""
+        sites = columns.vacancies
+        if len(sites) == 0:
+            return
+        new = np.stack([sites.x_nm, sites.y_nm, sites.confidence, np.full(len(sites), tile_index)], 1)
+        if len(self._vacancies):
+            tolerance = self.config.match_tolerance_fraction * self.lattice_spacing_nm
+            distance, nearest = cKDTree(self._vacancies[:, :2]).query(
+                new[:, :2], distance_upper_bound=tolerance
+            )
+            seen = np.isfinite(distance)
+            np.maximum.at(self._vacancies[:, 2], nearest[seen], new[seen, 2])
+            new = new[~seen]
+        self._vacancies = np.concatenate([self._vacancies, new])
 
     def _recompute_near(self, extent_nm: tuple[float, float, float, float]) -> np.ndarray:
         """Recompute neighbours, polarization and features of the nodes a merge can have changed."""
@@ -573,6 +604,15 @@ class MoleculeGraph:
         )
         features[:, _FEATURE_INDEX["is_b_site"]] = own_species == SPECIES_B
         features[:, _FEATURE_INDEX["fit_quality"]] = self._quality[affected]
+        if len(self._vacancies):
+            # The first shell reaches the A-A distance: an empty site's four A-B and four same-site
+            # neighbours all see it.
+            vacancy_tree = cKDTree(self._vacancies[:, :2])
+            near = vacancy_tree.query_ball_point(positions[local], 1.1 * spacing, workers=-1)
+            confidence = self._vacancies[:, 2]
+            features[:, _FEATURE_INDEX["vacant_neighbour_sites"]] = [
+                float(confidence[hits].sum()) if hits else 0.0 for hits in near
+            ]
         self._features[affected] = np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
         self._interior[affected] = self._inside_scanned(self._x[affected], self._y[affected])
 

@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from agent.columns import Columns
+from agent.columns import Columns, VacancySites
 from agent.errors import MicrographyError
 
 JOURNAL_FORMAT = "micrography-session-journal"
@@ -213,6 +213,8 @@ class SessionJournal:
                         "reason": columns.reason,
                         "tile_id": columns.tile_id,
                         "masked_pixels": columns.masked_pixels,
+                        "material": columns.material,
+                        "vacancies": columns.vacancies.to_record(),
                     },
                 }
             else:
@@ -389,7 +391,8 @@ def _read_step(
         arrays = {
             name: file[f"columns/{name}"][column_offset : column_offset + count] for name in _COLUMN_DTYPES
         }
-        meta = record.get("columns_meta", {})
+        meta = dict(record.get("columns_meta", {}))
+        meta["vacancies"] = VacancySites.from_record(meta.get("vacancies"))
         columns = Columns(**arrays, **meta)
     return JournalStep(index=index, record=record, image=image, columns=columns)
 

@@ -195,17 +195,12 @@ class Placement:
         if len(columns) == 0:
             return columns
         dx, dy = self.shift_nm(columns.row_px)
-        return Columns(
-            **{
-                **{name: getattr(columns, name) for name in Columns.ARRAY_FIELDS},
-                "x_nm": columns.x_nm + dx,
-                "y_nm": columns.y_nm + dy,
-            },
-            pixel_size_nm=columns.pixel_size_nm,
-            lattice_spacing_nm=columns.lattice_spacing_nm,
-            reason=columns.reason,
-            tile_id=columns.tile_id,
-            masked_pixels=columns.masked_pixels,
+        site_dx, site_dy = self.shift_nm(columns.vacancies.row_px)
+        return dataclasses.replace(
+            columns,
+            x_nm=columns.x_nm + dx,
+            y_nm=columns.y_nm + dy,
+            vacancies=columns.vacancies.shifted(site_dx, site_dy),
         )
 
     def extent_nm(self, tile: Tile) -> tuple[float, float, float, float]:

@@ -130,7 +130,7 @@ def test_checkpoint_schema_and_format_errors(tmp_path: Path, trained: AnomalySco
     torch.save(checkpoint, tmp_path / "schema.pt")
     with pytest.raises(
         CheckpointError,
-        match=r"node features differ.*missing \['fit_quality'\].*unexpected \['mystery_feature'\]",
+        match=r"node features differ.*missing \['vacant_neighbour_sites'\].*unexpected \['mystery_feature'\]",
     ):
         AnomalyScorer.load(tmp_path / "schema.pt")
     checkpoint = torch.load(path, weights_only=True)
