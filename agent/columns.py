@@ -64,6 +64,7 @@ _NOISE_KERNEL_GAIN = 6.0
 _MAD_TO_SIGMA = 1.4826
 # The matched smoothing is cut at 3 sigma: 99.7 % of the kernel, three quarters of the cost of 4.
 _SMOOTHING_TRUNCATE = 3.0
+_MIN_RELATIVE_SPREAD = 0.02
 
 
 class ColumnFinderConfig(StrictModel):
@@ -1002,6 +1003,25 @@ def refine_with_measured_width(
     return fit, config
 
 
+_WIDTH_CROP_PX = 512
+
+
+def _measured_width_config(
+    image: np.ndarray, spacing_px: float, config: ColumnFinderConfig, noise: float
+) -> ColumnFinderConfig:
+    """``config`` with the column width measured on the image's central crop (and twice the iterations)."""
+    rows, cols = image.shape
+    side = min(rows, cols, _WIDTH_CROP_PX)
+    r0, c0 = (rows - side) // 2, (cols - side) // 2
+    crop = image[r0 : r0 + side, c0 : c0 + side]
+    fit = detect_peaks(crop, spacing_px, config, noise)
+    _, measured = refine_with_measured_width(crop, fit, spacing_px, config)
+    if measured.column_sigma_fraction == config.column_sigma_fraction:
+        return config
+    # The wider weight converges more slowly from the integer seed: twice the iterations.
+    return measured.model_copy(update={"refine_iterations": min(2 * config.refine_iterations, 50)})
+
+
 # ----------------------------------------------------------------------------- the seed method
 
 
@@ -1095,7 +1115,13 @@ def robust_trend(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> tuple[np.n
         design = design[:, :1]
     inlier = np.ones(values.size, dtype=bool)
     for _ in range(3):
-        coefficients, *_ = np.linalg.lstsq(design[inlier], values[inlier], rcond=None)
+        # Normal equations: a 3 x 3 solve instead of an SVD of the whole (N x 3) design.
+        chosen = design[inlier]
+        gram = chosen.T @ chosen
+        if np.linalg.cond(gram) > 1e12:
+            coefficients, *_ = np.linalg.lstsq(chosen, values[inlier], rcond=None)
+        else:
+            coefficients = np.linalg.solve(gram, chosen.T @ values[inlier])
         trend = design @ coefficients
         residual = values - trend
         spread = _MAD_TO_SIGMA * float(np.median(np.abs(residual[inlier] - np.median(residual[inlier]))))
@@ -1222,6 +1248,9 @@ def _site_outliers(
         trend = _plane_at(
             fit.col[basis], fit.row[basis], fit.height[basis], fit.col[members], fit.row[members]
         )
+        # At very high dose the spread falls to the finder's own systematic error (a truncated
+        # patch, pixel phase); below 2 % of the height, scatter is calibration, not chemistry.
+        spread = max(spread, _MIN_RELATIVE_SPREAD * float(np.median(np.abs(trend))))
         z[members] = (fit.height[members] - trend) / spread
     return z, np.abs(np.nan_to_num(z)) > abnormal_sigma
 
@@ -1252,13 +1281,15 @@ def _intensity_species(fit: PeakFit) -> np.ndarray:
 
 
 def _light_columns_as_oxygen(
-    species: np.ndarray, height: np.ndarray, typical: np.ndarray, material: Material
+    species: np.ndarray, height: np.ndarray, typical: np.ndarray, material: Material, noise: float
 ) -> np.ndarray:
     """B-site columns as dim as a pure-O column are O columns.
 
     A B column that lost its cation (a B vacancy with the column's O left) is an O column,
     and so is an O column that a broken lattice phase (a dislocation core) put on a B site.
-    The cut is the geometric mean of the O and B contrasts the material predicts.
+    The cut is the geometric mean of the O and B contrasts the material predicts, and a
+    column must also lie three noise levels below its site's height, so that at low dose
+    the noise of an ordinary B column does not make it O.
     """
     b_site, o_site = material.site("B"), material.site("O")
     if b_site is None or o_site is None:
@@ -1266,8 +1297,72 @@ def _light_columns_as_oxygen(
     ratio = o_site.scattering / b_site.scattering
     if ratio >= 0.5:
         return species
-    light = (species == SPECIES_B) & (height < math.sqrt(ratio) * typical)
+    cut = np.minimum(math.sqrt(ratio) * typical, typical - 3.0 * noise)
+    light = (species == SPECIES_B) & (height < cut)
     return np.where(light, SPECIES_O, species).astype(np.int8)
+
+
+def _heavy_columns_as_cations(
+    species: np.ndarray,
+    fit: PeakFit,
+    typical: np.ndarray,
+    lattice: LatticeFit,
+    material: Material,
+    noise: float,
+    max_strength: float = 0.5,
+) -> np.ndarray:
+    """Columns on O sites of a weak lattice that are as bright as a cation are cations.
+
+    Where a vacancy cluster removes most of the A columns around a site, the local (1, 0)
+    phase weakens and can put a B column half a cell off, on an O site; a pure-O column is
+    never that bright. In a strong lattice the site is trusted. A column must reach 60 % of
+    the B height and stand four noise levels above an O column (at low dose the O columns'
+    noise would otherwise make cations of them).
+    """
+    b_site, o_site = material.site("B"), material.site("O")
+    on_o = np.flatnonzero((species == SPECIES_O) & (lattice.strength(fit.col, fit.row) < max_strength))
+    if b_site is None or o_site is None or on_o.size == 0 or not np.any(species == SPECIES_B):
+        return species
+    ratio = o_site.scattering / b_site.scattering
+    b_typical = float(np.median(typical[species == SPECIES_B]))
+    if ratio >= 0.5 or b_typical <= 0:
+        return species
+    cut = max(0.6 * b_typical, ratio * b_typical + 4.0 * noise)
+    heavy = on_o[fit.height[on_o] >= cut]
+    if heavy.size == 0:
+        return species
+    cation = assign_sites(lattice, material, fit.col[heavy], fit.row[heavy], roles=("A", "B"))
+    species = species.copy()
+    species[heavy] = cation.role
+    return species
+
+
+def _weak_lattice_by_height(
+    species: np.ndarray, fit: PeakFit, lattice: LatticeFit, material: Material, min_strength: float = 0.5
+) -> np.ndarray:
+    """Where the local lattice is too weak to trust its phase, A or B follows the height.
+
+    Inside a vacancy cluster or at an amorphous rim the (1, 0) reflection fades and its
+    phase can put a B column on an A site. There a cation column takes the cation role whose
+    typical height (measured where the lattice is strong) it is nearest to on a log scale.
+    """
+    strength = lattice.strength(fit.col, fit.row)
+    # Only cations change: an O column there stays O (the light and heavy rules decide that).
+    weak = np.flatnonzero((strength < min_strength) & np.isin(species, (SPECIES_A, SPECIES_B)))
+    strong = strength >= min_strength
+    typical = {}
+    for code in (SPECIES_A, SPECIES_B):
+        members = strong & (species == code)
+        if np.count_nonzero(members) < 4:
+            return species
+        typical[code] = float(np.median(fit.height[members]))
+    if weak.size == 0 or typical[SPECIES_B] <= 0 or typical[SPECIES_A] <= typical[SPECIES_B]:
+        return species
+    species = species.copy()
+    height = fit.height[weak]
+    a_cut = math.sqrt(typical[SPECIES_A] * typical[SPECIES_B])
+    species[weak] = np.where(height >= a_cut, SPECIES_A, SPECIES_B).astype(np.int8)
+    return species
 
 
 def assign_species(
@@ -1367,7 +1462,9 @@ def assign_species(
         fit = _concatenate_fits(fit, added)
         species = np.concatenate([species, empty.role[dim]]).astype(np.int8)
         typical_found = np.concatenate([typical_found, typical_empty[dim]])
-    species = _light_columns_as_oxygen(species, fit.height, typical_found, material)
+    species = _light_columns_as_oxygen(species, fit.height, typical_found, material, height_noise)
+    species = _heavy_columns_as_cations(species, fit, typical_found, lattice, material, height_noise)
+    species = _weak_lattice_by_height(species, fit, lattice, material)
     # Empty sites, and columns far too dim for their site (a B column that lost its cation):
     # the probability that the site is empty, given the measured height, its noise and the prior.
     # Only columns inside the crystal can be too dim for a site (not atoms of an amorphous patch).
@@ -1475,6 +1572,11 @@ def find_columns_in_image(
         estimate = estimate_lattice_spacing(
             prepared, expected_px=expected_nm / pixel_size_nm, central_power=power
         )
+        blind = estimate_lattice_spacing(prepared, central_power=power)
+        # A longer period than the ring near the material's spacing: that ring is the (1, 1) one
+        # of a larger cell (a pixel size off by about sqrt 2), not the material's cell.
+        if estimate is not None and blind is not None and blind > 1.2 * estimate:
+            estimate = None
         if estimate is None:
             return Columns.empty(
                 _no_lattice_reason(prepared, pixel_size_nm, expected_nm, material),
@@ -1498,6 +1600,10 @@ def find_columns_in_image(
             masked,
         )
     noise = noise_sigma(prepared)
+    if config.estimate_width and config.method == "peaks" and prepared.size > _WIDTH_CROP_PX**2:
+        # A large image: the width is measured on its central crop and the whole image refined
+        # once with it, instead of refining every column of the image two or three times.
+        config = _measured_width_config(prepared, spacing_px, config, noise)
     if config.method == "seed":
         fit = detect_regions_seed(prepared, spacing_px)
     elif _use_cuda(config.device):
@@ -1513,7 +1619,7 @@ def find_columns_in_image(
             tile_id,
             masked,
         )
-    if config.estimate_width and config.method == "peaks":
+    if config.estimate_width and config.method == "peaks" and prepared.size <= _WIDTH_CROP_PX**2:
         fit, config = refine_with_measured_width(prepared, fit, spacing_px, config)
     sites = assign_species(prepared, fit, spacing_px, config, material, noise, power)
     fit = sites.fit

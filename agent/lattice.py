@@ -268,22 +268,28 @@ def fit_lattice(
     if contrast < _MIN_PEAK_CONTRAST:
         return None
     basis = np.linalg.inv(g).T  # rows a, b with a . g_a = 1, a . g_b = 0
-    # Blocks of about half a cell: the demodulated field varies over cells, not pixels.
+    # Blocks of about half a cell: the demodulated field varies over cells, not pixels. With
+    # many pixels per cell every ``stride``-th pixel of each block row and column is enough:
+    # at six samples per cell the reflections' harmonics still alias far from the fundamental.
     block = max(int(spacing_px // 2), 1)
+    stride = max(1, min(int(spacing_px // 6), block))
+    while block % stride:
+        stride -= 1
     rows, cols = (image.shape[0] // block) * block, (image.shape[1] // block) * block
-    data = np.asarray(image[:rows, :cols], dtype=np.float32)
+    data = np.asarray(image[:rows:stride, :cols:stride], dtype=np.float32)
     data = data - data.mean(dtype=np.float64)
     fields = np.empty((2, rows // block, cols // block), dtype=np.complex64)
-    y = np.arange(rows, dtype=np.float64)
-    x = np.arange(cols, dtype=np.float64)
+    y = np.arange(0, rows, stride, dtype=np.float64)
+    x = np.arange(0, cols, stride, dtype=np.float64)
+    per_block = block // stride
     sigma_blocks = smoothing_cells * spacing_px / block
     for axis in range(2):
         # Demodulating by exp(-2 pi i g.r) factorises into a row and a column phase ramp; the row
         # ramp goes in before the block sum over rows, the column ramp only on the row-summed data.
         along_x = np.exp(-2j * math.pi * g[axis, 0] * x).astype(np.complex64)
         along_y = np.exp(-2j * math.pi * g[axis, 1] * y).astype(np.complex64)
-        summed_rows = (data * along_y[:, None]).reshape(rows // block, block, cols).sum(axis=1)
-        coarse = (summed_rows * along_x[None, :]).reshape(rows // block, cols // block, block).sum(axis=2)
+        summed_rows = (data * along_y[:, None]).reshape(rows // block, per_block, x.size).sum(axis=1)
+        coarse = (summed_rows * along_x[None, :]).reshape(rows // block, cols // block, per_block).sum(axis=2)
         fields[axis] = ndimage.gaussian_filter(coarse.real, sigma_blocks, mode="nearest") + 1j * (
             ndimage.gaussian_filter(coarse.imag, sigma_blocks, mode="nearest")
         )
@@ -327,7 +333,13 @@ def _wrapped(delta: np.ndarray) -> np.ndarray:
     return np.mod(delta + 0.5, 1.0) - 0.5
 
 
-def assign_sites(fit: LatticeFit, material: Material, x_px: np.ndarray, y_px: np.ndarray) -> SiteAssignment:
+def assign_sites(
+    fit: LatticeFit,
+    material: Material,
+    x_px: np.ndarray,
+    y_px: np.ndarray,
+    roles: tuple[str, ...] | None = None,
+) -> SiteAssignment:
     """Put every column on the nearest site of the material's cell.
 
     Parameters
@@ -338,6 +350,8 @@ def assign_sites(fit: LatticeFit, material: Material, x_px: np.ndarray, y_px: np
         The cell and its sites.
     x_px, y_px : numpy.ndarray
         Column positions, pixels.
+    roles : tuple of str, optional
+        Only sites of these roles are candidates (default: every site).
 
     Returns
     -------
@@ -345,10 +359,11 @@ def assign_sites(fit: LatticeFit, material: Material, x_px: np.ndarray, y_px: np
     """
     fractional = fit.fractional(x_px, y_px)
     positions = np.array([site.position for site in material.sites])  # (S, 2)
+    allowed = np.array([roles is None or site.role in roles for site in material.sites])
     delta = _wrapped(fractional[:, None, :] - positions[None, :, :])  # (N, S, 2)
     # Distances in pixels, so an oblique or rectangular cell weighs both axes right.
     real = delta @ fit.basis_px  # (N, S, 2)
-    distance = np.hypot(real[..., 0], real[..., 1])
+    distance = np.where(allowed[None, :], np.hypot(real[..., 0], real[..., 1]), np.inf)
     site = np.argmin(distance, axis=1) if len(material.sites) else np.zeros(0, dtype=np.int64)
     chosen = np.arange(site.size)
     offset = real[chosen, site]
