@@ -171,7 +171,9 @@ def _merge_500k(progress: Progress, repeats: int) -> dict[str, Any]:
     }
 
 
-def benchmark_columns(*, tiles_per_dose: int = 2, seed: int = 0, include_4096: bool = True) -> dict[str, Any]:
+def benchmark_columns(
+    *, tiles_per_dose: int = 2, seed: int = 0, include_4096: bool = True, sites: bool = True
+) -> dict[str, Any]:
     """Run the column-finding benchmark.
 
     Parameters
@@ -182,6 +184,8 @@ def benchmark_columns(*, tiles_per_dose: int = 2, seed: int = 0, include_4096: b
         Specimen seed (also picks the tile positions).
     include_4096 : bool
         Also time one 4096 x 4096 tile per method.
+    sites : bool
+        Also run parts 2-6 (sites, multislice, precision, step time, analyze's default image).
 
     Returns
     -------
@@ -244,7 +248,16 @@ def benchmark_columns(*, tiles_per_dose: int = 2, seed: int = 0, include_4096: b
                 rows.append(_row(method, 4096, DEFAULT_DWELL_US, big.dose_e_per_a2, [score], [elapsed]))
                 progress.advance(task)
         merge = _merge_500k(progress, repeats=5)
+        extra: dict[str, Any] = {}
+        if sites:
+            extra["sites"] = benchmark_sites(progress=progress)
+            extra["multislice"] = benchmark_multislice()
+            extra["precision"] = benchmark_precision()
+            extra["step_time"] = [benchmark_step_time(loaded=False), benchmark_step_time(loaded=True)]
+            extra["analyze_default"] = benchmark_analyze_default()
     return {
+        **extra,
+        "site_targets": SITE_TARGETS,
         "benchmark": "columns",
         "pixel_size_nm": PIXEL_SIZE_NM,
         "beam_current_pa": config.instrument.beam_current_pa,
@@ -317,6 +330,7 @@ def format_report(report: dict[str, Any]) -> str:
         )
     merge = report["merge_500k"]
     lines.append("* default dose")
+    lines += _site_report(report)
     lines.append(
         f"merge of a 512x512 tile into a {merge['graph_nodes']:,}-node graph: "
         f"median {merge['median_s'] * 1e3:.1f} ms "
@@ -783,3 +797,71 @@ def benchmark_analyze_default(
         "nn_largest_error": max(abs(medians[pair] / expected[pair] - 1) for pair in expected),
         "targets": {"b_recall": 0.95, "nn_largest_error": 0.02},
     }
+
+
+def _site_report(report: dict[str, Any]) -> list[str]:
+    """Text of parts 2-6, each figure against its target."""
+    if "sites" not in report:
+        return []
+
+    def show(value: Any, digits: int = 3) -> str:
+        if isinstance(value, dict):
+            if value.get("mean") is None:
+                return "-"
+            return f"{value['mean']:.{digits}f}±{value['std']:.{digits}f}"
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = ["", f"sites on held-out seeds {report['sites']['seeds']} (mean ± spread over seeds)"]
+    lines.append(
+        f"{'dwell':>5} {'rot':>4} {'spec A':>12} {'spec B':>12} {'O as B':>6} {'Sm flag':>12} "
+        f"{'A flag':>12} {'A vac':>12} {'B vac':>12} {'false vac':>14}"
+    )
+    for row in report["sites"]["rows"]:
+        lines.append(
+            f"{row['dwell_us']:>5g} {row['rotation_deg']:>4g} {show(row['species_accuracy_a']):>12} "
+            f"{show(row['species_accuracy_b']):>12} {row['counts']['o_as_b']:>6} "
+            f"{show(row['substituted_flagged']):>12} {show(row['normal_a_flagged']):>12} "
+            f"{show(row['a_vacancy_recall']):>12} {show(row['b_vacancy_recall']):>12} "
+            f"{show(row['false_vacancy_rate'], 4):>14}"
+        )
+    for dwell, spread in report["sites"]["rotation_spread"].items():
+        worst = max(spread.items(), key=lambda item: item[1]) if spread else ("-", 0.0)
+        lines.append(f"rotation spread at {dwell} us: largest {worst[0]} {worst[1]:.4f} (target 0.01)")
+    lines.append("")
+    lines.append("multislice fixtures")
+    for row in report["multislice"]:
+        lines.append(
+            f"  {row['fixture']:<32} {row['image']:<9} spec A {show(row['species_accuracy_a'])} "
+            f"B {show(row['species_accuracy_b'])} O as B {row['o_as_b']} "
+            f"Sm {show(row['substituted_flagged'])} A vac {show(row['a_vacancy_recall'])} "
+            f"B vac {show(row['b_vacancy_recall'])} false vac {show(row['false_vacancy_rate'], 4)} "
+            f"RMS A/B {show(row['rms_a_px'])}/{show(row['rms_b_px'])} px"
+        )
+    precision = report["precision"]
+    lines.append("")
+    lines.append(
+        f"precision on blobs (a 16 px, sigma 2.2 px, configured "
+        f"{precision['image']['configured_sigma_px']:.2f} px, measured "
+        f"{show(precision['measured_width_px'])} px): ours A {show(precision['ours']['rms_a_px'])} "
+        f"B {show(precision['ours']['rms_b_px'])} px"
+        + (
+            f"; atomap A {show(precision['atomap']['rms_a_px'])} B {show(precision['atomap']['rms_b_px'])} px"
+            if precision["atomap"]
+            else "; atomap not installed (pip install 'micrography[atomap]')"
+        )
+    )
+    for timing in report["step_time"]:
+        state = "loaded" if timing["loaded"] else "idle"
+        lines.append(
+            f"column step 512x512 ({state}): median {timing['median_ms']:.1f} ms, "
+            f"p90 {timing['p90_ms']:.1f} ms (target {timing['target_ms']:.0f} ms)"
+        )
+    analyze = report["analyze_default"]
+    lines.append(
+        f"analyze on simulate's default image ({analyze['image_shape'][0]}x{analyze['image_shape'][1]}): "
+        f"B recall {analyze['b_recall']:.4f} (target 0.95), NN medians "
+        + ", ".join(f"{pair} {value:.1f} pm" for pair, value in analyze["nn_median_pm"].items())
+        + f", largest error {100 * analyze['nn_largest_error']:.2f} % (target 2 %), columns in "
+        f"{analyze['columns_seconds']:.1f} s"
+    )
+    return lines
