@@ -1084,7 +1084,12 @@ def detect_regions_seed(image: np.ndarray, spacing_px: float) -> PeakFit:
 # ----------------------------------------------------------------------------- species
 
 
-def robust_trend(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, float]:
+def robust_trend(
+    x: np.ndarray,
+    y: np.ndarray,
+    values: np.ndarray,
+    at: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, float]:
     """A plane in ``(x, y)`` fitted to ``values`` with outliers left out, and the residual spread.
 
     Thickness and defocus change a column's intensity slowly across a tile; a plane
@@ -1097,11 +1102,13 @@ def robust_trend(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> tuple[np.n
         Positions (any unit).
     values : numpy.ndarray
         One value per position.
+    at : tuple of numpy.ndarray, optional
+        Other positions ``(x, y)`` to evaluate the plane at (default: the fitted ones).
 
     Returns
     -------
     trend : numpy.ndarray
-        The plane at every position.
+        The plane at every position (of ``at`` when given).
     spread : float
         Robust standard deviation (1.4826 x MAD) of the residuals; 0 with fewer than 4 values.
 
@@ -1115,31 +1122,37 @@ def robust_trend(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> tuple[np.n
     (2.5, 0.0)
     """
     values = np.asarray(values, dtype=np.float64)
+    at_x, at_y = (x, y) if at is None else at
     if values.size < 4:
         centre = float(np.median(values)) if values.size else 0.0
-        return np.full(values.size, centre), 0.0
-    design = np.stack([np.ones(values.size), x - np.mean(x), y - np.mean(y)], axis=1)
-    # A plane needs a few columns across the tile; below that a median is steadier.
-    if values.size < 12:
-        design = design[:, :1]
+        return np.full(np.size(at_x), centre), 0.0
+    x_mean, y_mean = float(np.mean(x)), float(np.mean(y))
+    design = np.stack([np.ones(values.size), x - x_mean, y - y_mean], axis=1)
+    # A plane needs a few columns spread across the tile; otherwise a mean level is steadier.
+    used = np.array([True, values.size >= 12 and np.ptp(x) > 0, values.size >= 12 and np.ptp(y) > 0])
+    design = design[:, used]
     inlier = np.ones(values.size, dtype=bool)
+    coefficients = np.zeros(design.shape[1])
+    spread = 0.0
     for _ in range(3):
-        # Normal equations: a 3 x 3 solve instead of an SVD of the whole (N x 3) design.
+        # Normal equations: a small solve instead of an SVD of the whole (N x 3) design.
         chosen = design[inlier]
-        gram = chosen.T @ chosen
-        if np.linalg.cond(gram) > 1e12:
-            coefficients, *_ = np.linalg.lstsq(chosen, values[inlier], rcond=None)
-        else:
-            coefficients = np.linalg.solve(gram, chosen.T @ values[inlier])
-        trend = design @ coefficients
-        residual = values - trend
-        spread = _MAD_TO_SIGMA * float(np.median(np.abs(residual[inlier] - np.median(residual[inlier]))))
+        try:
+            coefficients = np.linalg.solve(chosen.T @ chosen, chosen.T @ values[inlier])
+        except np.linalg.LinAlgError:
+            coefficients = np.linalg.lstsq(chosen, values[inlier], rcond=None)[0]
+        residual = values - design @ coefficients
+        kept = residual[inlier]
+        spread = _MAD_TO_SIGMA * float(np.median(np.abs(kept - np.median(kept))))
         if spread == 0:
             break
         inlier = np.abs(residual) <= 3.0 * spread
         if np.count_nonzero(inlier) < design.shape[1] + 2:
             break
-    return trend, spread
+    full = np.zeros(3)
+    full[used] = coefficients
+    trend = full[0] + full[1] * (np.asarray(at_x) - x_mean) + full[2] * (np.asarray(at_y) - y_mean)
+    return np.broadcast_to(trend, (np.size(at_x),)).astype(np.float64), spread
 
 
 def _heights_at(
@@ -1251,29 +1264,16 @@ def _site_outliers(
             continue
         # The matched-filter height is the least-squares amplitude of the column: the least noisy
         # intensity measure (a flat patch sum weighs the noisy tails as much as the peak).
-        _, spread = robust_trend(fit.col[basis], fit.row[basis], fit.height[basis])
+        trend, spread = robust_trend(
+            fit.col[basis], fit.row[basis], fit.height[basis], at=(fit.col[members], fit.row[members])
+        )
         if spread <= 0:
             continue
-        trend = _plane_at(
-            fit.col[basis], fit.row[basis], fit.height[basis], fit.col[members], fit.row[members]
-        )
         # At very high dose the spread falls to the finder's own systematic error (a truncated
         # patch, pixel phase); below 2 % of the height, scatter is calibration, not chemistry.
         spread = max(spread, _MIN_RELATIVE_SPREAD * float(np.median(np.abs(trend))))
         z[members] = (fit.height[members] - trend) / spread
     return z, np.abs(np.nan_to_num(z)) > abnormal_sigma
-
-
-def _plane_at(
-    x: np.ndarray, y: np.ndarray, values: np.ndarray, at_x: np.ndarray, at_y: np.ndarray
-) -> np.ndarray:
-    """The :func:`robust_trend` plane of ``values`` at ``(x, y)``, evaluated at other positions."""
-    trend, _ = robust_trend(x, y, values)
-    if values.size < 12:
-        return np.full(at_x.size, float(np.median(trend)))
-    design = np.stack([np.ones(x.size), x - np.mean(x), y - np.mean(y)], axis=1)
-    coefficients, *_ = np.linalg.lstsq(design, trend, rcond=None)
-    return coefficients[0] + coefficients[1] * (at_x - np.mean(x)) + coefficients[2] * (at_y - np.mean(y))
 
 
 def _intensity_species(fit: PeakFit) -> np.ndarray:
