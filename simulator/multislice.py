@@ -11,9 +11,10 @@ label of every column, as small ``.npz`` fixtures that the tests read with numpy
 
 What is simulated
 -----------------
-Pseudo-cubic BiFeO3, a = 3.96 Å, viewed along [001], as an 8 x 8 unit-cell periodic
-supercell (3.17 nm) or, for the rotated fixture, a commensurate square supercell rotated
-by atan(4/7) = 29.74 degrees (65 cells per layer). In projection:
+Pseudo-cubic BiFeO3, a = 3.96 Å, viewed along [001], as a periodic 8 x 8 unit-cell
+supercell (3.17 nm), a 4 x 4 one for the thick render, or, for the rotated fixture, a
+commensurate square supercell rotated by atan(4/7) = 29.74 degrees (65 cells per layer).
+In projection:
 
 * A columns (Bi) at (0, 0) of each cell,
 * B columns (Fe alternating with O along z) at (1/2, 1/2),
@@ -25,7 +26,12 @@ B-column vacancies (every Fe removed, the O of the column kept), and a pair of 1
 domain walls across which the B columns (Fe and their O) flip their displacement along y.
 
 The scan covers exactly one period of the supercell, so every image is periodic and every
-column of the supercell appears exactly once in the ground-truth table.
+column of the supercell appears exactly once in the ground-truth table (``tile`` times
+``tile`` times when the periodic image is tiled).
+
+Each render is also checked against plain (non-PRISM) multislice at a handful of probe
+positions, with the same frozen-phonon configurations; the result is in the fixture
+metadata under ``checks.multislice_crosscheck``.
 
 Conventions of the fixtures
 ---------------------------
@@ -52,6 +58,7 @@ import json
 import math
 import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,7 +68,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "A_LATTICE_A",
     "DEFAULT_RENDERS",
+    "SITE_A",
+    "SITE_B",
+    "SITE_O",
     "DefectSpec",
     "FixtureError",
     "MultisliceFixture",
@@ -72,8 +83,10 @@ __all__ = [
     "apply_source_blur",
     "build_supercell",
     "column_checks",
+    "fixture_columns",
     "load_fixture",
     "main",
+    "multislice_crosscheck",
     "poisson_counts",
     "render_fixture_set",
     "render_haadf",
@@ -119,9 +132,9 @@ class DefectSpec:
         (every atom of an A column removed) or ``"b_vacancy"`` (every Fe of a B column
         removed; the O that shares the B column stays).
     target_frac : tuple of float
-        Wanted position as fractions ``(fx, fy)`` of the image width and height; the
-        defect goes on the nearest column of the right site, so targets need not be
-        exact lattice positions (which matters for the rotated supercell).
+        Wanted position as fractions ``(fx, fy)`` of the simulated cell's width and
+        height; the defect goes on the nearest column of the right site, so targets need
+        not be exact lattice positions (which matters for the rotated supercell).
     sm_fraction : float
         Fraction of the column's Bi replaced by Sm, only for ``kind == "sm"``; rounded
         to a whole number of atoms (the recorded value is the exact one used).
@@ -154,8 +167,25 @@ class RenderSpec:
         B-column displacement magnitude [Å].
     rotation : tuple of int or None
         ``(m, n)`` to rotate the lattice by ``atan2(n, m)`` about z in a commensurate
-        square supercell of side ``sqrt(m**2 + n**2) * a``; ``None`` for the unrotated
-        8 x 8 supercell.
+        square supercell of side ``sqrt(m**2 + n**2) * a``; ``None`` for an unrotated
+        ``cells`` x ``cells`` supercell.
+    cells : int
+        Unit cells per side of the unrotated supercell.
+    scan_px : int
+        Scan pixels per side of the simulated (periodic) cell; 12 per unit cell gives
+        0.33 Å pixels.
+    tile : int
+        The simulated periodic image is repeated ``tile`` x ``tile`` times to make the
+        fixture (exact, since the specimen is periodic), and so is the ground truth.
+    interpolation : int or None
+        PRISM interpolation factor for this render; None takes the optics default.
+    offset_a : tuple of float
+        Specimen offset [Å] added to every atom (then wrapped into the cell), so that
+        columns sit at non-integer pixel positions, none on the image border, and a
+        transposed x/y would show in the checks.
+    min_border_cells : float
+        Smallest allowed distance [unit cells] of any copy of a defect from the border
+        of the fixture image.
     doses_e_per_a2 : tuple of float
         Electron doses of the Poisson-noisy versions; one fixture file per dose.
     seed : int
@@ -170,6 +200,12 @@ class RenderSpec:
     wall_stripe: tuple[int, int] | None = None
     wall_shift_a: float = 0.2
     rotation: tuple[int, int] | None = None
+    cells: int = 8
+    scan_px: int = 96
+    tile: int = 1
+    interpolation: int | None = None
+    offset_a: tuple[float, float] = (1.23, 0.87)
+    min_border_cells: float = 1.5
     doses_e_per_a2: tuple[float, ...] = (1e5,)
     seed: int = 0
     description: str = ""
@@ -190,17 +226,20 @@ class OpticsSettings:
     phonon_configs : int
         Frozen-phonon configurations averaged per image.
     interpolation : int
-        PRISM interpolation factor. 3 keeps the PRISM window at 1/3 of the 3.2 nm cell
-        (10.6 Å); 4 puts the probe's periodic copies 2 cells away, which lights a
-        vacancy at about 10 % of a Bi column, so 4 is only for ``--quick``.
-    scan_px : int
-        Scan pixels along each side of the (square, periodic) field of view; 96 over
-        8 cells gives 0.33 Å per pixel, 12 pixels per cell.
+        Default PRISM interpolation factor (a render may set its own). PRISM with factor
+        f computes a periodic array of probe copies L/f apart and keeps one window of
+        that size. In the 3.2 nm cell, f = 3 (10.6 Å window) matches plain multislice
+        within a few per cent up to 4 nm thickness but gives a Bi column half its
+        intensity at 8 nm, where the probe spreads beyond the window; f = 4 puts the
+        copies 2 cells away and lights a vacancy at about 10 % of a Bi column at 4 nm,
+        so it is for ``--quick`` only.
     source_sigma_a : float
         Standard deviation of the Gaussian effective source (incoherent blur) [Å].
     slices_per_cell : int
         Potential slices per unit cell along z; 2 puts each atomic plane (z = a/4,
         3a/4) in the middle of its own slice.
+    crosscheck_points : bool
+        Run plain multislice at a few probe positions to check the PRISM render.
     """
 
     energy_kv: float = 200.0
@@ -208,9 +247,9 @@ class OpticsSettings:
     detector_mrad: tuple[float, float] = (60.0, 200.0)
     phonon_configs: int = 4
     interpolation: int = 3
-    scan_px: int = 96
     source_sigma_a: float = 0.35
     slices_per_cell: int = 2
+    crosscheck_points: bool = True
 
     @property
     def wavelength_a(self) -> float:
@@ -218,7 +257,7 @@ class OpticsSettings:
         volts = self.energy_kv * 1e3
         return 12.2642598 / math.sqrt(volts * (1.0 + 0.978475e-6 * volts))
 
-    def potential_gpts(self, extent_a: float) -> int:
+    def potential_gpts(self, extent_a: float, interpolation: int | None = None) -> int:
         """Potential grid points per side so the detector's outer angle is simulated.
 
         abTEM band-limits the wave to 2/3 of the Nyquist frequency to avoid aliasing,
@@ -230,6 +269,9 @@ class OpticsSettings:
         ----------
         extent_a : float
             Side of the square supercell [Å].
+        interpolation : int or None
+            PRISM interpolation factor that must divide the result; None takes
+            ``self.interpolation``.
 
         Returns
         -------
@@ -238,9 +280,10 @@ class OpticsSettings:
             interpolation factor, with the outer angle inside the band limit (0.5 %
             margin).
         """
+        f = self.interpolation if interpolation is None else interpolation
         needed = 3.0 * extent_a * self.detector_mrad[1] * 1e-3 / self.wavelength_a * 1.005
         n = math.ceil(needed)
-        while not (n % self.interpolation == 0 and _is_smooth(n)):
+        while not (n % f == 0 and _is_smooth(n)):
             n += 1
         return n
 
@@ -254,7 +297,7 @@ def _is_smooth(n: int) -> bool:
 
 
 # The unrotated defect layout, in lattice cells of the 8 x 8 supercell before the
-# sub-pixel offset. A columns at integer (i, j), B columns at (i + 1/2, j + 1/2). The
+# specimen offset. A columns at integer (i, j), B columns at (i + 1/2, j + 1/2). The
 # defects are at least 2 cells from each other and 1.5 cells from the image border, and
 # each one has a different neighbourhood (an Sm column next to a vacancy, and so on).
 _SQUARE_DEFECTS_CELLS: tuple[tuple[str, float, float, float], ...] = (
@@ -266,23 +309,32 @@ _SQUARE_DEFECTS_CELLS: tuple[tuple[str, float, float, float], ...] = (
     ("sm", 6.0, 3.0, 0.6),
     ("a_vacancy", 6.0, 6.0, 0.0),
 )
+_SQUARE_OFFSET_A = (1.23, 0.87)
 
-# Specimen offset [Å] added to every atom (then wrapped into the cell) so that columns
-# sit at non-integer pixel positions and none lies on the image border: a finder must
-# then recover sub-pixel positions, and a transposed x/y would show in the checks.
-_OFFSET_A = (1.23, 0.87)
+# The 8 nm render is a 4 x 4 cell without PRISM interpolation, tiled 2 x 2 (PRISM with a
+# smaller window fails at that thickness, see OpticsSettings.interpolation, and plain
+# multislice of the 8 x 8 cell would take hours on two cores). Two defects 2.8 cells
+# apart fit with every periodic copy at least 2 cells from the others; the offset keeps
+# every copy 0.9 cells or more from the border of the tiled image.
+_THICK_DEFECTS_CELLS: tuple[tuple[str, float, float, float], ...] = (
+    ("a_vacancy", 1.0, 1.0, 0.0),
+    ("sm", 3.0, 3.0, 1.0),
+)
+_THICK_OFFSET_A = (0.21, -0.17)
 
-_SQUARE_CELLS = 8
 
-
-def _square_defects() -> tuple[DefectSpec, ...]:
-    """The unrotated defect layout as image-fraction targets."""
-    side = _SQUARE_CELLS * A_LATTICE_A
+def _lattice_defects(
+    table: tuple[tuple[str, float, float, float], ...], cells: int, offset_a: tuple[float, float]
+) -> tuple[DefectSpec, ...]:
+    """Turn ``(kind, u, v, sm_fraction)`` rows in lattice cells into cell-fraction targets."""
+    side = cells * A_LATTICE_A
     return tuple(
         DefectSpec(
-            kind, ((u * A_LATTICE_A + _OFFSET_A[0]) / side, (v * A_LATTICE_A + _OFFSET_A[1]) / side), f
+            kind,
+            (((u * A_LATTICE_A + offset_a[0]) / side) % 1.0, ((v * A_LATTICE_A + offset_a[1]) / side) % 1.0),
+            f,
         )
-        for kind, u, v, f in _SQUARE_DEFECTS_CELLS
+        for kind, u, v, f in table
     )
 
 
@@ -299,7 +351,8 @@ DEFAULT_RENDERS: tuple[RenderSpec, ...] = (
     RenderSpec(
         "bfo_defects_t2nm",
         5,
-        _square_defects(),
+        _lattice_defects(_SQUARE_DEFECTS_CELLS, 8, _SQUARE_OFFSET_A),
+        offset_a=_SQUARE_OFFSET_A,
         doses_e_per_a2=(1e5,),
         seed=11,
         description="2.0 nm thick, point defects (3 Sm-substituted A, 2 A vacancies, 2 B vacancies)",
@@ -307,7 +360,8 @@ DEFAULT_RENDERS: tuple[RenderSpec, ...] = (
     RenderSpec(
         "bfo_defects_t4nm",
         10,
-        _square_defects(),
+        _lattice_defects(_SQUARE_DEFECTS_CELLS, 8, _SQUARE_OFFSET_A),
+        offset_a=_SQUARE_OFFSET_A,
         doses_e_per_a2=(1e4, 1e5),
         seed=12,
         description="4.0 nm thick, same point defects, at two doses",
@@ -315,10 +369,17 @@ DEFAULT_RENDERS: tuple[RenderSpec, ...] = (
     RenderSpec(
         "bfo_defects_t8nm",
         20,
-        _square_defects(),
+        _lattice_defects(_THICK_DEFECTS_CELLS, 4, _THICK_OFFSET_A),
+        cells=4,
+        scan_px=48,
+        tile=2,
+        interpolation=1,
+        offset_a=_THICK_OFFSET_A,
+        min_border_cells=0.9,
         doses_e_per_a2=(1e5,),
         seed=13,
-        description="7.9 nm thick, same point defects",
+        description="7.9 nm thick, 4 x 4 cell with an A vacancy and an all-Sm A column, simulated "
+        "without PRISM interpolation and tiled 2 x 2 (each defect appears 4 times)",
     ),
     RenderSpec(
         "bfo_wall_t4nm",
@@ -326,6 +387,7 @@ DEFAULT_RENDERS: tuple[RenderSpec, ...] = (
         (),
         wall_stripe=(2, 5),
         wall_shift_a=0.2,
+        offset_a=_SQUARE_OFFSET_A,
         doses_e_per_a2=(1e5,),
         seed=14,
         description="4.0 nm thick, B columns shifted +-0.2 A along y, two 180-degree walls, no point defects",
@@ -335,6 +397,7 @@ DEFAULT_RENDERS: tuple[RenderSpec, ...] = (
         5,
         _ROTATED_DEFECTS,
         rotation=(7, 4),
+        offset_a=_SQUARE_OFFSET_A,
         doses_e_per_a2=(1e5,),
         seed=15,
         description="2.0 nm thick, lattice rotated 29.74 deg in the scan frame, 2 Sm, 1 A and 1 B vacancy",
@@ -395,17 +458,21 @@ class Supercell:
 
     @property
     def extent_a(self) -> float:
-        """Side of the square field of view [Å]."""
+        """Side of the square, periodic simulated cell [Å]."""
         return self.cell_a[0]
 
 
-def _lattice_columns(rotation: tuple[int, int] | None) -> tuple[float, np.ndarray, np.ndarray, float]:
+def _lattice_columns(
+    rotation: tuple[int, int] | None, cells: int
+) -> tuple[float, np.ndarray, np.ndarray, float]:
     """Projected column sites of one layer of the supercell.
 
     Parameters
     ----------
     rotation : tuple of int or None
-        ``(m, n)`` commensurate rotation, or None for the unrotated 8 x 8 cell.
+        ``(m, n)`` commensurate rotation, or None for an unrotated cell.
+    cells : int
+        Unit cells per side of the unrotated cell.
 
     Returns
     -------
@@ -421,8 +488,8 @@ def _lattice_columns(rotation: tuple[int, int] | None) -> tuple[float, np.ndarra
     a = A_LATTICE_A
     basis = np.array([[0.0, 0.0], [0.5, 0.5], [0.5, 0.0], [0.0, 0.5]])
     if rotation is None:
-        side = _SQUARE_CELLS * a
-        ij = np.stack(np.meshgrid(np.arange(_SQUARE_CELLS), np.arange(_SQUARE_CELLS), indexing="ij"), -1)
+        side = cells * a
+        ij = np.stack(np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij"), -1)
         ij = ij.reshape(-1, 2).astype(float)
         xy = np.concatenate([(ij + b) * a for b in basis])
         kind = np.repeat(np.arange(4), len(ij))
@@ -438,8 +505,7 @@ def _lattice_columns(rotation: tuple[int, int] | None) -> tuple[float, np.ndarra
     grid = grid.reshape(-1, 2).astype(float)
     xy_all, kind_all = [], []
     for k, b in enumerate(basis):
-        p = ((grid + b) * a) @ rot.T
-        p = np.mod(p, side)
+        p = np.mod(((grid + b) * a) @ rot.T, side)
         # Wrapping maps many lattice points onto each site; keep one per site (rounded
         # to 1e-6 Å, and wrapping values within 1e-6 of the cell edge back to 0).
         key = np.round(p, 6) % round(side, 6)
@@ -463,39 +529,42 @@ def build_supercell(spec: RenderSpec) -> Supercell:
     Parameters
     ----------
     spec : RenderSpec
-        Thickness, defects, wall and rotation.
+        Thickness, defects, wall, rotation, cell size and offset.
 
     Returns
     -------
     Supercell
-        Atoms (static positions, Å) and one ground-truth row per projected column.
+        Atoms (static positions, Å) and one ground-truth row per projected column of the
+        simulated cell (before any tiling).
 
     Raises
     ------
     ValueError
-        If the defects are closer than 2 cells to each other or 1.5 cells to the image
-        border, or two defects land on the same column.
+        If two defects are closer than 2 cells (periodic distance), a copy of a defect is
+        closer than ``spec.min_border_cells`` to the border of the fixture image, or two
+        defects land on the same column.
     """
     a = A_LATTICE_A
     nz = spec.n_layers
     rng = np.random.default_rng(spec.seed)
-    side, xy, kind, angle_deg = _lattice_columns(spec.rotation)
+    side, xy, kind, angle_deg = _lattice_columns(spec.rotation, spec.cells)
     n_col = len(xy)
     site = np.where(kind == 0, SITE_A, np.where(kind == 1, SITE_B, SITE_O)).astype(np.int8)
     vacant = np.zeros(n_col, dtype=bool)
     sm_fraction = np.zeros(n_col, dtype=np.float32)
     polarization = np.zeros(n_col, dtype=np.int8)
-    xy = np.mod(xy + np.asarray(_OFFSET_A), side)
+    offset = np.asarray(spec.offset_a, dtype=float)
+    xy = np.mod(xy + offset, side)
 
-    # Domain walls: the sign of each B column's shift follows its lattice x index (in
-    # the unrotated frame), i.e. the x of its undisplaced position before the offset.
+    # Domain walls: the sign of each B column's shift follows its lattice x index, i.e.
+    # the x of its undisplaced position before the offset.
     walls: list[dict[str, Any]] = []
     shift = np.zeros((n_col, 2))
     if spec.wall_stripe is not None:
         if spec.rotation is not None:
             raise ValueError("domain walls are only implemented for the unrotated supercell")
         i0, i1 = spec.wall_stripe
-        lattice_x = np.mod(xy[:, 0] - _OFFSET_A[0], side) / a
+        lattice_x = np.mod(xy[:, 0] - offset[0], side) / a
         is_b = site == SITE_B
         inside = (lattice_x >= i0) & (lattice_x < i1 + 1)
         polarization[is_b] = np.where(inside[is_b], 1, -1).astype(np.int8)
@@ -505,7 +574,7 @@ def build_supercell(spec: RenderSpec) -> Supercell:
                 {
                     "kind": "180-degree domain wall",
                     "orientation": "vertical line (along y)",
-                    "x_a": float((x_cells * a + _OFFSET_A[0]) % side),
+                    "x_a": float((x_cells * a + offset[0]) % side),
                     "between_lattice_x_cells": [x_cells - 1, x_cells],
                     "b_shift_a": spec.wall_shift_a,
                     "shift_axis": "y (image rows); +1 = +y = down the image",
@@ -519,11 +588,12 @@ def build_supercell(spec: RenderSpec) -> Supercell:
     sm_layers: dict[int, np.ndarray] = {}
     used: list[int] = []
     for d in spec.defects:
-        want_site = SITE_B if d.kind == "b_vacancy" else SITE_A
         if d.kind not in ("sm", "a_vacancy", "b_vacancy"):
             raise ValueError(f"unknown defect kind {d.kind!r}; use 'sm', 'a_vacancy' or 'b_vacancy'")
-        target = np.asarray(d.target_frac) * side
-        dist = np.hypot(*(col_xy - target).T)
+        want_site = SITE_B if d.kind == "b_vacancy" else SITE_A
+        dvec = col_xy - np.asarray(d.target_frac) * side
+        dvec -= side * np.round(dvec / side)
+        dist = np.hypot(*dvec.T)
         dist[site != want_site] = np.inf
         idx = int(np.argmin(dist))
         if idx in used:
@@ -548,12 +618,18 @@ def build_supercell(spec: RenderSpec) -> Supercell:
             record["note"] = f"all {nz} Fe of the B column removed; its {nz} O atoms kept (an O-only column)"
         defects.append(record)
 
-    # Spacing rules, checked with the periodic (minimum-image) distance.
-    border = 1.5 * a
+    # Spacing rules: periodic (minimum-image) distance between defects, and the distance
+    # of every copy in the tiled fixture image from its border.
+    image_side = side * spec.tile
     for r, idx in zip(defects, used, strict=True):
-        x, y = col_xy[idx]
-        if min(x, y, side - x, side - y) < border - 1e-9:
-            raise ValueError(f"defect {r['kind']} at ({x:.2f}, {y:.2f}) Å is within 1.5 cells of the border")
+        for kx in range(spec.tile):
+            for ky in range(spec.tile):
+                x, y = np.mod(col_xy[idx], side) + side * np.array([kx, ky])
+                if min(x, y, image_side - x, image_side - y) < spec.min_border_cells * a - 1e-9:
+                    raise ValueError(
+                        f"defect {r['kind']} at ({x:.2f}, {y:.2f}) Å is within "
+                        f"{spec.min_border_cells} cells of the image border"
+                    )
     for p, i in enumerate(used):
         for j in used[p + 1 :]:
             dvec = col_xy[i] - col_xy[j]
@@ -568,25 +644,26 @@ def build_supercell(spec: RenderSpec) -> Supercell:
     positions: list[np.ndarray] = []
     z_a = (np.arange(nz) + 0.25) * a
     z_b = (np.arange(nz) + 0.75) * a
+    col_xy = np.mod(col_xy, side)
     for c in range(n_col):
-        x, y = np.mod(col_xy[c], side)
+        x, y = col_xy[c]
+        xs, ys = np.full(nz, x), np.full(nz, y)
         if site[c] == SITE_A:
             if vacant[c]:
                 continue
             layers_sm = set(sm_layers.get(c, np.array([], dtype=int)).tolist())
             symbols += ["Sm" if k in layers_sm else "Bi" for k in range(nz)]
-            positions.append(np.column_stack([np.full(nz, x), np.full(nz, y), z_a]))
+            positions.append(np.column_stack([xs, ys, z_a]))
         elif site[c] == SITE_B:
             if not vacant[c]:
                 symbols += ["Fe"] * nz
-                positions.append(np.column_stack([np.full(nz, x), np.full(nz, y), z_b]))
+                positions.append(np.column_stack([xs, ys, z_b]))
             symbols += ["O"] * nz
-            positions.append(np.column_stack([np.full(nz, x), np.full(nz, y), z_a]))
+            positions.append(np.column_stack([xs, ys, z_a]))
         else:
             symbols += ["O"] * nz
-            positions.append(np.column_stack([np.full(nz, x), np.full(nz, y), z_b]))
+            positions.append(np.column_stack([xs, ys, z_b]))
 
-    col_xy = np.mod(col_xy, side)
     for r in defects:
         r["x_a"], r["y_a"] = float(col_xy[r["column"], 0]), float(col_xy[r["column"], 1])
     return Supercell(
@@ -605,6 +682,45 @@ def build_supercell(spec: RenderSpec) -> Supercell:
     )
 
 
+def fixture_columns(cell: Supercell, pixel_size_a: float, tile: int = 1) -> dict[str, np.ndarray]:
+    """Ground-truth arrays of a fixture image, in pixels, for a tiled periodic image.
+
+    Parameters
+    ----------
+    cell : Supercell
+        The simulated cell.
+    pixel_size_a : float
+        Scan pixel size [Å].
+    tile : int
+        The simulated image is repeated ``tile`` x ``tile`` times.
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``column_x_px``, ``column_y_px`` (float64), ``column_site`` (int8),
+        ``column_vacant`` (bool), ``column_sm_fraction`` (float32) and
+        ``column_polarization`` (int8). Copy ``k = ky * tile + kx`` of simulated column
+        ``c`` is fixture column ``k * n_columns + c``, so without tiling the indices are
+        those of the simulated cell.
+    """
+    n = len(cell.column_x_a)
+    kx, ky = np.meshgrid(np.arange(tile), np.arange(tile), indexing="xy")
+    kx, ky = kx.ravel(), ky.ravel()
+    side = cell.extent_a
+    x = (cell.column_x_a[None, :] + side * kx[:, None]).ravel() / pixel_size_a
+    y = (cell.column_y_a[None, :] + side * ky[:, None]).ravel() / pixel_size_a
+    reps = tile * tile
+    return {
+        "column_x_px": x.astype(np.float64),
+        "column_y_px": y.astype(np.float64),
+        "column_site": np.tile(cell.column_site, reps).astype(np.int8),
+        "column_vacant": np.tile(cell.column_vacant, reps).astype(bool),
+        "column_sm_fraction": np.tile(cell.column_sm_fraction, reps).astype(np.float32),
+        "column_polarization": np.tile(cell.column_polarization, reps).astype(np.int8),
+        "_n_per_copy": np.array(n),
+    }
+
+
 # --------------------------------------------------------------------------------------
 # Rendering (abTEM, imported lazily)
 # --------------------------------------------------------------------------------------
@@ -620,16 +736,44 @@ def _import_physics() -> tuple[Any, Any]:
         raise PhysicsUnavailableError(
             f"rendering multislice fixtures needs abTEM and ASE ({exc.name} is missing): {_INSTALL_HINT}"
         ) from None
+    abtem.config.set(
+        {
+            "device": "cpu",
+            "precision": "float32",
+            "diagnostics.progress_bar": False,
+            "diagnostics.task_progress": False,
+        }
+    )
     return abtem, ase
 
 
-def render_haadf(cell: Supercell, optics: OpticsSettings, seed: int) -> np.ndarray:
+def _potential(cell: Supercell, optics: OpticsSettings, seed: int, interpolation: int) -> Any:
+    """The frozen-phonon abTEM potential of a cell (the same configurations for a given seed)."""
+    abtem, ase = _import_physics()
+    atoms = ase.Atoms(
+        symbols=list(cell.symbols), positions=cell.positions_a, cell=list(cell.cell_a), pbc=True
+    )
+    present = set(cell.symbols)
+    sigmas = {el: s for el, s in _PHONON_SIGMAS_A.items() if el in present}
+    phonons = abtem.FrozenPhonons(atoms, num_configs=optics.phonon_configs, sigmas=sigmas, seed=seed)
+    return abtem.Potential(
+        phonons,
+        gpts=optics.potential_gpts(cell.extent_a, interpolation),
+        slice_thickness=A_LATTICE_A / optics.slices_per_cell,
+        projection="infinite",
+        parametrization="lobato",
+    )
+
+
+def render_haadf(
+    cell: Supercell, optics: OpticsSettings, seed: int, scan_px: int, interpolation: int
+) -> np.ndarray:
     """Simulate the noiseless HAADF image of one supercell (before the source blur).
 
     PRISM (abTEM's ``SMatrix``) with an aberration-free probe, averaged over
     ``optics.phonon_configs`` frozen-phonon configurations. The scan covers exactly one
-    period of the cell with ``optics.scan_px`` positions per side, starting at (0, 0),
-    endpoint excluded.
+    period of the cell with ``scan_px`` positions per side, starting at (0, 0), endpoint
+    excluded.
 
     Parameters
     ----------
@@ -639,6 +783,10 @@ def render_haadf(cell: Supercell, optics: OpticsSettings, seed: int) -> np.ndarr
         Beam, detector and numerical settings.
     seed : int
         Seed of the frozen-phonon displacements.
+    scan_px : int
+        Scan positions per side.
+    interpolation : int
+        PRISM interpolation factor (1 = no interpolation, exact).
 
     Returns
     -------
@@ -651,43 +799,117 @@ def render_haadf(cell: Supercell, optics: OpticsSettings, seed: int) -> np.ndarr
     PhysicsUnavailableError
         If abTEM or ASE is not installed.
     """
-    abtem, ase = _import_physics()
-    abtem.config.set(
-        {
-            "device": "cpu",
-            "precision": "float32",
-            "diagnostics.progress_bar": False,
-            "diagnostics.task_progress": False,
-        }
-    )
-    atoms = ase.Atoms(
-        symbols=list(cell.symbols), positions=cell.positions_a, cell=list(cell.cell_a), pbc=True
-    )
-    present = set(cell.symbols)
-    sigmas = {el: s for el, s in _PHONON_SIGMAS_A.items() if el in present}
-    phonons = abtem.FrozenPhonons(atoms, num_configs=optics.phonon_configs, sigmas=sigmas, seed=seed)
-    gpts = optics.potential_gpts(cell.extent_a)
-    potential = abtem.Potential(
-        phonons,
-        gpts=gpts,
-        slice_thickness=A_LATTICE_A / optics.slices_per_cell,
-        projection="infinite",
-        parametrization="lobato",
-    )
+    abtem, _ = _import_physics()
+    potential = _potential(cell, optics, seed, interpolation)
     energy_ev = optics.energy_kv * 1e3
     s_matrix = abtem.SMatrix(
         potential=potential,
         energy=energy_ev,
         semiangle_cutoff=optics.semiangle_mrad,
-        interpolation=optics.interpolation,
+        interpolation=interpolation,
     )
     detector = abtem.AnnularDetector(inner=optics.detector_mrad[0], outer=optics.detector_mrad[1])
     side = cell.extent_a
-    scan = abtem.GridScan(start=(0.0, 0.0), end=(side, side), gpts=optics.scan_px, endpoint=False)
+    scan = abtem.GridScan(start=(0.0, 0.0), end=(side, side), gpts=scan_px, endpoint=False)
     ctf = abtem.CTF(semiangle_cutoff=optics.semiangle_mrad, energy=energy_ev)
     measurement = s_matrix.scan(scan=scan, detectors=detector, ctf=ctf).compute()
     # abTEM's scan axes are (x, y); the project's images are [row = y, col = x].
     return np.ascontiguousarray(np.asarray(measurement.array, dtype=np.float32).T)
+
+
+def multislice_crosscheck(
+    cell: Supercell,
+    optics: OpticsSettings,
+    seed: int,
+    raw: np.ndarray,
+    pixels_rc: Sequence[tuple[int, int]],
+    labels: Sequence[str],
+    interpolation: int,
+) -> dict[str, Any]:
+    """Compare a PRISM render with plain multislice at a few probe positions.
+
+    Plain multislice (one probe at a time over the whole cell) has no PRISM window, so it
+    is the reference; the same frozen-phonon configurations are used (same seed), so the
+    two agree to numerical precision where PRISM is exact.
+
+    Parameters
+    ----------
+    cell : Supercell
+        The simulated cell.
+    optics : OpticsSettings
+        Settings of the render.
+    seed : int
+        Frozen-phonon seed of the render.
+    raw : numpy.ndarray
+        The PRISM image before the source blur, ``[rows, cols]``.
+    pixels_rc : sequence of (int, int)
+        Pixels ``(row, col)`` of ``raw`` to check.
+    labels : sequence of str
+        What each pixel is (for the record).
+    interpolation : int
+        PRISM interpolation factor of the render (sets the same potential grid).
+
+    Returns
+    -------
+    dict
+        Per point: label, pixel, PRISM and multislice values; and the largest deviation
+        relative to the median A-column value among the points
+        (``max_abs_diff_over_a``) and relative to each point's own multislice value for
+        points above 2 % of it (``max_rel_diff``).
+    """
+    abtem, _ = _import_physics()
+    potential = _potential(cell, optics, seed, interpolation)
+    pixel_a = cell.extent_a / raw.shape[1]
+    positions = np.array([(c * pixel_a, r * pixel_a) for r, c in pixels_rc], dtype=float)
+    probe = abtem.Probe(energy=optics.energy_kv * 1e3, semiangle_cutoff=optics.semiangle_mrad)
+    detector = abtem.AnnularDetector(inner=optics.detector_mrad[0], outer=optics.detector_mrad[1])
+    ms = np.asarray(
+        probe.scan(potential, scan=abtem.CustomScan(positions), detectors=detector).compute().array,
+        dtype=float,
+    ).ravel()
+    prism = np.array([float(raw[r, c]) for r, c in pixels_rc])
+    a_ref = [m for m, lab in zip(ms, labels, strict=True) if lab == "A"]
+    scale = float(np.median(a_ref)) if a_ref else float(ms.max())
+    big = ms > 0.02 * scale
+    return {
+        "points": [
+            {"label": lab, "pixel_rc": [int(r), int(c)], "prism": float(p), "multislice": float(m)}
+            for lab, (r, c), p, m in zip(labels, pixels_rc, prism, ms, strict=True)
+        ],
+        "max_abs_diff_over_a": float(np.max(np.abs(prism - ms)) / scale),
+        "max_rel_diff": float(np.max(np.abs(prism[big] - ms[big]) / ms[big])) if big.any() else None,
+        "note": "same frozen-phonon configurations, values before the source blur",
+    }
+
+
+def _crosscheck_pixels(
+    cell: Supercell, pixel_a: float, scan_px: int
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """Pixels to cross-check: every defect column plus the normal A, B and O column farthest from defects."""
+    xy = np.column_stack([cell.column_x_a, cell.column_y_a])
+    defect_idx = [r["column"] for r in cell.defects]
+    side = cell.extent_a
+    if defect_idx:
+        d = xy[:, None, :] - xy[None, defect_idx, :]
+        d -= side * np.round(d / side)
+        far = np.hypot(d[..., 0], d[..., 1]).min(axis=1)
+    else:
+        far = np.zeros(len(xy))
+    normal = ~cell.column_vacant & (cell.column_sm_fraction == 0)
+    picks: list[int] = []
+    labels: list[str] = []
+    for code, name in ((SITE_A, "A"), (SITE_B, "B"), (SITE_O, "O")):
+        cand = np.where((cell.column_site == code) & normal)[0]
+        picks.append(int(cand[np.argmax(far[cand])]))
+        labels.append(name)
+    for r in cell.defects:
+        picks.append(r["column"])
+        labels.append(f"{r['kind']}" + (f" {r['sm_fraction']:.1f}" if r["kind"] == "sm" else ""))
+    pixels = [
+        (round(cell.column_y_a[i] / pixel_a) % scan_px, round(cell.column_x_a[i] / pixel_a) % scan_px)
+        for i in picks
+    ]
+    return pixels, labels
 
 
 def apply_source_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -919,6 +1141,25 @@ class MultisliceFixture:
         """Noise-free mean counts per pixel at ``dose_e_per_a2`` (what ``noisy`` was drawn from)."""
         return (self.dose_e_per_a2 * self.pixel_size_a**2 * self.image).astype(np.float32)
 
+    def defect_columns(self, kind: str | None = None) -> np.ndarray:
+        """Indices of the planted point-defect columns (every copy in a tiled fixture).
+
+        Parameters
+        ----------
+        kind : str or None
+            ``"sm"``, ``"a_vacancy"`` or ``"b_vacancy"``; None for all.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``int64`` indices into the ``column_*`` arrays, sorted.
+        """
+        out: list[int] = []
+        for r in self.metadata.get("defects", []):
+            if kind is None or r["kind"] == kind:
+                out += r.get("copies", [r["column"]])
+        return np.array(sorted(out), dtype=np.int64)
+
 
 _REQUIRED = (
     "image",
@@ -960,10 +1201,14 @@ def load_fixture(path: str | Path) -> MultisliceFixture:
                     f"fixture {p} lacks {', '.join(missing)}; regenerate it with simulator.multislice"
                 )
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, FixtureError):
-            raise
+    except FixtureError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise FixtureError(f"cannot read multislice fixture {p}: {exc}") from exc
+    try:
+        metadata = json.loads(str(data["metadata"]))
+    except json.JSONDecodeError as exc:
+        raise FixtureError(f"fixture {p} has unreadable metadata: {exc}") from exc
     return MultisliceFixture(
         image=data["image"].astype(np.float32, copy=False),
         noisy=data["noisy"].astype(np.float32, copy=False) if "noisy" in data else None,
@@ -975,7 +1220,7 @@ def load_fixture(path: str | Path) -> MultisliceFixture:
         column_vacant=data["column_vacant"].astype(bool, copy=False),
         column_sm_fraction=data["column_sm_fraction"].astype(np.float32, copy=False),
         column_polarization=data["column_polarization"].astype(np.int8, copy=False),
-        metadata=json.loads(str(data["metadata"])),
+        metadata=metadata,
     )
 
 
@@ -984,8 +1229,8 @@ def write_fixture(
     image: np.ndarray,
     noisy: np.ndarray,
     dose_e_per_a2: float,
-    cell: Supercell,
     pixel_size_a: float,
+    columns: dict[str, np.ndarray],
     metadata: dict[str, Any],
 ) -> Path:
     """Write one fixture as a compressed ``.npz``.
@@ -1000,10 +1245,10 @@ def write_fixture(
         Poisson counts at ``dose_e_per_a2``.
     dose_e_per_a2 : float
         Dose of ``noisy`` [e/Å^2].
-    cell : Supercell
-        Ground truth (positions in Å, converted here to pixels).
     pixel_size_a : float
         Scan pixel size [Å].
+    columns : dict of numpy.ndarray
+        Ground truth from :func:`fixture_columns` (keys starting with ``_`` are skipped).
     metadata : dict
         JSON-serializable metadata.
 
@@ -1020,13 +1265,8 @@ def write_fixture(
         noisy=noisy.astype(np.float32),
         dose_e_per_a2=np.float64(dose_e_per_a2),
         pixel_size_nm=np.float64(pixel_size_a / 10.0),
-        column_x_px=(cell.column_x_a / pixel_size_a).astype(np.float64),
-        column_y_px=(cell.column_y_a / pixel_size_a).astype(np.float64),
-        column_site=cell.column_site.astype(np.int8),
-        column_vacant=cell.column_vacant.astype(bool),
-        column_sm_fraction=cell.column_sm_fraction.astype(np.float32),
-        column_polarization=cell.column_polarization.astype(np.int8),
         metadata=np.array(json.dumps(metadata, indent=1)),
+        **{k: v for k, v in columns.items() if not k.startswith("_")},
     )
     return p
 
@@ -1087,23 +1327,40 @@ def render_fixture_set(
     written: list[Path] = []
     for k, spec in enumerate(renders, start=1):
         cell = build_supercell(spec)
-        pixel_a = cell.extent_a / optics.scan_px
+        interpolation = spec.interpolation if spec.interpolation is not None else optics.interpolation
+        pixel_a = cell.extent_a / spec.scan_px
         t0 = time.perf_counter()
-        raw = render_haadf(cell, optics, seed=spec.seed)
+        raw = render_haadf(cell, optics, spec.seed, spec.scan_px, interpolation)
         seconds = time.perf_counter() - t0
-        image = apply_source_blur(raw, optics.source_sigma_a / pixel_a)
-        x_px, y_px = cell.column_x_a / pixel_a, cell.column_y_a / pixel_a
+        crosscheck: dict[str, Any] | None = None
+        if optics.crosscheck_points:
+            t1 = time.perf_counter()
+            pixels, labels = _crosscheck_pixels(cell, pixel_a, spec.scan_px)
+            crosscheck = multislice_crosscheck(cell, optics, spec.seed, raw, pixels, labels, interpolation)
+            crosscheck["seconds"] = round(time.perf_counter() - t1, 1)
+        # The source blur is applied to one period, then the period is tiled: both exact
+        # because the specimen is periodic.
+        image = np.tile(apply_source_blur(raw, optics.source_sigma_a / pixel_a), (spec.tile, spec.tile))
+        columns = fixture_columns(cell, pixel_a, spec.tile)
         checks = column_checks(
             image,
-            x_px,
-            y_px,
-            cell.column_site,
-            cell.column_vacant,
-            cell.column_sm_fraction,
-            cell.column_polarization,
+            columns["column_x_px"],
+            columns["column_y_px"],
+            columns["column_site"],
+            columns["column_vacant"],
+            columns["column_sm_fraction"],
+            columns["column_polarization"],
             pixel_a,
         )
-        gpts = optics.potential_gpts(cell.extent_a)
+        checks["multislice_crosscheck"] = crosscheck
+        gpts = optics.potential_gpts(cell.extent_a, interpolation)
+        n_per_copy = len(cell.column_x_a)
+        defects = [
+            {**r, "copies": [c * n_per_copy + r["column"] for c in range(spec.tile**2)]}
+            if spec.tile > 1
+            else r
+            for r in cell.defects
+        ]
         for dose in spec.doses_e_per_a2:
             name = f"{spec.stem}_dose{_dose_tag(dose)}"
             noise_seed = zlib.crc32(name.encode())
@@ -1119,13 +1376,19 @@ def render_fixture_set(
                 "n_layers": spec.n_layers,
                 "supercell_side_nm": cell.extent_a / 10.0,
                 "supercell_cells": (
-                    f"{_SQUARE_CELLS} x {_SQUARE_CELLS}"
+                    f"{spec.cells} x {spec.cells}"
                     if spec.rotation is None
                     else f"commensurate {spec.rotation[0]}^2+{spec.rotation[1]}^2 = "
                     f"{spec.rotation[0] ** 2 + spec.rotation[1] ** 2} cells per layer"
                 ),
+                "tile": spec.tile,
+                "tile_note": "the simulated periodic image is repeated tile x tile times; fixture column "
+                "k * n + c (k = ky * tile + kx) is copy k of simulated column c"
+                if spec.tile > 1
+                else "not tiled",
+                "columns_per_copy": n_per_copy,
                 "periodic_image": True,
-                "specimen_offset_a": list(_OFFSET_A),
+                "specimen_offset_a": list(spec.offset_a),
                 "rotation_deg": cell.rotation_deg,
                 "rotation_convention": "lattice vector a1 at rotation_deg from +x toward +y (rows down: "
                 "clockwise on screen); the atoms were rotated about z before building the potential",
@@ -1139,8 +1402,10 @@ def render_fixture_set(
                 "semiangle_mrad": optics.semiangle_mrad,
                 "aberrations": "none (ideal aberration-corrected probe)",
                 "detector_mrad": list(optics.detector_mrad),
-                "method": f"PRISM (abTEM SMatrix), interpolation {optics.interpolation}, "
-                "infinite projection, Lobato parametrization",
+                "method": f"PRISM (abTEM SMatrix), interpolation {interpolation}"
+                + (" (= plain multislice, no PRISM window)" if interpolation == 1 else "")
+                + ", infinite projection, Lobato parametrization",
+                "prism_interpolation": interpolation,
                 "phonon_configurations": optics.phonon_configs,
                 "phonon_sigmas_a": {el: s for el, s in _PHONON_SIGMAS_A.items() if el in set(cell.symbols)},
                 "phonon_seed": spec.seed,
@@ -1148,7 +1413,7 @@ def render_fixture_set(
                 "potential_sampling_a": cell.extent_a / gpts,
                 "slice_thickness_a": A_LATTICE_A / optics.slices_per_cell,
                 "max_simulated_angle_mrad": optics.wavelength_a / (3.0 * cell.extent_a / gpts) * 1e3,
-                "scan_px": optics.scan_px,
+                "scan_px_simulated": spec.scan_px,
                 "pixel_size_a": pixel_a,
                 "source_blur": {
                     "kind": "Gaussian, periodic, applied to the noiseless image",
@@ -1160,7 +1425,7 @@ def render_fixture_set(
                 "dose_e_per_a2": dose,
                 "counts_formula": "noisy ~ Poisson(dose_e_per_a2 * pixel_size_a**2 * image)",
                 "noise_seed": noise_seed,
-                "defects": cell.defects,
+                "defects": defects,
                 "walls": cell.walls,
                 "polarization_convention": "+1: B column (Fe and its O) displaced by +shift along +y "
                 "(down the image) from the centre of its four A neighbours; -1: along -y; 0: not displaced",
@@ -1170,21 +1435,31 @@ def render_fixture_set(
                 "versions": versions,
                 "command": command,
             }
-            path = write_fixture(Path(out_dir) / f"{name}.npz", image, noisy, dose, cell, pixel_a, metadata)
+            path = write_fixture(
+                Path(out_dir) / f"{name}.npz", image, noisy, dose, pixel_a, columns, metadata
+            )
             written.append(path)
+        xc = (
+            f", PRISM vs multislice max |diff| {crosscheck['max_abs_diff_over_a']:.3f} of A"
+            if crosscheck is not None
+            else ""
+        )
         print(
             f"[{k}/{len(renders)}] {spec.stem}: {seconds:.0f} s, A offset "
             f"{checks['mean_abs_offset_a_px']:.3f} px, peak B/A {checks['peak_ratios']['b_over_a']:.3f}, "
-            f"O/A {checks['peak_ratios']['o_over_a']:.3f} -> "
+            f"O/A {checks['peak_ratios']['o_over_a']:.3f}{xc} -> "
             + ", ".join(p.name for p in written[-len(spec.doses_e_per_a2) :]),
             flush=True,
         )
     return written
 
 
-# Cheap settings for a smoke test: one phonon configuration, PRISM interpolation 4
-# (probe copies 2 cells apart, so vacancies are not dark) and a 150 mrad outer edge.
-_QUICK_OPTICS = OpticsSettings(phonon_configs=1, interpolation=4, detector_mrad=(60.0, 150.0))
+# Cheap settings for a smoke test: one phonon configuration, PRISM interpolation 4 where
+# a render does not set its own (probe copies 2 cells apart, so vacancies are not dark),
+# a 150 mrad outer edge and no multislice cross-check.
+_QUICK_OPTICS = OpticsSettings(
+    phonon_configs=1, interpolation=4, detector_mrad=(60.0, 150.0), crosscheck_points=False
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1214,7 +1489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = sorted(set(args.only) - {r.stem for r in DEFAULT_RENDERS})
         if unknown:
             print(
-                f"error: unknown fixture stem(s) {unknown}; choose from {[r.stem for r in DEFAULT_RENDERS]}"
+                f"error: unknown fixture stem(s) {unknown}; choose from {[r.stem for r in DEFAULT_RENDERS]}",
+                file=sys.stderr,
             )
             return 2
         renders = tuple(r for r in DEFAULT_RENDERS if r.stem in args.only)
