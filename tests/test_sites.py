@@ -7,7 +7,9 @@ the benchmark's own generator.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +293,61 @@ def test_a_tile_of_another_material_says_so(specimen: Specimen) -> None:
     assert len(columns) == 0
     assert "but BiFeO3-001 has 0.396 nm (+5" in columns.reason and "check the pixel size" in columns.reason
     assert SPECIES_O == 2
+
+
+# ----------------------------------------------------------------------------- micrography analyze
+
+
+@pytest.fixture(scope="module")
+def strontium_npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    image, _ = perovskite_blob_image(4, cells=14, b_amplitude=0.46, noise=0.02)
+    path = tmp_path_factory.mktemp("sto") / "sto.npy"
+    np.save(path, image.astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--pixel-size", "0.244"], r"spans 1.6\d px, too few to resolve columns; is the pixel size in Ang"),
+        (["--pixel-size", "0.0002441"], r"more than a third of the 256x256 image; is the pixel size in pm"),
+        (["--pixel-size", "0.035"], r"SrTiO3-001 has a = 0.3905 nm \(\+4\d %\); check the pixel size"),
+        (["--pixel-size", "wide"], r"--pixel-size: expected a number of nm or 'auto', got 'wide'"),
+        (["--pixel-size", "auto", "--material", "Perovskite"], r"unknown material 'Perovskite'; built in"),
+    ],
+)  # fmt: skip
+def test_analyze_refuses_a_wrong_pixel_size_or_material_before_any_work(
+    strontium_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    from agent.cli import main
+
+    out = tmp_path / "out"
+    material = [] if "--material" in options else ["--material", "SrTiO3-001"]
+    assert main(["analyze", str(strontium_npy), "--out", str(out), "--quiet", *material, *options]) == 1
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert re.search(message, error), error
+    assert not out.exists(), "nothing is written before the input is known to be good"
+
+
+def test_analyze_of_a_non_polar_material_with_an_estimated_pixel_size(
+    strontium_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    out = tmp_path / "sto"
+    arguments = ["analyze", str(strontium_npy), "--out", str(out), "--quiet", "--material", "SrTiO3-001"]
+    assert main([*arguments, "--pixel-size", "auto", "--gae-steps", "5", "--vae-steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "SrTiO3-001 at 0.024" in printed and " Sr, " in printed and " Ti; " in printed
+    summary = json.loads((out / "analysis.json").read_text())
+    assert summary["material"]["labels"] == {"A": "Sr", "B": "Ti", "O": "O"}
+    assert summary["image"]["pixel_size_nm"] == pytest.approx(0.3905 / 16, rel=0.01)
+    assert summary["polarization"] == {
+        "skipped": "SrTiO3-001 is not polar: no polarization or domains are reported"
+    }
+    page = (out / "report.html").read_text()
+    assert "Polarization and domains</h2>" not in page and "is not polar" in page
+    # 14 x 14 A columns, less those the border drops; no vacancies in a perfect crystal.
+    assert 150 <= summary["columns"]["counts"]["A"] <= 196
+    assert summary["columns"]["vacancy_sites"] == {"A": 0, "B": 0}
