@@ -24,6 +24,7 @@ is local, linear in the pixels and does not care about missing columns.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -102,8 +103,12 @@ class LatticeFit:
         About 1 in the crystal, falling towards 0 in an amorphous patch or vacuum.
         """
         amplitude = np.abs(self._sample(x_px, y_px))
-        median = np.median(np.abs(self.fields).reshape(2, -1), axis=1)
-        return (amplitude / np.maximum(median, 1e-30)[:, None]).min(axis=0)
+        return (amplitude / np.maximum(self._median_amplitude, 1e-30)[:, None]).min(axis=0)
+
+    @functools.cached_property
+    def _median_amplitude(self) -> np.ndarray:
+        """Median amplitude of each reflection's field over the image (the crystal's level)."""
+        return np.median(np.abs(self.fields).reshape(2, -1), axis=1)
 
     def fractional(self, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:
         """Fractional coordinates ``(u, v)`` in the local cell at pixel positions, each in [0, 1).
@@ -151,7 +156,8 @@ def central_power_spectrum(image: np.ndarray, max_side: int = 512) -> np.ndarray
     window = np.hanning(side).astype(np.float32)
     crop = (crop - crop.mean(dtype=np.float64)) * window[:, None] * window[None, :]
     spectrum = np.fft.fftshift(scipy_fft.rfft2(crop, workers=1), axes=0)
-    return (spectrum.real.astype(np.float64) ** 2) + spectrum.imag.astype(np.float64) ** 2
+    # |F|^2 in float64: the ring test compares powers over four decades.
+    return np.square(np.abs(spectrum), dtype=np.float64)
 
 
 def _centred_box(half_power: np.ndarray, reach: int) -> np.ndarray:
