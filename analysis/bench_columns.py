@@ -867,3 +867,77 @@ def _site_report(report: dict[str, Any]) -> list[str]:
         f"{analyze['columns_seconds']:.1f} s"
     )
     return lines
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def write_sites_figure(path: str | Path, seed: int = 3) -> Path:
+    """Found sites, abnormal columns and vacancy sites on a multislice fixture and a simulator tile.
+
+    Left: the 4 nm multislice fixture at 1e5 e/Å² with A, B and O columns, abnormal columns
+    and vacancy sites (and the truth's Sm and vacancies). Right: a simulator tile at the
+    session dose, rotated 30°, centred on a vacancy cluster.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        PNG to write.
+    seed : int
+        Specimen seed of the simulator tile.
+
+    Returns
+    -------
+    pathlib.Path
+        The written PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simulator.multislice import load_fixture
+
+    fixture = load_fixture(MULTISLICE_FIXTURES / "bfo_defects_t4nm_dose1e5.npz")
+    config = SimulatorConfig(seed=seed).ideal_instrument()
+    specimen = generate_specimen(config.specimen, seed)
+    centre = _feature_centres(specimen, 8, 6.0)[0]
+    tile, _ = _site_tile(
+        specimen, config, centre, SESSION_DWELL_US, 30.0, np.random.default_rng(seed), (256, 256)
+    )
+    panels = [
+        ("multislice BiFeO3 [001], 4 nm, 1e5 e/Å²", fixture.noisy, fixture.pixel_size_nm, fixture),
+        (f"simulator, {SESSION_DWELL_US:g} µs, scan rotated 30°", tile, PIXEL_SIZE_NM, None),
+    ]
+    figure, axes = plt.subplots(1, 2, figsize=(12.5, 6.2), constrained_layout=True)
+    for ax, (title, image, pixel, truth) in zip(axes, panels, strict=True):
+        found = find_columns_in_image(image, pixel)
+        rows, cols = image.shape
+        extent = (-0.5 * pixel, (cols - 0.5) * pixel, (rows - 0.5) * pixel, -0.5 * pixel)
+        shown = ax.imshow(image, cmap="gray", extent=extent)
+        figure.colorbar(shown, ax=ax, shrink=0.8, label="detected electrons per pixel")
+        for code, colour, name in ((SPECIES_A, "#ff8c00", "A (Bi/Sm)"), (SPECIES_B, "#00d0ff", "B (Fe)"),
+                                   (2, "#b0ff60", "O")):  # fmt: skip
+            members = found.species == code
+            ax.scatter(
+                found.col_px[members] * pixel, found.row_px[members] * pixel, s=8, c=colour, label=name
+            )
+        flagged = found.abnormal
+        ax.scatter(found.col_px[flagged] * pixel, found.row_px[flagged] * pixel, s=70, facecolors="none",
+                   edgecolors="r", label="abnormal intensity")  # fmt: skip
+        sites = found.vacancies.select(found.vacancies.confidence >= 0.5)
+        ax.scatter(sites.col_px * pixel, sites.row_px * pixel, s=90, marker="s", facecolors="none",
+                   edgecolors="m", label="vacancy site")  # fmt: skip
+        if truth is not None:
+            vacant = truth.column_vacant
+            ax.scatter(truth.column_x_px[vacant] * pixel, truth.column_y_px[vacant] * pixel, s=20, marker="x",
+                       c="w", label="true vacancy")  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("x (nm)")
+        ax.set_ylabel("y (nm)")
+        ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
