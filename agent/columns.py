@@ -47,7 +47,14 @@ from scipy import ndimage
 from agent.config import StrictModel
 from agent.driver import Tile
 from agent.errors import InvalidImageError
-from agent.lattice import LatticeFit, assign_sites, central_power_spectrum, empty_sites, fit_lattice
+from agent.lattice import (
+    LatticeFit,
+    assign_sites,
+    central_power_spectrum,
+    diagonal_says_oxygen,
+    empty_sites,
+    fit_lattice,
+)
 from agent.materials import DEFAULT_MATERIAL, Material, resolve_material
 
 SPECIES_A, SPECIES_B, SPECIES_O = 0, 1, 2
@@ -1311,38 +1318,40 @@ def _light_columns_as_oxygen(
     return np.where(light, SPECIES_O, species).astype(np.int8)
 
 
-def _heavy_columns_as_cations(
+def _diagonal_class(
+    image: np.ndarray,
     species: np.ndarray,
     fit: PeakFit,
-    typical: np.ndarray,
     lattice: LatticeFit,
     material: Material,
-    noise: float,
-    max_strength: float = 0.5,
+    weak: float = 0.5,
 ) -> np.ndarray:
-    """Columns on O sites of a weak lattice that are as bright as a cation are cations.
+    """Cation or O from the diagonal reflections, where the primitive ones are too weak to say.
 
-    Where a vacancy cluster removes most of the A columns around a site, the local (1, 0)
-    phase weakens and can put a B column half a cell off, on an O site; a pure-O column is
-    never that bright. In a strong lattice the site is trusted. A column must reach 60 % of
-    the B height and stand four noise levels above an O column (at low dose the O columns'
-    noise would otherwise make cations of them).
+    See :func:`agent.lattice.diagonal_says_oxygen`: inside a vacancy cluster (1, 0) fades and
+    can put an O column on a B site or a B column on an O site; (1, 1) and (1, -1) still tell
+    the two classes apart. A cation it moves to O becomes O; an O column it moves to the
+    cations becomes B, and :func:`_weak_lattice_by_height` then decides A or B.
     """
-    b_site, o_site = material.site("B"), material.site("O")
-    on_o = np.flatnonzero((species == SPECIES_O) & (lattice.strength(fit.col, fit.row) < max_strength))
-    if b_site is None or o_site is None or on_o.size == 0 or not np.any(species == SPECIES_B):
+    suspect = np.flatnonzero(lattice.strength(fit.col, fit.row) < weak)
+    if suspect.size == 0:
         return species
-    ratio = o_site.scattering / b_site.scattering
-    b_typical = float(np.median(typical[species == SPECIES_B]))
-    if ratio >= 0.5 or b_typical <= 0:
+    says_o = diagonal_says_oxygen(image, lattice, material, fit.col[suspect], fit.row[suspect])
+    if says_o is None:
         return species
-    cut = max(0.6 * b_typical, ratio * b_typical + 4.0 * noise)
-    heavy = on_o[fit.height[on_o] >= cut]
-    if heavy.size == 0:
-        return species
-    cation = assign_sites(lattice, material, fit.col[heavy], fit.row[heavy], roles=("A", "B"))
     species = species.copy()
-    species[heavy] = cation.role
+    current_o = species[suspect] == SPECIES_O
+    # Near the image edge the window is cut and its phase less sure: a column as bright as the
+    # A columns stays a cation whatever the diagonal says.
+    a_columns = (species == SPECIES_A) & (lattice.strength(fit.col, fit.row) >= weak)
+    b_columns = (species == SPECIES_B) & (lattice.strength(fit.col, fit.row) >= weak)
+    if np.count_nonzero(a_columns) >= 4 and np.count_nonzero(b_columns) >= 4:
+        bright = math.sqrt(
+            float(np.median(fit.height[a_columns])) * max(float(np.median(fit.height[b_columns])), 0.0)
+        )
+        says_o &= fit.height[suspect] < bright
+    species[suspect[says_o & ~current_o]] = SPECIES_O
+    species[suspect[~says_o & current_o]] = SPECIES_B
     return species
 
 
@@ -1472,7 +1481,7 @@ def assign_species(
         species = np.concatenate([species, empty.role[dim]]).astype(np.int8)
         typical_found = np.concatenate([typical_found, typical_empty[dim]])
     species = _light_columns_as_oxygen(species, fit.height, typical_found, material, height_noise)
-    species = _heavy_columns_as_cations(species, fit, typical_found, lattice, material, height_noise)
+    species = _diagonal_class(image, species, fit, lattice, material)
     species = _weak_lattice_by_height(species, fit, lattice, material)
     # Empty sites, and columns far too dim for their site (a B column that lost its cation):
     # the probability that the site is empty, given the measured height, its noise and the prior.
