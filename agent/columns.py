@@ -34,6 +34,7 @@ what stays empty is reported as a vacancy site with a confidence
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -534,13 +535,11 @@ def check_pixel_size(
     cell = _cell_spacing(prepared, power, blind, material)
     if abs(cell / expected_px - 1) <= 0.2:
         return estimate_lattice_spacing(prepared, expected_px=cell, central_power=power) or cell
-    blind = cell
-    implied = material.a_nm / blind
     raise InvalidImageError(
-        f"{source}: the image's lattice spacing is {blind:.1f} px = {blind * pixel_size_nm:.3f} nm at "
+        f"{source}: the image's lattice spacing is {cell:.1f} px = {cell * pixel_size_nm:.3f} nm at "
         f"{pixel_size_nm:g} nm/px, but {material.name} has a = {material.a_nm:g} nm "
-        f"({100 * (blind / expected_px - 1):+.0f} %); check the pixel size (the lattice implies "
-        f"{implied:.4g} nm/px, or use --pixel-size auto) or the material"
+        f"({100 * (cell / expected_px - 1):+.0f} %); check the pixel size (the lattice implies "
+        f"{material.a_nm / cell:.4g} nm/px, or use --pixel-size auto) or the material"
     )
 
 
@@ -1232,7 +1231,7 @@ class SiteResult:
     intensity_z : numpy.ndarray
         Robust z-score of intensity within the site (NaN for O columns).
     vacancies : VacancySites
-        Empty or too-dim sites (stage fields in pixels until placed).
+        Empty or too-dim sites (``x_nm``, ``y_nm`` hold pixels until the caller places them).
     lattice : LatticeFit or None
         The fitted lattice (None when none was found and species fell back to intensity).
     """
@@ -1318,10 +1317,24 @@ def _light_columns_as_oxygen(
     return np.where(light, SPECIES_O, species).astype(np.int8)
 
 
+def _strong_typical_heights(
+    species: np.ndarray, fit: PeakFit, strong: np.ndarray
+) -> tuple[float, float] | None:
+    """Median heights of the A and B columns where the lattice is strong, or None with under 4 of either."""
+    typical = []
+    for code in (SPECIES_A, SPECIES_B):
+        members = strong & (species == code)
+        if np.count_nonzero(members) < 4:
+            return None
+        typical.append(float(np.median(fit.height[members])))
+    return typical[0], typical[1]
+
+
 def _diagonal_class(
     image: np.ndarray,
     species: np.ndarray,
     fit: PeakFit,
+    strength: np.ndarray,
     lattice: LatticeFit,
     material: Material,
     weak: float = 0.5,
@@ -1331,9 +1344,10 @@ def _diagonal_class(
     See :func:`agent.lattice.diagonal_says_oxygen`: inside a vacancy cluster (1, 0) fades and
     can put an O column on a B site or a B column on an O site; (1, 1) and (1, -1) still tell
     the two classes apart. A cation it moves to O becomes O; an O column it moves to the
-    cations becomes B, and :func:`_weak_lattice_by_height` then decides A or B.
+    cations becomes B, and :func:`_weak_lattice_by_height` then decides A or B. ``strength``
+    is the lattice strength at every column.
     """
-    suspect = np.flatnonzero(lattice.strength(fit.col, fit.row) < weak)
+    suspect = np.flatnonzero(strength < weak)
     if suspect.size == 0:
         return species
     says_o = diagonal_says_oxygen(image, lattice, material, fit.col[suspect], fit.row[suspect])
@@ -1343,43 +1357,32 @@ def _diagonal_class(
     current_o = species[suspect] == SPECIES_O
     # Near the image edge the window is cut and its phase less sure: a column as bright as the
     # A columns stays a cation whatever the diagonal says.
-    a_columns = (species == SPECIES_A) & (lattice.strength(fit.col, fit.row) >= weak)
-    b_columns = (species == SPECIES_B) & (lattice.strength(fit.col, fit.row) >= weak)
-    if np.count_nonzero(a_columns) >= 4 and np.count_nonzero(b_columns) >= 4:
-        bright = math.sqrt(
-            float(np.median(fit.height[a_columns])) * max(float(np.median(fit.height[b_columns])), 0.0)
-        )
-        says_o &= fit.height[suspect] < bright
+    typical = _strong_typical_heights(species, fit, strength >= weak)
+    if typical is not None:
+        says_o &= fit.height[suspect] < math.sqrt(typical[0] * max(typical[1], 0.0))
     species[suspect[says_o & ~current_o]] = SPECIES_O
     species[suspect[~says_o & current_o]] = SPECIES_B
     return species
 
 
 def _weak_lattice_by_height(
-    species: np.ndarray, fit: PeakFit, lattice: LatticeFit, material: Material, min_strength: float = 0.5
+    species: np.ndarray, fit: PeakFit, strength: np.ndarray, min_strength: float = 0.5
 ) -> np.ndarray:
     """Where the local lattice is too weak to trust its phase, A or B follows the height.
 
     Inside a vacancy cluster or at an amorphous rim the (1, 0) reflection fades and its
     phase can put a B column on an A site. There a cation column takes the cation role whose
     typical height (measured where the lattice is strong) it is nearest to on a log scale.
+    ``strength`` is the lattice strength at every column.
     """
-    strength = lattice.strength(fit.col, fit.row)
-    # Only cations change: an O column there stays O (the light and heavy rules decide that).
+    # Only cations change: cation or O was decided before (by :func:`_diagonal_class`).
     weak = np.flatnonzero((strength < min_strength) & np.isin(species, (SPECIES_A, SPECIES_B)))
-    strong = strength >= min_strength
-    typical = {}
-    for code in (SPECIES_A, SPECIES_B):
-        members = strong & (species == code)
-        if np.count_nonzero(members) < 4:
-            return species
-        typical[code] = float(np.median(fit.height[members]))
-    if weak.size == 0 or typical[SPECIES_B] <= 0 or typical[SPECIES_A] <= typical[SPECIES_B]:
+    typical = _strong_typical_heights(species, fit, strength >= min_strength)
+    if weak.size == 0 or typical is None or typical[1] <= 0 or typical[0] <= typical[1]:
         return species
     species = species.copy()
-    height = fit.height[weak]
-    a_cut = math.sqrt(typical[SPECIES_A] * typical[SPECIES_B])
-    species[weak] = np.where(height >= a_cut, SPECIES_A, SPECIES_B).astype(np.int8)
+    a_cut = math.sqrt(typical[0] * typical[1])
+    species[weak] = np.where(fit.height[weak] >= a_cut, SPECIES_A, SPECIES_B).astype(np.int8)
     return species
 
 
@@ -1480,13 +1483,15 @@ def assign_species(
         fit = _concatenate_fits(fit, added)
         species = np.concatenate([species, empty.role[dim]]).astype(np.int8)
         typical_found = np.concatenate([typical_found, typical_empty[dim]])
+    # The columns are final from here on: their lattice strength is sampled once.
+    strength = lattice.strength(fit.col, fit.row)
     species = _light_columns_as_oxygen(species, fit.height, typical_found, material, height_noise)
-    species = _diagonal_class(image, species, fit, lattice, material)
-    species = _weak_lattice_by_height(species, fit, lattice, material)
+    species = _diagonal_class(image, species, fit, strength, lattice, material)
+    species = _weak_lattice_by_height(species, fit, strength)
     # Empty sites, and columns far too dim for their site (a B column that lost its cation):
     # the probability that the site is empty, given the measured height, its noise and the prior.
     # Only columns inside the crystal can be too dim for a site (not atoms of an amorphous patch).
-    cation = np.isin(species, (SPECIES_A, SPECIES_B)) & (lattice.strength(fit.col, fit.row) >= 0.6)
+    cation = np.isin(species, (SPECIES_A, SPECIES_B)) & (strength >= 0.6)
     found_confidence = np.where(
         cation, vacancy_probability(fit.height, typical_found, height_noise, config.vacancy_prior), 0.0
     )
@@ -1507,7 +1512,7 @@ def assign_species(
     # The sites' intensity references come from columns on their site inside the crystal, not
     # from the atoms of an amorphous patch that the nearest site claims.
     offset = np.concatenate([assignment.offset_px, np.zeros(fit.row.size - assignment.offset_px.size)])
-    on_site = (offset <= 0.15 * spacing_px) & (lattice.strength(fit.col, fit.row) >= 0.5)
+    on_site = (offset <= 0.15 * spacing_px) & (strength >= 0.5)
     z, abnormal = _site_outliers(fit, species, config.abnormal_sigma, on_site)
     return SiteResult(fit, species, abnormal, z, vacancies, lattice)
 
@@ -1597,7 +1602,7 @@ def find_columns_in_image(
             estimate = None
         if estimate is None:
             return Columns.empty(
-                _no_lattice_reason(prepared, pixel_size_nm, expected_nm, material),
+                _no_lattice_reason(blind, pixel_size_nm, expected_nm, material),
                 pixel_size_nm,
                 tile_id,
                 masked,
@@ -1642,13 +1647,10 @@ def find_columns_in_image(
     sites = assign_species(prepared, fit, spacing_px, config, material, noise, power)
     fit = sites.fit
     scattering = fit.intensity / electrons_per_pixel if electrons_per_pixel else fit.intensity
-    vacancies = sites.vacancies
-    vacancies = VacancySites(
-        **{
-            **{name: getattr(vacancies, name) for name in VacancySites.FIELDS},
-            "x_nm": origin_nm[0] + vacancies.col_px * pixel_size_nm,
-            "y_nm": origin_nm[1] + vacancies.row_px * pixel_size_nm,
-        }
+    vacancies = dataclasses.replace(
+        sites.vacancies,
+        x_nm=origin_nm[0] + sites.vacancies.col_px * pixel_size_nm,
+        y_nm=origin_nm[1] + sites.vacancies.row_px * pixel_size_nm,
     )
     return Columns(
         x_nm=origin_nm[0] + fit.col * pixel_size_nm,
@@ -1674,10 +1676,12 @@ def find_columns_in_image(
 
 
 def _no_lattice_reason(
-    image: np.ndarray, pixel_size_nm: float, expected_nm: float, material: Material
+    blind: float | None, pixel_size_nm: float, expected_nm: float, material: Material
 ) -> str:
-    """Why no lattice ring was found near the material's spacing: none at all, or one elsewhere."""
-    blind = estimate_lattice_spacing(image)
+    """Why no lattice ring was found near the material's spacing: none at all, or one elsewhere.
+
+    ``blind`` is the spacing the image shows without a material to look for, pixels (or None).
+    """
     if blind is not None:
         found_nm = blind * pixel_size_nm
         return (

@@ -25,6 +25,7 @@ is local, linear in the pixels and does not care about missing columns.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -482,32 +483,34 @@ def empty_sites(
     spacing = fit.spacing_px
     sites = material.sites
     wanted = [index for index, site in enumerate(sites) if site.role in roles]
-    proposer_roles = {ROLE_CODES["A"], ROLE_CODES["B"]}
-    allowed = np.isin(assignment.role, list(proposer_roles))
+    allowed = np.isin(assignment.role, (ROLE_CODES["A"], ROLE_CODES["B"]))
     if proposers is not None:
         allowed &= proposers
     proposer = np.flatnonzero(allowed)
     empty = EmptySites(
-        *(np.zeros(0) for _ in range(2)), *(np.zeros(0, np.int8) for _ in range(2)), np.zeros(0, int)
+        x_px=np.zeros(0),
+        y_px=np.zeros(0),
+        site=np.zeros(0, np.int8),
+        role=np.zeros(0, np.int8),
+        support=np.zeros(0, np.int64),
     )
     if proposer.size == 0 or not wanted:
         return empty
     proposals_x, proposals_y, proposals_site, proposals_from = [], [], [], []
     for source in np.unique(assignment.site[proposer]):
         members = proposer[assignment.site[proposer] == source]
-        for target in wanted:
-            for i in (-1, 0, 1):
-                for j in (-1, 0, 1):
-                    du = sites[target].position[0] - sites[int(source)].position[0] + i
-                    dv = sites[target].position[1] - sites[int(source)].position[1] + j
-                    shift = du * fit.basis_px[0] + dv * fit.basis_px[1]
-                    length = float(np.hypot(*shift))
-                    if length < 0.1 * spacing or length > 1.05 * spacing:
-                        continue
-                    proposals_x.append(assignment.ideal_x_px[members] + shift[0])
-                    proposals_y.append(assignment.ideal_y_px[members] + shift[1])
-                    proposals_site.append(np.full(members.size, target, dtype=np.int8))
-                    proposals_from.append(members)
+        origin = np.array(sites[int(source)].position)
+        # Every target site in the 3 x 3 cells around the source, kept within one cell length.
+        for target, i, j in itertools.product(wanted, (-1, 0, 1), (-1, 0, 1)):
+            du, dv = np.array(sites[target].position) - origin + (i, j)
+            shift = du * fit.basis_px[0] + dv * fit.basis_px[1]
+            length = float(np.hypot(*shift))
+            if length < 0.1 * spacing or length > 1.05 * spacing:
+                continue
+            proposals_x.append(assignment.ideal_x_px[members] + shift[0])
+            proposals_y.append(assignment.ideal_y_px[members] + shift[1])
+            proposals_site.append(np.full(members.size, target, dtype=np.int8))
+            proposals_from.append(members)
     if not proposals_x:
         return empty
     px, py = np.concatenate(proposals_x), np.concatenate(proposals_y)

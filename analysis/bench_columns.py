@@ -311,12 +311,19 @@ def _row(
     }
 
 
+def _show(value: Any, digits: int = 3) -> str:
+    """A figure for the text report: ``-`` for None, ``mean±std`` for a spread, else fixed digits."""
+    if isinstance(value, dict):
+        if value.get("mean") is None:
+            return "-"
+        return f"{value['mean']:.{digits}f}±{value['std']:.{digits}f}"
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The column benchmark as a text table."""
-
-    def show(value: float | None, digits: int) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
     lines = [
         f"{'method':<7} {'size':>5} {'dose e/A2':>10} {'recall':>7} {'precis':>7} {'rms px':>7} "
         f"{'A px':>6} {'B px':>6} {'species':>7} {'seconds':>8}"
@@ -324,9 +331,9 @@ def format_report(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         mark = "*" if row["default_dose"] else " "
         lines.append(
-            f"{row['method']:<7} {row['size_px']:>5} {row['dose']:>9.0f}{mark} {show(row['recall'], 4):>7} "
-            f"{show(row['precision'], 4):>7} {show(row['rms_px'], 3):>7} {show(row['rms_a_px'], 3):>6} "
-            f"{show(row['rms_b_px'], 3):>6} {show(row['species_accuracy'], 4):>7} {row['seconds']:>8.3f}"
+            f"{row['method']:<7} {row['size_px']:>5} {row['dose']:>9.0f}{mark} {_show(row['recall'], 4):>7} "
+            f"{_show(row['precision'], 4):>7} {_show(row['rms_px'], 3):>7} {_show(row['rms_a_px'], 3):>6} "
+            f"{_show(row['rms_b_px'], 3):>6} {_show(row['species_accuracy'], 4):>7} {row['seconds']:>8.3f}"
         )
     merge = report["merge_500k"]
     lines.append("* default dose")
@@ -806,13 +813,6 @@ def _site_report(report: dict[str, Any]) -> list[str]:
     if "sites" not in report:
         return []
 
-    def show(value: Any, digits: int = 3) -> str:
-        if isinstance(value, dict):
-            if value.get("mean") is None:
-                return "-"
-            return f"{value['mean']:.{digits}f}±{value['std']:.{digits}f}"
-        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
     lines = ["", f"sites on held-out seeds {report['sites']['seeds']} (mean ± spread over seeds)"]
     lines.append(
         f"{'dwell':>5} {'rot':>4} {'spec A':>12} {'spec B':>12} {'O as B':>6} {'Sm flag':>12} "
@@ -820,11 +820,11 @@ def _site_report(report: dict[str, Any]) -> list[str]:
     )
     for row in report["sites"]["rows"]:
         lines.append(
-            f"{row['dwell_us']:>5g} {row['rotation_deg']:>4g} {show(row['species_accuracy_a']):>12} "
-            f"{show(row['species_accuracy_b']):>12} {row['counts']['o_as_b']:>6} "
-            f"{show(row['substituted_flagged']):>12} {show(row['normal_a_flagged']):>12} "
-            f"{show(row['a_vacancy_recall']):>12} {show(row['b_vacancy_recall']):>12} "
-            f"{show(row['false_vacancy_rate'], 4):>14}"
+            f"{row['dwell_us']:>5g} {row['rotation_deg']:>4g} {_show(row['species_accuracy_a']):>12} "
+            f"{_show(row['species_accuracy_b']):>12} {row['counts']['o_as_b']:>6} "
+            f"{_show(row['substituted_flagged']):>12} {_show(row['normal_a_flagged']):>12} "
+            f"{_show(row['a_vacancy_recall']):>12} {_show(row['b_vacancy_recall']):>12} "
+            f"{_show(row['false_vacancy_rate'], 4):>14}"
         )
     for dwell, spread in report["sites"]["rotation_spread"].items():
         worst = max(spread.items(), key=lambda item: item[1]) if spread else ("-", 0.0)
@@ -833,21 +833,22 @@ def _site_report(report: dict[str, Any]) -> list[str]:
     lines.append("multislice fixtures")
     for row in report["multislice"]:
         lines.append(
-            f"  {row['fixture']:<32} {row['image']:<9} spec A {show(row['species_accuracy_a'])} "
-            f"B {show(row['species_accuracy_b'])} O as B {row['o_as_b']} "
-            f"Sm {show(row['substituted_flagged'])} A vac {show(row['a_vacancy_recall'])} "
-            f"B vac {show(row['b_vacancy_recall'])} false vac {show(row['false_vacancy_rate'], 4)} "
-            f"RMS A/B {show(row['rms_a_px'])}/{show(row['rms_b_px'])} px"
+            f"  {row['fixture']:<32} {row['image']:<9} spec A {_show(row['species_accuracy_a'])} "
+            f"B {_show(row['species_accuracy_b'])} O as B {row['o_as_b']} "
+            f"Sm {_show(row['substituted_flagged'])} A vac {_show(row['a_vacancy_recall'])} "
+            f"B vac {_show(row['b_vacancy_recall'])} false vac {_show(row['false_vacancy_rate'], 4)} "
+            f"RMS A/B {_show(row['rms_a_px'])}/{_show(row['rms_b_px'])} px"
         )
     precision = report["precision"]
     lines.append("")
     lines.append(
         f"precision on blobs (a 16 px, sigma 2.2 px, configured "
         f"{precision['image']['configured_sigma_px']:.2f} px, measured "
-        f"{show(precision['measured_width_px'])} px): ours A {show(precision['ours']['rms_a_px'])} "
-        f"B {show(precision['ours']['rms_b_px'])} px"
+        f"{_show(precision['measured_width_px'])} px): ours A {_show(precision['ours']['rms_a_px'])} "
+        f"B {_show(precision['ours']['rms_b_px'])} px"
         + (
-            f"; atomap A {show(precision['atomap']['rms_a_px'])} B {show(precision['atomap']['rms_b_px'])} px"
+            f"; atomap A {_show(precision['atomap']['rms_a_px'])} "
+            f"B {_show(precision['atomap']['rms_b_px'])} px"
             if precision["atomap"]
             else "; atomap not installed (pip install 'micrography[atomap]')"
         )
