@@ -33,6 +33,7 @@ from agent.errors import (
     AcquisitionAborted,
     DoseLimitError,
     DriverClosedError,
+    ExposureInterruptedError,
     InvalidImageError,
     OutOfRangeError,
     OutsideStageError,
@@ -494,6 +495,7 @@ class MicroscopeDriver(ABC):
         self._abort = threading.Event()
         self._lock = threading.RLock()
         self._recent: OrderedDict[str, Tile] = OrderedDict()
+        self._spent: dict[str, ScanRequest] = {}  # ids aborted mid-scan: never exposed again
         self._exposures = 0
         self._total_dose = 0.0
 
@@ -513,13 +515,18 @@ class MicroscopeDriver(ABC):
         """
         self.describe().check(request)
 
-    def acquire(self, request: ScanRequest) -> Tile:
+    def acquire(self, request: ScanRequest, *, abort: threading.Event | None = None) -> Tile:
         """Acquire one tile; a retried request id returns the same tile without exposing again.
 
         Parameters
         ----------
         request : ScanRequest
             What to scan.
+        abort : threading.Event, optional
+            This acquisition's own stop flag, for a caller that may stop it from another thread
+            before it is known whether it has started (the instrument server): set the event,
+            then call :meth:`abort`. Unlike :meth:`abort` alone, an event set before the
+            acquisition starts is not forgotten.
 
         Returns
         -------
@@ -534,7 +541,12 @@ class MicroscopeDriver(ABC):
             If the request is outside the instrument limits (nothing is exposed), or its id
             was already used for a different scan.
         AcquisitionAborted
-            If :meth:`abort` was called during the acquisition.
+            If :meth:`abort` was called during the acquisition. When the scan had started
+            (:attr:`~agent.errors.AcquisitionAborted.exposed`), its partial exposure is counted and
+            the id is spent.
+        ExposureInterruptedError
+            If this id was aborted after its scan started, earlier in this process: it is never
+            exposed again.
         """
         if self._closed:
             raise DriverClosedError(f"{type(self).__name__} is closed; open a new driver to acquire")
@@ -547,9 +559,31 @@ class MicroscopeDriver(ABC):
                         "give every new scan a new id"
                     )
                 return cached
+            spent = self._spent.get(request.request_id)
+            if spent is not None:
+                if spent != request:
+                    raise ScanRequestError(
+                        f"request id {request.request_id} was already used for a different scan; "
+                        "give every new scan a new id"
+                    )
+                raise ExposureInterruptedError(
+                    f"request {request.request_id} was aborted after its scan had started, so part of the "
+                    "field received dose; it is not exposed again under this id; send a new request if "
+                    "the area must be scanned again"
+                )
             self.check(request)
+            # Forget an abort meant for an earlier acquisition, but not one meant for this one.
             self._abort.clear()
-            tile = self._acquire(request)
+            if abort is not None and abort.is_set():
+                self._abort.set()
+            try:
+                tile = self._acquire(request)
+            except AcquisitionAborted as stopped:
+                if stopped.exposed:
+                    self._exposures += 1
+                    self._total_dose += stopped.dose_e_per_a2
+                    self._spent[request.request_id] = request
+                raise
             self._exposures += 1
             self._total_dose += tile.dose_e_per_a2
             self._recent[request.request_id] = tile
@@ -559,12 +593,16 @@ class MicroscopeDriver(ABC):
 
     @property
     def exposures(self) -> int:
-        """Number of exposures made (retries answered from the cache are not counted)."""
+        """Number of exposures made, aborted ones that had started included (cached retries are not)."""
         return self._exposures
 
     @property
     def total_dose_e_per_a2(self) -> float:
-        """Dose summed over all exposures (each counted once, whatever its area), e-/Å²."""
+        """Dose summed over all exposures (each counted once, whatever its area), e-/Å².
+
+        An aborted exposure adds its dose averaged over the requested field (per-area dose times
+        the fraction of lines scanned, :class:`~agent.errors.AcquisitionAborted`).
+        """
         return self._total_dose
 
     def resume_after(self, requests: Sequence[ScanRequest], t_end: float | None) -> None:
@@ -587,6 +625,11 @@ class MicroscopeDriver(ABC):
     def abort(self) -> None:
         """Ask the acquisition in progress (if any) to stop as soon as possible."""
         self._abort.set()
+
+    @property
+    def abort_requested(self) -> bool:
+        """True once :meth:`abort` was called for the acquisition in progress; for subclasses that poll."""
+        return self._abort.is_set()
 
     def _raise_if_aborted(self, request: ScanRequest) -> None:
         """Raise :class:`AcquisitionAborted` if :meth:`abort` was called; for subclasses."""

@@ -37,7 +37,40 @@ class DriverClosedError(MicrographyError, RuntimeError):
 
 
 class AcquisitionAborted(MicrographyError, RuntimeError):
-    """An acquisition was stopped by :meth:`agent.driver.MicroscopeDriver.abort`."""
+    """An acquisition was stopped by :meth:`agent.driver.MicroscopeDriver.abort`.
+
+    Parameters
+    ----------
+    message : str
+        What was stopped, for a person.
+    rows_scanned : int
+        Scan lines the beam had already covered when the scan stopped; 0 when it never started
+        (then nothing was exposed and the request id may be used again). A scan stopped after it
+        started has covered at least one line: its id is spent.
+    dose_e_per_a2 : float
+        Dose delivered, e-/Å², averaged over the requested field: the scan's per-area dose times
+        ``rows_scanned / rows``. The scanned band itself received the full per-area dose.
+    extent_nm : tuple of float or None
+        ``(x_min, x_max, y_min, y_max)`` of the scanned band, nanometres; None when nothing was scanned.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rows_scanned: int = 0,
+        dose_e_per_a2: float = 0.0,
+        extent_nm: tuple[float, float, float, float] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.rows_scanned = int(rows_scanned)
+        self.dose_e_per_a2 = float(dose_e_per_a2)
+        self.extent_nm = extent_nm
+
+    @property
+    def exposed(self) -> bool:
+        """True if the beam scanned part of the field before stopping (the request id is spent)."""
+        return self.rows_scanned > 0
 
 
 class DataFileError(MicrographyError, OSError):
@@ -78,6 +111,21 @@ class AuthenticationError(LinkError):
 
 class RemoteInstrumentError(LinkError):
     """The instrument server reported a failure of its own (a bug or a fault of the instrument)."""
+
+
+class ReplyExpiredError(RemoteInstrumentError):
+    """The request id was exposed, but its tile is no longer kept; it is never exposed again.
+
+    Sent on the wire as ``reply_expired``. Send a new request id to scan the area again.
+    """
+
+
+class JournalWriteError(RemoteInstrumentError):
+    """The instrument server cannot write its exposure journal (disk full, file-size limit, I/O error).
+
+    Raised before exposing: nothing was exposed, and the same request id may be retried once the
+    server has space again.
+    """
 
 
 class ExposureInterruptedError(MicrographyError, RuntimeError):

@@ -18,19 +18,22 @@ from agent.driver import (
     Tile,
     electrons_per_pixel,
 )
+from agent.errors import AcquisitionAborted
 from simulator.config import SimulatorConfig
 from simulator.imaging import (
-    add_detector_noise,
+    add_read_noise,
+    counting_noise,
     flyback_offsets_nm,
     frame_time_s,
     line_time_us,
-    render_expected_counts,
+    render_expected_counts_steps,
 )
 from simulator.specimen import Specimen, generate_specimen
 
 _NOISE_STREAM = 1  # spawn-key prefix of the per-exposure noise streams (0 is the specimen)
 _ERROR_STREAM = 2  # spawn-key prefix of the per-exposure placement and drift streams
 _MOVE_TOLERANCE_NM = 1e-9  # a requested centre this close to the previous one is no move
+_NOISE_BAND_PIXELS = 1 << 16  # pixels of noise drawn between two looks at the abort flag (~3 ms)
 
 
 def _id_words(request_id: str) -> tuple[int, ...]:
@@ -243,8 +246,10 @@ class SimulatedMicroscope(MicroscopeDriver):
         """Replay the stage moves and drift of requests executed before the agent restarted.
 
         The physical state (stage position, landing error, drift) is brought to where a
-        real instrument would have kept it, without rendering or dosing, so the next
-        acquisition equals the one an uninterrupted instrument would have made. Ground
+        real instrument would have kept it, without rendering, so the next acquisition
+        equals the one an uninterrupted instrument would have made. The exposure counter,
+        total dose and per-area dose map take the replayed scans too: the specimen kept
+        their dose, and the dose limit must not forget it. Ground
         truth of the replayed requests becomes available through :meth:`exposure_truth`.
 
         Parameters
@@ -258,6 +263,11 @@ class SimulatedMicroscope(MicroscopeDriver):
         with self._lock:
             for request in requests:
                 self._record(request, self._advance(request), self._noise_stream(request))
+                # The specimen kept its dose: the per-area limit and the counters go on from it.
+                dose = self._description.dose_of(request)
+                self.dose_map.add(request.extent_nm, dose)
+                self._exposures += 1
+                self._total_dose += dose
             if t_end is not None:
                 self.clock_s = float(t_end)
 
@@ -350,26 +360,49 @@ class SimulatedMicroscope(MicroscopeDriver):
         return truth
 
     def _acquire(self, request: ScanRequest) -> Tile:
-        self._raise_if_aborted(request)
+        self._raise_if_aborted(request)  # not started yet: nothing exposed, the id stays free
         frame = self._advance(request)
         rng = self._noise_stream(request)
         truth = self._record(request, frame, rng)
         per_pixel = electrons_per_pixel(self._description.beam_current_pa, request.dwell_us)
         pixel = request.pixel_size_nm
+        rows, cols = request.shape
         rows_moved = bool(np.any(truth.row_offset_nm != 0))
         columns_moved = bool(np.any(truth.col_offset_nm != 0))
-        expected = render_expected_counts(
+        imaging = self.config.imaging
+        # The frame is formed and read out in bands of lines, like a raster scan, and the abort
+        # flag is looked at between bands (some 30 ms of work apart): an abort stops the scan
+        # within about a line. The noise is drawn band after band in one stream, the same values
+        # as for the whole frame at once, so an uninterrupted scan gives the same bits as ever.
+        expected = np.zeros(request.shape, dtype=np.float64)
+        image = np.empty(request.shape, dtype=np.float32)
+        band_rows = max(1, _NOISE_BAND_PIXELS // cols)
+        scanned = 0
+        for final in render_expected_counts_steps(
+            expected,
             self._specimen,
             request.origin_nm,
-            request.shape,
             pixel,
             per_pixel,
-            self.config.imaging,
+            imaging,
             dx_px=truth.row_offset_nm[:, 0] / pixel if rows_moved else None,
             dy_px=truth.row_offset_nm[:, 1] / pixel if rows_moved else None,
             dx_col_px=truth.col_offset_nm / pixel if columns_moved else None,
-        )
-        image = add_detector_noise(expected, self.config.imaging, rng)
+        ):
+            while True:
+                if self.abort_requested:
+                    self._stop(request, scanned)
+                if scanned >= final:
+                    break
+                stop = min(final, scanned + band_rows)
+                image[scanned:stop] = counting_noise(expected[scanned:stop], imaging, rng)
+                scanned = stop
+        del expected
+        # Read noise comes after every count in the stream (the order of the whole-frame draw).
+        for start in range(0, rows, band_rows):
+            if self.abort_requested:
+                self._stop(request, rows)
+            add_read_noise(image[start : start + band_rows], imaging, rng)
         dose = self._description.dose_of(request)
         self.dose_map.add(request.extent_nm, dose)
         return Tile(
@@ -388,4 +421,27 @@ class SimulatedMicroscope(MicroscopeDriver):
                 "exposure": self.exposures,
                 "seed": self.config.seed,
             },
+        )
+
+    def _stop(self, request: ScanRequest, rows_scanned: int) -> None:
+        """End an aborted scan: dose the lines scanned (at least the first), then raise.
+
+        Raises
+        ------
+        AcquisitionAborted
+            Always, with the lines scanned, their dose averaged over the field and their extent.
+        """
+        rows = request.shape[0]
+        # The beam is on the specimen from the moment the scan starts: at least one line is dosed.
+        rows_scanned = min(max(rows_scanned, 1), rows)
+        x_min, x_max, y_min, _ = request.extent_nm
+        band = (x_min, x_max, y_min, y_min + rows_scanned * request.pixel_size_nm)
+        dose = self._description.dose_of(request)
+        self.dose_map.add(band, dose)
+        raise AcquisitionAborted(
+            f"acquisition {request.request_id} was aborted after {rows_scanned} of {rows} lines; those "
+            f"lines received {dose:.6g} e-/A^2 (counted), so the id is not exposed again",
+            rows_scanned=rows_scanned,
+            dose_e_per_a2=dose * rows_scanned / rows,
+            extent_nm=band,
         )

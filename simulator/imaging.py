@@ -16,7 +16,7 @@ depends on the window, not on the specimen size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ import torch
 from simulator.config import ImagingConfig
 from simulator.specimen import Specimen
 
-_COLUMN_CHUNK = 8192
+_COLUMN_CHUNK = 8192  # columns summed together (fixes the rounding of every pixel: never change it)
+_STEP_ELEMENTS = 1 << 19  # blob pixel values evaluated between two looks at an abort flag
 _SQRT_2PI = math.sqrt(2 * math.pi)
 
 
@@ -126,8 +127,14 @@ def flyback_offsets_nm(cols: int, dwell_us: float, imaging: ImagingConfig) -> np
 
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
     """Standard normal CDF in float32; torch's vectorised erf is an order of magnitude faster than scipy's."""
-    values = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-    return (0.5 * (1.0 + torch.erf(values * (1.0 / math.sqrt(2.0))))).numpy()
+    # Only erf runs in torch: the float32 scaling is the same IEEE operation in numpy, and each torch
+    # call costs a thread-pool round trip, which a loaded machine makes expensive.
+    values = np.ascontiguousarray(z, dtype=np.float32) * np.float32(1.0 / math.sqrt(2.0))
+    erf = torch.from_numpy(values)
+    torch.erf(erf, out=erf)
+    values += np.float32(1.0)
+    values *= np.float32(0.5)
+    return values
 
 
 def _pixel_averaged_gaussian(edges: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -177,10 +184,51 @@ def column_signal(
     >>> int(image.argmax() // 10), int(image.argmax() % 10)
     (5, 4)
     """
-    rows, cols = shape
-    image = np.zeros(rows * cols, dtype=np.float64)
+    image = np.zeros(shape, dtype=np.float64)
+    for _ in column_signal_steps(image, x_px, y_px, weight, sigma_px, dx_px, dy_px, dx_col_px):
+        pass
+    return image
+
+
+def column_signal_steps(
+    image: np.ndarray,
+    x_px: np.ndarray,
+    y_px: np.ndarray,
+    weight: np.ndarray,
+    sigma_px: float,
+    dx_px: np.ndarray | None = None,
+    dy_px: np.ndarray | None = None,
+    dx_col_px: np.ndarray | None = None,
+    *,
+    step_elements: int | None = None,
+) -> Iterator[int]:
+    """Add the blobs of :func:`column_signal` to ``image`` in small steps, saying which rows are final.
+
+    The work is done in the same order, with the same floating-point operations, as one call of
+    :func:`column_signal`, so the finished image is bit-identical; the steps only let a caller
+    (a scan that may be aborted) look at something between them. Columns are taken in the
+    order given, which for :meth:`~simulator.specimen.Specimen.columns_in` runs along y, so the
+    final rows grow from the top of the tile like a raster scan.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        float64 array of shape ``(rows, cols)``, zeros, C-contiguous; filled in place.
+    x_px, y_px, weight, sigma_px, dx_px, dy_px, dx_col_px
+        As for :func:`column_signal`.
+    step_elements : int, optional
+        Pixel values evaluated per step (by default ``_STEP_ELEMENTS``, some 30 ms of work on one core).
+
+    Yields
+    ------
+    int
+        After each step: rows ``[0, n)`` of ``image`` are final (no later step changes them).
+    """
+    rows, cols = image.shape
+    flat_image = image.reshape(-1)
     if x_px.size == 0:
-        return image.reshape(shape)
+        yield rows
+        return
     distorted = dx_px is not None or dy_px is not None
     dx = np.zeros(rows) if dx_px is None else np.asarray(dx_px, dtype=float)
     dy = np.zeros(rows) if dy_px is None else np.asarray(dy_px, dtype=float)
@@ -194,54 +242,71 @@ def column_signal(
     span_x = 2 * reach_x + 1
     offsets_x = np.arange(span_x)
     sqrt_2pi_sigma = np.float32(sigma_px * _SQRT_2PI)
+    step_columns = max(1, (step_elements or _STEP_ELEMENTS) // (span * (span_x + 1)))
+    # The first row each chunk of columns touches; rows above every later chunk's first row are final.
+    first_row = np.clip(np.clip(np.searchsorted(line_y, y_px), 0, rows - 1) - reach, 0, rows)
+    chunk_first = np.minimum.reduceat(first_row, np.arange(0, x_px.size, _COLUMN_CHUNK))
+    final_after = np.append(np.minimum.accumulate(chunk_first[::-1])[::-1][1:], rows)
 
-    for start in range(0, x_px.size, _COLUMN_CHUNK):
-        u = x_px[start : start + _COLUMN_CHUNK]
-        v = y_px[start : start + _COLUMN_CHUNK]
-        w = weight[start : start + _COLUMN_CHUNK]
-        centre_row = np.clip(np.searchsorted(line_y, v), 0, rows - 1)
-        row0 = centre_row - reach
-        patch_rows = row0[:, None] + offsets[None, :]  # (k, span)
-        valid_row = (patch_rows >= 0) & (patch_rows < rows)
-        safe_rows = np.clip(patch_rows, 0, rows - 1)
-        # The pixel height is averaged like its width, so survey pixels integrate the columns.
-        line_to_column = line_y[safe_rows] - v[:, None]
-        gy = (
-            (_normal_cdf((line_to_column + 0.5) / sigma_px) - _normal_cdf((line_to_column - 0.5) / sigma_px))
-            * (sigma_px * _SQRT_2PI)
-            * valid_row
-        )
-        col0 = np.rint(u - dx[centre_row]).astype(np.int64) - reach_x
-        patch_cols = col0[:, None] + offsets_x[None, :]  # (k, span_x)
-        if dx_col is not None:
-            # Each pixel's interval is shifted by its line's and its column's offset: (k, span, span_x).
-            left = (patch_cols - 0.5 + dx_col[np.clip(patch_cols, 0, cols - 1)] - u[:, None])[
-                :, None, :
-            ] + dx[safe_rows][:, :, None]
-            gx = (_normal_cdf((left + 1.0) / sigma_px) - _normal_cdf(left / sigma_px)) * sqrt_2pi_sigma
-            patch = gx * (gy * w[:, None])[:, :, None]
-        elif distorted:
-            # Each line has its own x offset: (k, span rows, span + 1 edges).
-            edges = (
-                (col0[:, None] - 0.5 - u[:, None])[:, :, None]
-                + dx[safe_rows][:, :, None]
-                + np.arange(span_x + 1)[None, None, :]
+    for chunk, start in enumerate(range(0, x_px.size, _COLUMN_CHUNK)):
+        stop = min(start + _COLUMN_CHUNK, x_px.size)
+        kept_flat: list[np.ndarray] = []
+        kept_values: list[np.ndarray] = []
+        # A chunk is evaluated in steps of columns, then summed at once exactly as a whole chunk:
+        # every value is elementwise, so splitting it changes no bit of the result.
+        for part in range(start, stop, step_columns):
+            end = min(part + step_columns, stop)
+            u = x_px[part:end]
+            v = y_px[part:end]
+            w = weight[part:end]
+            centre_row = np.clip(np.searchsorted(line_y, v), 0, rows - 1)
+            row0 = centre_row - reach
+            patch_rows = row0[:, None] + offsets[None, :]  # (k, span)
+            valid_row = (patch_rows >= 0) & (patch_rows < rows)
+            safe_rows = np.clip(patch_rows, 0, rows - 1)
+            # The pixel height is averaged like its width, so survey pixels integrate the columns.
+            line_to_column = line_y[safe_rows] - v[:, None]
+            # Both edges in one call: each value is elementwise, and every call has a fixed cost.
+            cdf = _normal_cdf(
+                np.stack([(line_to_column + 0.5) / sigma_px, (line_to_column - 0.5) / sigma_px])
             )
-            gx = _pixel_averaged_gaussian(edges, sigma_px)
-            patch = gx * (gy * w[:, None])[:, :, None]
-        else:
-            edges = col0[:, None] + np.arange(span_x + 1)[None, :] - 0.5 - u[:, None]
-            gx = _pixel_averaged_gaussian(edges, sigma_px)
-            patch = (gy * w[:, None])[:, :, None] * gx[:, None, :]
-        valid_col = (patch_cols >= 0) & (patch_cols < cols)
-        flat = safe_rows[:, :, None] * cols + np.clip(patch_cols, 0, cols - 1)[:, None, :]
-        keep = valid_row[:, :, None] & valid_col[:, None, :]
-        flat, values = flat[keep], patch[keep]
-        if flat.size == 0:
-            continue
-        low = int(flat.min())
-        image[low : int(flat.max()) + 1] += np.bincount(flat - low, weights=values)
-    return image.reshape(shape)
+            gy = (cdf[0] - cdf[1]) * (sigma_px * _SQRT_2PI) * valid_row
+            col0 = np.rint(u - dx[centre_row]).astype(np.int64) - reach_x
+            patch_cols = col0[:, None] + offsets_x[None, :]  # (k, span_x)
+            if dx_col is not None:
+                # Each pixel's interval is shifted by its line's and its column's offset: (k, span, span_x).
+                left = (patch_cols - 0.5 + dx_col[np.clip(patch_cols, 0, cols - 1)] - u[:, None])[
+                    :, None, :
+                ] + dx[safe_rows][:, :, None]
+                cdf = _normal_cdf(np.stack([(left + 1.0) / sigma_px, left / sigma_px]))
+                gx = (cdf[0] - cdf[1]) * sqrt_2pi_sigma
+                patch = gx * (gy * w[:, None])[:, :, None]
+            elif distorted:
+                # Each line has its own x offset: (k, span rows, span + 1 edges).
+                edges = (
+                    (col0[:, None] - 0.5 - u[:, None])[:, :, None]
+                    + dx[safe_rows][:, :, None]
+                    + np.arange(span_x + 1)[None, None, :]
+                )
+                gx = _pixel_averaged_gaussian(edges, sigma_px)
+                patch = gx * (gy * w[:, None])[:, :, None]
+            else:
+                edges = col0[:, None] + np.arange(span_x + 1)[None, :] - 0.5 - u[:, None]
+                gx = _pixel_averaged_gaussian(edges, sigma_px)
+                patch = (gy * w[:, None])[:, :, None] * gx[:, None, :]
+            valid_col = (patch_cols >= 0) & (patch_cols < cols)
+            flat = safe_rows[:, :, None] * cols + np.clip(patch_cols, 0, cols - 1)[:, None, :]
+            keep = valid_row[:, :, None] & valid_col[:, None, :]
+            kept_flat.append(flat[keep])
+            kept_values.append(patch[keep])
+            if end < stop:
+                yield int(final_after[chunk - 1]) if chunk else 0
+        flat = kept_flat[0] if len(kept_flat) == 1 else np.concatenate(kept_flat)
+        values = kept_values[0] if len(kept_values) == 1 else np.concatenate(kept_values)
+        if flat.size:
+            low = int(flat.min())
+            flat_image[low : int(flat.max()) + 1] += np.bincount(flat - low, weights=values)
+        yield int(final_after[chunk])
 
 
 def _largest(*offsets: np.ndarray | None) -> float:
@@ -254,17 +319,22 @@ def _sampled_grid_px(
     dx_px: np.ndarray | None,
     dy_px: np.ndarray | None,
     dx_col_px: np.ndarray | None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates ``(x, y)`` each pixel really sampled, broadcastable to ``shape``."""
-    rows, cols = shape
+    """Pixel coordinates ``(x, y)`` each pixel really sampled, broadcastable to ``shape``.
+
+    With ``rows = (start, stop)`` only those rows, broadcastable to ``(stop - start, cols)``.
+    """
+    start, stop = (0, shape[0]) if rows is None else rows
+    cols = shape[1]
     x = np.arange(cols, dtype=float)[None, :]
-    y = np.arange(rows, dtype=float)[:, None]
+    y = np.arange(start, stop, dtype=float)[:, None]
     if dx_col_px is not None:
         x = x + np.asarray(dx_col_px, dtype=float)[None, :]
     if dx_px is not None:
-        x = x + np.asarray(dx_px, dtype=float)[:, None]
+        x = x + np.asarray(dx_px, dtype=float)[start:stop, None]
     if dy_px is not None:
-        y = y + np.asarray(dy_px, dtype=float)[:, None]
+        y = y + np.asarray(dy_px, dtype=float)[start:stop, None]
     return x, y
 
 
@@ -305,7 +375,45 @@ def render_expected_counts(
     numpy.ndarray
         float64 expected counts, shape ``shape``.
     """
-    rows, cols = shape
+    out = np.zeros(shape, dtype=np.float64)
+    for _ in render_expected_counts_steps(
+        out, specimen, origin_nm, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px, dx_col_px
+    ):
+        pass
+    return out
+
+
+def render_expected_counts_steps(
+    out: np.ndarray,
+    specimen: Specimen,
+    origin_nm: tuple[float, float],
+    pixel_size_nm: float,
+    electrons_per_pixel: float,
+    imaging: ImagingConfig,
+    dx_px: np.ndarray | None = None,
+    dy_px: np.ndarray | None = None,
+    dx_col_px: np.ndarray | None = None,
+) -> Iterator[int]:
+    """:func:`render_expected_counts` into ``out`` in small steps, rows becoming final from the top.
+
+    Bit-identical to :func:`render_expected_counts`; between steps a caller may look at an abort
+    flag or already add noise to the rows that are final, as a scan that reads out line by line.
+
+    Parameters
+    ----------
+    out : numpy.ndarray
+        float64 zeros of shape ``(rows, cols)``, C-contiguous; filled in place.
+    specimen, origin_nm, pixel_size_nm, electrons_per_pixel, imaging, dx_px, dy_px, dx_col_px
+        As for :func:`render_expected_counts`.
+
+    Yields
+    ------
+    int
+        After each step (some 30 ms of work): rows ``[0, n)`` of ``out`` hold their final
+        expected counts; ``n`` never decreases and ends at ``rows``.
+    """
+    rows, cols = out.shape
+    shape = (rows, cols)
     sigma_px = imaging.column_sigma_nm / pixel_size_nm
     shift_x = _largest(dx_px, dx_col_px)
     shift_y = _largest(dy_px)
@@ -320,15 +428,21 @@ def render_expected_counts(
     )
     x_px = (specimen.x_nm[index] - x0) / pixel_size_nm
     y_px = (specimen.y_nm[index] - y0) / pixel_size_nm
-    columns = column_signal(
-        x_px, y_px, specimen.weight[index].astype(np.float64), shape, sigma_px, dx_px, dy_px, dx_col_px
-    )
-    # The diffuse background follows the thickness where each pixel really sampled the specimen.
-    x_grid, y_grid = _sampled_grid_px(shape, dx_px, dy_px, dx_col_px)
-    background = imaging.background_fraction * specimen.thickness_factor(
-        x0 + x_grid * pixel_size_nm, y0 + y_grid * pixel_size_nm
-    )
-    return electrons_per_pixel * (background + imaging.haadf_peak_fraction * columns)
+    done = 0
+    for final in column_signal_steps(
+        out, x_px, y_px, specimen.weight[index].astype(np.float64), sigma_px, dx_px, dy_px, dx_col_px
+    ):
+        if final > done:
+            # The diffuse background follows the thickness where each pixel really sampled the
+            # specimen. Every operation is elementwise, so a band gets the bits the whole frame would.
+            x_grid, y_grid = _sampled_grid_px(shape, dx_px, dy_px, dx_col_px, rows=(done, final))
+            background = imaging.background_fraction * specimen.thickness_factor(
+                x0 + x_grid * pixel_size_nm, y0 + y_grid * pixel_size_nm
+            )
+            band = out[done:final]
+            band[...] = electrons_per_pixel * (background + imaging.haadf_peak_fraction * band)
+            done = final
+        yield done
 
 
 def add_detector_noise(
@@ -350,15 +464,54 @@ def add_detector_noise(
     numpy.ndarray
         float32 noisy image in counts.
     """
+    image = counting_noise(expected_counts, imaging, rng)
+    add_read_noise(image, imaging, rng)
+    return image
+
+
+def counting_noise(
+    expected_counts: np.ndarray, imaging: ImagingConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """The counted electrons of :func:`add_detector_noise`, before read noise, as float32.
+
+    Draws one value per pixel in C order, so consecutive bands of rows drawn one after the other
+    take the same values from ``rng`` as the whole image at once.
+
+    Parameters
+    ----------
+    expected_counts : numpy.ndarray
+        Noise-free detected electrons per pixel.
+    imaging : ImagingConfig
+        Whether to add Poisson noise.
+    rng : numpy.random.Generator
+        Noise source.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 counts.
+    """
     if imaging.poisson_noise:
-        image = rng.poisson(expected_counts).astype(np.float32)
-    else:
-        image = expected_counts.astype(np.float32)
+        return rng.poisson(expected_counts).astype(np.float32)
+    return expected_counts.astype(np.float32)
+
+
+def add_read_noise(image: np.ndarray, imaging: ImagingConfig, rng: np.random.Generator) -> None:
+    """Add the detector's Gaussian read noise to float32 ``image`` in place, in C order.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        float32 counts; modified.
+    imaging : ImagingConfig
+        Read-noise level, counts.
+    rng : numpy.random.Generator
+        Noise source; draw it after the counting noise of the whole image.
+    """
     if imaging.detector_noise_counts > 0:
         read_noise = rng.standard_normal(image.shape, dtype=np.float32)
         read_noise *= np.float32(imaging.detector_noise_counts)
         image += read_noise
-    return image
 
 
 def render_tile_image(

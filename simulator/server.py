@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import numbers
 import queue
 import re
 import socket
@@ -44,10 +45,12 @@ from agent.errors import (
     AcquisitionAborted,
     ConfigError,
     DoseLimitError,
+    DriverClosedError,
     FrameMismatchError,
     LinkError,
     MicrographyError,
     ProtocolError,
+    ReplyExpiredError,
     ScanRequestError,
 )
 from agent.protocol.framing import (
@@ -87,13 +90,58 @@ from agent.protocol.messages import (
     jsonable,
 )
 from agent.protocol.security import CurveServerKeys, start_authenticator
-from simulator.exposure_journal import ExposureJournal
+from simulator.exposure_journal import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_TILE_BUDGET_BYTES,
+    ExposureJournal,
+)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 """Loopback only: without CURVE nobody else on the network may reach the instrument."""
 
-HARD_LIMIT_FACTOR = 16
-"""libzmq drops (without reply) frames over this multiple of ``max_message_bytes``."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    r"""``text`` with every control character (newline, carriage return, escape, ...) written as an escape.
+
+    Parameters
+    ----------
+    text : str
+        Any string, for example one a client sent.
+
+    Returns
+    -------
+    str
+        The same text on one line: the two characters ``\n`` for a newline; printable text is unchanged.
+    """
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class EscapingFilter(logging.Filter):
+    """Escape control characters in the arguments of log records, so no client can forge a log line.
+
+    Strings that came off the wire (client names, request ids, error texts quoting them) may hold
+    newlines; ``%s`` would write them as they are. Each argument is turned into its text and
+    escaped with :func:`escape_control` before formatting; the format string itself is the server's.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Escape the record's arguments in place; always lets the record through."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escaped(argument) for argument in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: _escaped(value) for key, value in record.args.items()}
+        if isinstance(record.msg, str) and not record.args:
+            record.msg = escape_control(record.msg)
+        return True
+
+
+def _escaped(argument: Any) -> Any:
+    if isinstance(argument, numbers.Number | None):
+        return argument  # keeps %d and %.2f working
+    return escape_control(argument if isinstance(argument, str) else str(argument))
+
 
 _POLL_CAP_S = 0.1  # longest the loop sleeps before it looks at the stop flag
 _TCP = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/]*):(?P<port>[^/]+)$")
@@ -205,6 +253,7 @@ class _Pending:
     scan: ScanRequest
     waiters: list[tuple[list[Any], str]] = field(default_factory=list)
     cancelled: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)  # this acquisition's abort flag
     received_s: float = field(default_factory=time.perf_counter)
 
 
@@ -226,8 +275,12 @@ class InstrumentServer:
     journal : str or pathlib.Path, optional
         Folder of the exposure journal; with it, retried request ids are answered across
         restarts of the server. Without it, only within this process.
-    keep_tiles : int
-        Recent tiles kept for answering retries.
+    tile_budget_bytes : int
+        Bytes of tiles kept on disk in the journal folder for answering retries (8 GiB by
+        default); the oldest are deleted beyond it, their ids stay known (``reply_expired``).
+    memory_budget_bytes : int
+        Bytes of recent tiles kept in memory (512 MiB by default); without a journal folder this
+        is all the retention there is.
     heartbeat_s : float
         Interval of heartbeat events, seconds.
     max_message_bytes : int
@@ -266,7 +319,8 @@ class InstrumentServer:
         events_bind: str | None = "auto",
         curve: CurveServerKeys | None = None,
         journal: str | Path | None = None,
-        keep_tiles: int = 8,
+        tile_budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         heartbeat_s: float = 1.0,
         max_message_bytes: int = DEFAULT_SERVER_MAX_MESSAGE_BYTES,
         dose_warning_fraction: float = 0.8,
@@ -292,8 +346,14 @@ class InstrumentServer:
         self.max_message_bytes = int(max_message_bytes)
         self.dose_warning_fraction = float(dose_warning_fraction)
         self.log = logger or logging.getLogger("micrography.server")
+        if not any(isinstance(existing, EscapingFilter) for existing in self.log.filters):
+            self.log.addFilter(EscapingFilter())
         self.journal = ExposureJournal(
-            journal, instrument_fingerprint(driver), keep_tiles=keep_tiles, logger=self.log
+            journal,
+            instrument_fingerprint(driver),
+            tile_budget_bytes=tile_budget_bytes,
+            memory_budget_bytes=memory_budget_bytes,
+            logger=self.log,
         )
         self._restore_dose_map()
         self._own_context = context is None
@@ -435,9 +495,10 @@ class InstrumentServer:
             self._authenticator = start_authenticator(self._context, self.curve, self.log)
         router = self._context.socket(zmq.ROUTER)
         self._router = router
-        configure_socket(
-            router, max_message_bytes=self.max_message_bytes * HARD_LIMIT_FACTOR, heartbeat_s=1.0
-        )
+        # libzmq checks each frame against ZMQ_MAXMSGSIZE before allocating it and drops the peer
+        # (no reply) when one is larger: a command frame over the limit never reaches memory.
+        # Several frames within it whose total is over are answered message_too_large by decode.
+        configure_socket(router, max_message_bytes=self.max_message_bytes, heartbeat_s=1.0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client is reported
         if self.curve is not None:
             self.curve.apply(router)
@@ -546,6 +607,8 @@ class InstrumentServer:
             self._serve(until=time.monotonic() + self._grace_s)
         if self._in_flight:
             self.log.warning("aborting the exposure in progress (grace period over)")
+            for pending in self._in_flight.values():
+                pending.stop.set()
             self.driver.abort()
             self._serve(until=time.monotonic() + 2.0)
         if self._in_flight:
@@ -585,11 +648,26 @@ class InstrumentServer:
             if pending is None or pending.cancelled:
                 raise AcquisitionAborted(f"acquisition {scan.request_id} was aborted before it started")
             self._current = scan.request_id
+            stop = pending.stop
         self.driver.check(scan)  # refused scans never reach the journal
+        # Raises JournalWriteError (disk full) before anything is exposed: the id stays free.
         self.journal.begin(scan, self.driver.describe().dose_of(scan))
         try:
-            tile = self.driver.acquire(scan)
-        except (ScanRequestError, AcquisitionAborted) as error:
+            tile = self.driver.acquire(scan, abort=stop)
+        except AcquisitionAborted as error:
+            if error.exposed:
+                # Stopped mid-scan: the lines scanned were dosed, so the id is spent.
+                self.journal.interrupted(
+                    scan,
+                    f"aborted after {error.rows_scanned} of {scan.shape[0]} lines",
+                    dose_e_per_a2=error.dose_e_per_a2,
+                    extent_nm=error.extent_nm,
+                )
+            else:
+                self.journal.failed(scan, f"{type(error).__name__}: {error}")
+            raise
+        except (ScanRequestError, DriverClosedError) as error:
+            # Refused by the driver before its beam was on (a closed driver exposes nothing).
             self.journal.failed(scan, f"{type(error).__name__}: {error}")
             raise
         except BaseException as error:
@@ -619,6 +697,10 @@ class InstrumentServer:
             self.log.warning("client %s: refused a message: %s: %s", client, reply.code, error)
             self._send(envelope, encode(reply), client)
             return
+        except Exception as error:  # a decoder bug must not kill the loop thread
+            self.log.exception("client %s: decoding a message failed", client)
+            self._send(envelope, encode(error_reply(error, reply_to=_message_id_of(body))), client)
+            return
         command = decoded.header
         if self._stopping.is_set() and not isinstance(command, AcquireCommand | ByeCommand):
             self._send(
@@ -639,10 +721,12 @@ class InstrumentServer:
                 return
             reply = self._answer(command, client)
         except MicrographyError as error:
-            reply = error_reply(error, reply_to=command.message_id)
+            request_id = command.scan.request_id if isinstance(command, AcquireCommand) else None
+            reply = error_reply(error, reply_to=command.message_id, request_id=request_id)
         except Exception as error:  # a bug in a driver must not stop the server
             self.log.exception("client %s: %s failed", client, command.type)
-            reply = error_reply(error, reply_to=command.message_id)
+            request_id = command.scan.request_id if isinstance(command, AcquireCommand) else None
+            reply = error_reply(error, reply_to=command.message_id, request_id=request_id)
         self._send(envelope, encode(reply), client)
         outcome = reply.code if isinstance(reply, ErrorReply) else "ok"
         self.log.info(
@@ -657,7 +741,7 @@ class InstrumentServer:
         """Reply to every command except acquire."""
         if isinstance(command, HelloCommand):
             self.log.info(
-                "client %s: hello from %r, capabilities %s",
+                "client %s: hello from %s, capabilities %s",
                 client,
                 command.client,
                 list(command.capabilities),
@@ -699,7 +783,7 @@ class InstrumentServer:
         try:
             tile = self.journal.lookup(scan)
         except MicrographyError as error:
-            reply = error_reply(error, reply_to=command.message_id, request_id=request_id)
+            reply = _error_reply(error, reply_to=command.message_id, request_id=request_id)
             self._send(envelope, encode(reply), client)
             self.log.info("client %s: acquire %s -> %s", client, request_id, reply.code)
             return
@@ -784,7 +868,7 @@ class InstrumentServer:
             if not isinstance(outcome, MicrographyError):
                 self.log.error("acquire %s failed in the driver", scan.request_id, exc_info=outcome)
             if pending is not None:
-                self._answer_error(pending, error_reply(outcome, reply_to=None, request_id=scan.request_id))
+                self._answer_error(pending, _error_reply(outcome, reply_to=None, request_id=scan.request_id))
             self.log.info("acquire %s -> %s: %s", scan.request_id, type(outcome).__name__, outcome)
             if isinstance(outcome, DoseLimitError):
                 self._warn_dose(scan.request_id, refused=str(outcome))
@@ -829,6 +913,8 @@ class InstrumentServer:
                 aborted.append(pending_id)
                 if not self._cancel_if_queued(pending):
                     pending.cancelled = True
+                    # The event first: the driver keeps it even if its acquire has not begun yet.
+                    pending.stop.set()
                     self.driver.abort()
         self.log.info("abort %s -> %s", request_id or "(all)", aborted or "nothing in progress")
         return aborted
@@ -923,6 +1009,15 @@ class InstrumentServer:
                 request_id=request_id,
             )
         )
+
+
+def _error_reply(error: BaseException, reply_to: str | None, request_id: str | None = None) -> ErrorReply:
+    """:func:`~agent.protocol.messages.error_reply`, with ``reply_expired`` for an expired tile."""
+    if isinstance(error, ReplyExpiredError):
+        return ErrorReply(
+            code=ErrorCode.REPLY_EXPIRED, message=str(error)[:4000], reply_to=reply_to, request_id=request_id
+        )
+    return error_reply(error, reply_to=reply_to, request_id=request_id)
 
 
 def _message_id_of(body: list[Any]) -> str | None:

@@ -30,7 +30,7 @@ from agent.errors import (
     MessageTooLargeError,
     OutsideStageError,
     ProtocolVersionError,
-    RemoteInstrumentError,
+    ReplyExpiredError,
 )
 from agent.protocol.client import ZmqMicroscope
 from agent.protocol.framing import decode, encode
@@ -302,7 +302,7 @@ def test_malformed_messages_get_error_replies_and_the_server_keeps_serving(
     microscope: SimulatedMicroscope,
 ) -> None:
     def raw(**fields: Any) -> bytes:
-        return json.dumps({"protocol": PROTOCOL_NAME, "version": 1, **fields}).encode()
+        return json.dumps({"protocol": PROTOCOL_NAME, "version": 1, "arrays": [], **fields}).encode()
 
     cases = [
         ([b"not json"], ErrorCode.BAD_MESSAGE, None),
@@ -344,12 +344,13 @@ def test_oversized_messages_are_refused(microscope: SimulatedMicroscope) -> None
     with serving(microscope, max_message_bytes=64 * 1024) as server:
         with raw_dealer(server.endpoint) as socket:
             status = encode(StatusCommand())[0]
-            reply = ask(socket, [status, b"\0" * 100_000]).header
+            # Every frame within the limit, their total over it: refused by the server, with a reply.
+            reply = ask(socket, [status, b"\0" * 40_000, b"\0" * 40_000]).header
             assert reply.code is ErrorCode.MESSAGE_TOO_LARGE and "64,000" not in reply.message
             assert "more than the 65,536 bytes accepted" in reply.message
         with raw_dealer(server.endpoint) as socket:
-            # Far beyond the limit libzmq itself drops the connection: no reply, no harm.
-            socket.send_multipart([status, b"\0" * (17 * 64 * 1024)])
+            # One frame over the limit: libzmq itself drops the connection, no reply, no harm.
+            socket.send_multipart([status, b"\0" * (64 * 1024 + 1)])
             assert not socket.poll(300)
         with ZmqMicroscope(server.endpoint, max_message_bytes=1 << 20) as remote:
             with pytest.raises(MessageTooLargeError, match="1024x1024 float32 tile"):
@@ -538,11 +539,16 @@ def test_journal_bookkeeping(tmp_path: Path) -> None:
         return Tile(image, request, request.origin_nm, request.pixel_size_nm, 10.0, 1.0, 2.0, {"k": 1})
 
     hostile = scan("../../escape", shape=(4, 4))
-    journal = ExposureJournal(tmp_path, fingerprint, keep_tiles=1)
+    # A budget smaller than two tiles keeps only the newest one on disk (and in memory).
+    one_tile = image.nbytes + 128
+    journal = ExposureJournal(
+        tmp_path, fingerprint, tile_budget_bytes=one_tile, memory_budget_bytes=image.nbytes
+    )
     journal.begin(hostile, 10.0)
     journal.done(tile_for(hostile))
     assert (tmp_path / TILES_DIR / tile_file_name(hostile.request_id)).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["instrument.json", "journal.jsonl", "tiles"]
+    assert len(list((tmp_path / TILES_DIR).iterdir())) == 1
     second = scan("second", shape=(4, 4))
     journal.begin(second, 10.0)
     journal.done(tile_for(second))
@@ -554,11 +560,11 @@ def test_journal_bookkeeping(tmp_path: Path) -> None:
     journal.close()
     with (tmp_path / "journal.jsonl").open("a") as handle:
         handle.write('{"event": "do')  # killed while writing a line
-    reopened = ExposureJournal(tmp_path, fingerprint, keep_tiles=1)
+    reopened = ExposureJournal(tmp_path, fingerprint, tile_budget_bytes=one_tile)
     assert reopened.exposures == 3 and reopened.interrupted_exposures == 1
     assert reopened.total_dose_e_per_a2 == 30.0
     np.testing.assert_array_equal(reopened.lookup(second).image, image)
-    with pytest.raises(RemoteInstrumentError, match="no longer kept"):
+    with pytest.raises(ReplyExpiredError, match="no longer kept"):
         reopened.lookup(hostile)
     with pytest.raises(ExposureInterruptedError, match="may have received its dose"):
         reopened.lookup(cut_short)
@@ -621,7 +627,7 @@ def test_the_example_server_conforms() -> None:
             tile = remote.acquire(request)
             np.testing.assert_array_equal(tile.image, example.ScanEngine().scan(request))
             with raw_dealer(server.endpoint) as socket:
-                assert ask(socket, encode(AcquireCommand(scan=request))).header.replayed is False
+                assert ask(socket, encode(AcquireCommand(scan=request))).header.replayed is True
                 assert ask(socket, [b"garbage"]).header.code is ErrorCode.BAD_MESSAGE
             assert remote.status().exposures == 1
     finally:

@@ -145,7 +145,8 @@ def test_a_restarted_microscope_gives_the_same_tile_for_the_same_request(
     with SimulatedMicroscope(small_config, small_specimen) as restarted:
         restarted.resume_after([history], end)  # the instrument's state survives the restart
         after = restarted.acquire(request).image
-        assert restarted.exposures == 1
+        # The replayed history counts: the specimen kept that scan's dose.
+        assert restarted.exposures == 2 and restarted.total_dose_e_per_a2 == first.total_dose_e_per_a2
     np.testing.assert_array_equal(before, after)
 
 

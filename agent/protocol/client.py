@@ -232,6 +232,7 @@ class ZmqMicroscope(MicroscopeDriver):
             f"the reply to a {rows}x{cols} float32 tile",
         )
         scan_s = rows * cols * request.dwell_us * 1e-6
+        reconnects = self.reconnects
         decoded = self._request(
             AcquireCommand(scan=request),
             self.timeout_s + 2.0 * scan_s,
@@ -256,6 +257,11 @@ class ZmqMicroscope(MicroscopeDriver):
             )
         if not image.dtype.isnative:
             image = image.astype(np.float32)  # a big-endian server: one copy, to native order
+        metadata = dict(info.metadata)
+        if header.replayed and self.reconnects == reconnects:
+            # Answered from the server's cache at the first attempt: this id was exposed before this
+            # call (another session, or before a restart); a retry of ours after a lost reply is not.
+            metadata["replayed"] = True
         return Tile(
             image=image,
             request=request,
@@ -264,7 +270,7 @@ class ZmqMicroscope(MicroscopeDriver):
             dose_e_per_a2=info.dose_e_per_a2,
             t_start=info.t_start,
             t_end=info.t_end,
-            metadata=dict(info.metadata),
+            metadata=metadata,
         )
 
     def abort(self) -> None:
@@ -290,6 +296,32 @@ class ZmqMicroscope(MicroscopeDriver):
             super().close()
 
     # ------------------------------------------------------------------ extras
+
+    def retry_window_s(self, request: ScanRequest | None = None) -> float:
+        """Longest time from sending a command to the last resend of it, seconds (section 7.1).
+
+        Each of the ``retries + 1`` attempts waits ``timeout_s`` (plus twice the scan time for an
+        acquisition); each resend is preceded by a backoff (at most 1 s) and a fresh ``hello``
+        (at most ``timeout_s``). A server must keep a finished tile at least this long for a lost
+        reply to be recovered: ``micrography serve`` keeps 8 GiB of tiles on disk, far more than
+        any instrument scans in this window.
+
+        Parameters
+        ----------
+        request : ScanRequest, optional
+            The acquisition; None for a command without a scan.
+
+        Returns
+        -------
+        float
+            Seconds; about 36 s plus 8 scan times with the defaults.
+        """
+        scan_s = 0.0 if request is None else request.shape[0] * request.shape[1] * request.dwell_us * 1e-6
+        attempt_s = self.timeout_s + 2.0 * scan_s
+        backoff_s = sum(
+            min(self.backoff_s * 2 ** max(attempt - 1, 0), 1.0) for attempt in range(1, self.retries + 1)
+        )
+        return (self.retries + 1) * attempt_s + self.retries * self.timeout_s + backoff_s
 
     @property
     def server(self) -> HelloReply:
