@@ -14,7 +14,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.driver import ScanRequest
+from agent.driver import InstrumentDescription, ScanRequest
 from agent.errors import (
     AcquisitionAborted,
     CalibrationError,
@@ -28,6 +28,7 @@ from agent.errors import (
     ProtocolError,
     ProtocolVersionError,
     RemoteInstrumentError,
+    ReplyExpiredError,
     ScanRequestError,
 )
 from agent.protocol.framing import (
@@ -38,17 +39,31 @@ from agent.protocol.framing import (
     split_envelope,
 )
 from agent.protocol.messages import (
+    COMMAND_TYPES,
     COMMANDS,
     ERROR_OF_CODE,
+    EVENT_TYPES,
     EVENTS,
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
     REPLIES,
+    REPLY_TYPES,
+    AbortCommand,
+    AbortReply,
     AcquireCommand,
     AcquireReply,
+    ByeCommand,
+    ByeReply,
+    DescribeCommand,
+    DescribeReply,
+    DoseWarningEvent,
     ErrorCode,
+    HeartbeatEvent,
     HelloCommand,
+    HelloReply,
+    StateEvent,
     StatusCommand,
+    StatusReply,
     TileInfo,
     TileReadyEvent,
     error_code_for,
@@ -99,7 +114,12 @@ def tile_reply(image: np.ndarray) -> AcquireReply:
 
 
 def header(**fields: object) -> bytes:
-    values: dict[str, object] = {"protocol": PROTOCOL_NAME, "version": PROTOCOL_VERSION, "message_id": "m-1"}
+    values: dict[str, object] = {
+        "protocol": PROTOCOL_NAME,
+        "version": PROTOCOL_VERSION,
+        "message_id": "m-1",
+        "arrays": [],
+    }
     values.update(fields)
     return json.dumps(values).encode()
 
@@ -183,9 +203,25 @@ def test_wrong_frame_count_is_a_frame_mismatch() -> None:
 
 
 def test_wrong_byte_length_names_the_frame_and_the_expected_size() -> None:
-    arrays = [{"name": "x", "dtype": "<f4", "shape": [4, 4]}]
-    with pytest.raises(FrameMismatchError, match=r"frame 1 \('x'\) .* has 63 bytes.*= 64 bytes"):
-        decode([header(type="status", arrays=arrays), b"\0" * 63], COMMANDS, max_message_bytes=LIMIT)
+    raw = json.loads(
+        encode(tile_reply(np.zeros((4, 4), np.float32)), {"image": np.zeros((4, 4), np.float32)})[0]
+    )
+    with pytest.raises(FrameMismatchError, match=r"frame 1 \('image'\) .* has 63 bytes.*= 64 bytes"):
+        decode([json.dumps(raw).encode(), b"\0" * 63], REPLIES, max_message_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("kind", ["status", "acquire_ok"])
+def test_arrays_a_message_type_does_not_carry_are_a_frame_mismatch(kind: str) -> None:
+    # Commands carry no arrays in version 1; acquire_ok carries only "image".
+    raw = (
+        json.loads(encode(tile_reply(np.zeros(1)))[0])
+        if kind == "acquire_ok"
+        else json.loads(header(type=kind))
+    )
+    raw["arrays"] = [{"name": "extra", "dtype": "<f4", "shape": [2]}]
+    adapter = REPLIES if kind == "acquire_ok" else COMMANDS
+    with pytest.raises(FrameMismatchError, match=f"a {kind} carries"):
+        decode([json.dumps(raw).encode(), b"\0" * 8], adapter, max_message_bytes=LIMIT)
 
 
 def test_version_mismatch_is_refused_with_both_versions_named() -> None:
@@ -204,7 +240,7 @@ def test_version_mismatch_is_refused_with_both_versions_named() -> None:
         (b'{"protocol": "other", "version": 1}', "not a micrography-link message"),
         (header(type="launch_missiles"), "type"),
         (header(type="acquire"), "scan"),
-        (header(type="status", extra=1), "unknown key"),
+        (header(type="status", extra=1), "extra: unknown field"),
         (header(type="status", message_id="has space"), "message_id"),
         (b'{"protocol": "micrography-link", "version": 1, "type": "status", "x": NaN}', "not UTF-8 JSON"),
         (b"[" * 60_000, "not UTF-8 JSON"),  # deep nesting: RecursionError inside json
@@ -253,6 +289,7 @@ def test_every_error_code_maps_to_an_exception_and_back() -> None:
         MessageTooLargeError("x"),
         ProtocolVersionError("x"),
         CalibrationError("x"),
+        ReplyExpiredError("x"),
     ):
         assert type(error) is ERROR_OF_CODE[error_code_for(error)]
     assert error_code_for(CalibrationError("x")) is ErrorCode.CALIBRATION
@@ -288,6 +325,260 @@ def test_published_schema_matches_the_models() -> None:
         "python -c 'import json; from agent.protocol.messages import protocol_json_schema; "
         "print(json.dumps(protocol_json_schema(), indent=2))' > docs/protocol-schema.json"
     )
+
+
+# --------------------------------------------------------------------------- strict decoding (issue 14)
+
+
+def acquire_frame(**scan_fields: object) -> bytes:
+    raw = json.loads(encode(AcquireCommand(message_id="m-1", scan=scan()))[0])
+    raw["scan"].update(scan_fields)
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("dwell_us", "2", "not a string"),
+        ("pixel_size_nm", "0.02", "not a string"),
+        ("x_nm", "80", "not a string"),
+        ("dwell_us", True, "true and false are not numbers"),
+        ("shape", [512.0, 512], "512, not 512.0"),
+        ("shape", [True, 512], "true and false are not numbers"),
+        ("shape", [512, "512"], "not a string"),
+        ("shape", [5.12e2, 512], "512, not 512.0"),
+    ],
+)
+def test_decoding_is_strict_strings_booleans_and_floats_are_not_coerced(
+    field: str, value: object, hint: str
+) -> None:
+    with pytest.raises(ProtocolError, match=f"scan\\.{field}.*{hint}") as refused:
+        decode([acquire_frame(**{field: value})], COMMANDS, max_message_bytes=LIMIT)
+    assert "\n" not in str(refused.value)  # one line for a person
+
+
+def test_json_integers_are_accepted_for_number_fields() -> None:
+    decoded = decode([acquire_frame(x_nm=15, dwell_us=2, pixel_size_nm=1)], COMMANDS, max_message_bytes=LIMIT)
+    assert decoded.header.scan.x_nm == 15.0 and isinstance(decoded.header.scan.dwell_us, float)
+    assert decoded.header.scan.shape == (64, 64)  # a JSON array for a tuple, as JSON mode allows
+
+
+@pytest.mark.parametrize(
+    "token",
+    [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e999", b"1" * 400],
+)
+def test_numbers_beyond_float64_are_refused_even_as_integers(token: bytes) -> None:
+    frame = acquire_frame(x_nm=12345.5).replace(b"12345.5", token)
+    with pytest.raises(ProtocolError, match="not UTF-8 JSON"):
+        decode([frame], COMMANDS, max_message_bytes=LIMIT)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    frame = header(type="status").replace(b'"type"', b'"type": "bye", "type"')
+    with pytest.raises(ProtocolError, match="'type' appears twice"):
+        decode([frame], COMMANDS, max_message_bytes=LIMIT)
+
+
+def test_the_version_is_checked_before_required_fields_and_types() -> None:
+    raw = json.loads(acquire_frame(dwell_us="2"))
+    raw.update(version=2, surprise=1)
+    del raw["message_id"], raw["arrays"], raw["scan"]["request_id"]
+    with pytest.raises(ProtocolVersionError, match="version 2"):
+        decode([json.dumps(raw).encode()], COMMANDS, max_message_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("missing", ["message_id", "arrays"])
+@pytest.mark.parametrize("adapter", [COMMANDS, REPLIES, EVENTS], ids=["command", "reply", "event"])
+def test_message_id_and_arrays_are_required_on_the_wire(adapter: object, missing: str) -> None:
+    message = {
+        id(COMMANDS): StatusCommand(),
+        id(REPLIES): ByeReply(reply_to="m-1"),
+        id(EVENTS): HeartbeatEvent(seq=1, t_s=1.0, state="idle"),
+    }[id(adapter)]
+    raw = json.loads(encode(message)[0])
+    del raw[missing]
+    with pytest.raises(ProtocolError, match=f"missing field\\(s\\) {missing}"):
+        decode([json.dumps(raw).encode()], adapter, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+
+
+def test_reply_to_is_required_in_replies_and_may_be_null() -> None:
+    raw = json.loads(encode(ByeReply(reply_to=None))[0])
+    assert decode([json.dumps(raw).encode()], REPLIES, max_message_bytes=LIMIT).header.reply_to is None
+    del raw["reply_to"]
+    with pytest.raises(ProtocolError, match="missing field\\(s\\) reply_to"):
+        decode([json.dumps(raw).encode()], REPLIES, max_message_bytes=LIMIT)
+
+
+def test_an_acquire_without_request_id_is_refused_not_given_a_made_up_one() -> None:
+    raw = json.loads(acquire_frame())
+    del raw["scan"]["request_id"]
+    with pytest.raises(ProtocolError, match=r"scan\.request_id is missing"):
+        decode([json.dumps(raw).encode()], COMMANDS, max_message_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "new\nline", "tab\t", "é", "\x7f", "\x00"])
+def test_request_ids_have_the_limits_of_message_ids(bad: str) -> None:
+    with pytest.raises(ProtocolError, match="request_id"):
+        decode([acquire_frame(request_id=bad)], COMMANDS, max_message_bytes=LIMIT)
+    with pytest.raises(ProtocolError, match="request_id"):
+        decode([header(type="abort", request_id=bad)], COMMANDS, max_message_bytes=LIMIT)
+    with pytest.raises(ProtocolError, match="message_id"):
+        decode([header(type="status", message_id=bad)], COMMANDS, max_message_bytes=LIMIT)
+    longest = "".join(chr(code) for code in range(0x21, 0x7F)) + "x" * 34
+    assert len(longest) == 128
+    assert decode(
+        [acquire_frame(request_id=longest)], COMMANDS, max_message_bytes=LIMIT
+    ).header.scan.request_id
+    assert decode([header(type="abort", request_id=longest)], COMMANDS, max_message_bytes=LIMIT)
+
+
+# --------------------------------------------------------------------------- the schema agrees with decoding
+
+DESCRIPTION = InstrumentDescription(
+    name="test",
+    stage_x_nm=(0.0, 30.0),
+    stage_y_nm=(0.0, 30.0),
+    pixel_size_nm=(0.01, 1.0),
+    max_tile_shape=(512, 512),
+    beam_current_pa=20.0,
+    dwell_us=(0.5, 10.0),
+    max_dose_e_per_a2=1e4,
+)
+
+
+def every_message() -> list[tuple[object, dict[str, np.ndarray] | None]]:
+    """One header of every type, with every optional field set, and the arrays it carries."""
+    info = tile_reply(np.zeros(1)).tile
+    return [
+        (HelloCommand(client="agent", capabilities=("acquire",), max_message_bytes=1 << 20), None),
+        (DescribeCommand(), None),
+        (AcquireCommand(scan=scan()), None),
+        (AbortCommand(request_id="r-1"), None),
+        (StatusCommand(), None),
+        (ByeCommand(), None),
+        (
+            HelloReply(
+                reply_to="m-1",
+                server="s",
+                instrument="i",
+                capabilities=("acquire",),
+                max_message_bytes=1 << 20,
+                heartbeat_s=1.0,
+                events_endpoint="tcp://127.0.0.1:1",
+            ),
+            None,
+        ),
+        (DescribeReply(reply_to="m-1", instrument=DESCRIPTION), None),
+        (AcquireReply(reply_to="m-1", tile=info, replayed=True), {"image": np.zeros((2, 3), np.float32)}),
+        (AbortReply(reply_to="m-1", aborted=("r-1",)), None),
+        (
+            StatusReply(
+                reply_to="m-1",
+                state="acquiring",
+                request_id="r-1",
+                queued=1,
+                exposures=2,
+                interrupted_exposures=1,
+                total_dose_e_per_a2=3.0,
+                journal="/j",
+                uptime_s=4.0,
+            ),
+            None,
+        ),
+        (ByeReply(reply_to="m-1"), None),
+        (error_reply(DoseLimitError("too much dose here"), reply_to="m-1", request_id="r-1"), None),
+        (HeartbeatEvent(seq=1, t_s=1.0, state="idle"), None),
+        (StateEvent(seq=2, t_s=1.0, state="acquiring", request_id="r-1", exposures=1), None),
+        (TileReadyEvent(seq=3, t_s=1.0, request_id="r-1", shape=(4, 4), dose_e_per_a2=1.0, t_end=2.0), None),
+        (
+            DoseWarningEvent(
+                seq=4,
+                t_s=1.0,
+                message="m",
+                max_dose_e_per_a2=1.0,
+                limit_e_per_a2=2.0,
+                x_nm=1.0,
+                y_nm=2.0,
+                request_id="r-1",
+            ),
+            None,
+        ),
+    ]
+
+
+def family(kind: str) -> tuple[str, object]:
+    if kind in COMMAND_TYPES:
+        return "commands", COMMANDS
+    return ("replies", REPLIES) if kind in REPLY_TYPES else ("events", EVENTS)
+
+
+def test_every_message_type_is_sampled() -> None:
+    assert {message.type for message, _ in every_message()} == COMMAND_TYPES | REPLY_TYPES | EVENT_TYPES  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("sample", every_message(), ids=lambda sample: sample[0].type)  # type: ignore[index]
+def test_schema_required_fields_are_exactly_what_decoding_requires(
+    sample: tuple[object, dict[str, np.ndarray] | None],
+) -> None:
+    import jsonschema
+
+    message, arrays = sample
+    frames = encode(message, arrays)  # type: ignore[arg-type]
+    raw = json.loads(frames[0])
+    name, adapter = family(raw["type"])
+    schema = protocol_json_schema()[name]
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid(raw), list(validator.iter_errors(raw))
+    payload = [bytes(memoryview(frame)) for frame in frames[1:]]
+    definition = schema["$defs"][type(message).__name__]
+    # Every field the project sends is in the schema, and the schema has no field it never sends.
+    assert set(raw) == set(definition["properties"])
+    nested = [("", raw, definition)]
+    if "scan" in raw:
+        nested.append(("scan", raw["scan"], schema["$defs"]["ScanRequest"]))
+    for where, node, node_schema in nested:
+        for key in list(node):
+            value = node.pop(key)
+            try:
+                decode([json.dumps(raw).encode(), *payload], adapter, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+                accepted = True
+            except ProtocolError:
+                accepted = False
+            finally:
+                node[key] = value
+            required = key in node_schema.get("required", [])
+            assert accepted is not required, f"{raw['type']}: {where}.{key} required={required}"
+
+
+def test_the_schema_lists_the_wire_required_fields_and_id_limits() -> None:
+    schema = protocol_json_schema()
+    for name, reply in (("commands", False), ("replies", True), ("events", False)):
+        for definition in schema[name]["$defs"].values():
+            if "protocol" in definition.get("properties", {}):
+                expected = {"protocol", "version", "type", "message_id", "arrays"} | (
+                    {"reply_to"} if reply else set()
+                )
+                assert expected <= set(definition["required"]), definition["title"]
+    scan_schema = schema["commands"]["$defs"]["ScanRequest"]
+    assert "request_id" in scan_schema["required"]
+    assert scan_schema["properties"]["request_id"]["maxLength"] == 128
+    abort_id = schema["commands"]["$defs"]["AbortCommand"]["properties"]["request_id"]["anyOf"][0]
+    assert (
+        abort_id["maxLength"] == 128
+        and abort_id["pattern"] == scan_schema["properties"]["request_id"]["pattern"]
+    )
+
+
+def test_the_projects_encoder_always_sends_the_wire_fields() -> None:
+    # ZmqMicroscope sends encode(model) for every command: the defaults must reach the wire.
+    for message, arrays in every_message():
+        raw = json.loads(encode(message, arrays)[0])  # type: ignore[arg-type]
+        assert {"protocol", "version", "message_id", "arrays", "type"} <= set(raw)
+        if raw["type"] in REPLY_TYPES:
+            assert "reply_to" in raw
+    without_id = ScanRequest(x_nm=1, y_nm=1, shape=(2, 2), pixel_size_nm=0.1, dwell_us=1.0)
+    raw = json.loads(encode(AcquireCommand(scan=without_id))[0])
+    assert raw["scan"]["request_id"]  # a made-up id in process is sent, so the resend carries the same one
 
 
 # --------------------------------------------------------------------------- keys

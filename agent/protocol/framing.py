@@ -8,7 +8,10 @@ The header's ``arrays`` field lists, in order, the name, dtype (with byte order)
 and shape of every array frame; each frame holds exactly ``prod(shape) *
 itemsize`` bytes in C order. Nothing is pickled: a frame is plain numbers, and
 the header is checked by the pydantic models of :mod:`agent.protocol.messages`
-before any frame is interpreted. Arrays are sent without copying (the frame
+before any frame is interpreted. Headers are decoded strictly: a string or a boolean
+is never taken for a number, nor ``512.0`` for an integer, and the fields the models
+default for building headers in process (``message_id``, ``arrays``, ``reply_to``,
+``scan.request_id``) must be present. Arrays are sent without copying (the frame
 refers to the array's memory) and received without copying (the array is a view
 of the received frame).
 
@@ -28,7 +31,6 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from agent.config import describe_validation_error
 from agent.errors import (
     FrameMismatchError,
     LinkError,
@@ -36,7 +38,13 @@ from agent.errors import (
     ProtocolError,
     ProtocolVersionError,
 )
-from agent.protocol.messages import PROTOCOL_NAME, PROTOCOL_VERSION, ArraySpec
+from agent.protocol.messages import (
+    ARRAYS_OF_TYPE,
+    PROTOCOL_NAME,
+    PROTOCOL_VERSION,
+    ArraySpec,
+    wire_problems,
+)
 
 MIN_LIBZMQ: tuple[int, int, int] = (4, 3, 5)
 """Oldest libzmq accepted; 4.3.5 fixed message-dropping bugs that hit other control systems."""
@@ -139,6 +147,44 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e400 would silently become infinity: not a number this wire carries.
+        raise ValueError(f"the number {text[:40]} is beyond the float64 range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if len(text) > 300:
+        try:
+            float(value)  # a float field would take it as infinity
+        except OverflowError:
+            raise ValueError(f"the integer {text[:40]}... is beyond the float64 range") from None
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # Parsers disagree on which of two equal keys wins; refuse rather than guess.
+        keys = [key for key, _ in pairs]
+        twice = next(key for index, key in enumerate(keys) if key in keys[:index])
+        raise ValueError(f"the key {twice[:40]!r} appears twice in one object")
+    return result
+
+
+_STRICT_JSON = json.JSONDecoder(
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    parse_int=_bounded_int,
+    object_pairs_hook=_unique_keys,
+)
+# Built once: json.loads with hooks would build a decoder per call. Shared between threads like
+# json's own default decoder (it keeps no state between calls).
+
+
 def parse_header(data: bytes | memoryview, what: str = "message") -> dict[str, Any]:
     """Parse a header frame and check protocol name and major version, nothing else.
 
@@ -168,8 +214,8 @@ def parse_header(data: bytes | memoryview, what: str = "message") -> dict[str, A
     """
     check_size(len(data), MAX_HEADER_BYTES, f"the header of the {what}")
     try:
-        # Strict JSON: NaN and Infinity are not numbers on this wire.
-        raw = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+        # Strict JSON: NaN, Infinity, numbers beyond float64 and duplicate keys are refused.
+        raw = _STRICT_JSON.decode(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise ProtocolError(
@@ -201,6 +247,31 @@ def parse_header(data: bytes | memoryview, what: str = "message") -> dict[str, A
     return raw
 
 
+_NUMBER_ERRORS = frozenset({"int_type", "float_type", "int_parsing", "float_parsing", "int_from_float"})
+
+
+def _describe_problem(problem: Any, kind: Any) -> str:
+    """One validation problem as ``field.path: what is wrong (got value)``, with a hint for coercions."""
+    location = list(problem["loc"])
+    if location and location[0] == kind:
+        location = location[1:]  # the discriminated union's tag: the type, already named
+    key = ".".join(str(part) for part in location) or "header"
+    if problem["type"] == "extra_forbidden":
+        return f"{key}: unknown field (check the spelling against docs/protocol.md)"
+    text = f"{key}: {problem['msg']}"
+    if "input" in problem and problem["type"] != "missing":
+        text += f" (got {str(json.dumps(problem['input'], default=str))[:60]})"
+    if problem["type"] in _NUMBER_ERRORS:
+        value = problem.get("input")
+        if isinstance(value, bool):
+            text += "; true and false are not numbers"
+        elif isinstance(value, str):
+            text += "; send a JSON number, not a string"
+        elif isinstance(value, float) and problem["type"] == "int_type":
+            text += "; an integer is written without a fraction or exponent (512, not 512.0)"
+    return text
+
+
 @dataclass(frozen=True)
 class Decoded:
     """A received message: its validated header and its arrays (views of the received frames).
@@ -221,6 +292,11 @@ def decode(
     frames: Sequence[Frame], adapter: TypeAdapter[Any], *, max_message_bytes: int, what: str = "message"
 ) -> Decoded:
     """Check and decode one message; arrays are views of the frames, not copies.
+
+    The order of the checks is the one ``docs/protocol.md`` (section 3.2) prescribes: sizes,
+    then protocol and version, then the header's fields (strict JSON types; ``message_id``,
+    ``arrays``, ``reply_to`` of replies and ``scan.request_id`` of ``acquire`` required; id
+    limits), then the frames against ``arrays`` and the arrays each message type may carry.
 
     Parameters
     ----------
@@ -253,15 +329,25 @@ def decode(
     if not frames:
         raise ProtocolError(f"the {what} has no frames; send at least a JSON header")
     check_size(message_bytes(frames), max_message_bytes, f"the {what}")
-    raw = parse_header(_buffer(frames[0]), what)
+    data = bytes(_buffer(frames[0]))
+    raw = parse_header(data, what)
+    problems = wire_problems(raw)
+    header: Any = None
     try:
-        header = adapter.validate_python(raw)
+        # Strict JSON validation: "2", true and 512.0 are not taken for numbers or integers. JSON
+        # mode (unlike strict Python mode) takes JSON arrays for tuples and strings for enums.
+        header = adapter.validate_json(data, strict=True)
     except ValidationError as error:
+        problems.extend(_describe_problem(problem, raw.get("type")) for problem in error.errors())
+    if problems:
         kind = str(raw.get("type"))[:40]
-        text = describe_validation_error(error, f"header of the {what} (type {kind!r})")
+        text = "; ".join(problems)
         if len(text) > 1500:
             text = text[:1500] + " ..."
-        raise ProtocolError(f"{text}\n(see docs/protocol.md for the fields of each message)") from None
+        raise ProtocolError(
+            f"the header of the {what} (type {kind!r}) is refused: {text} "
+            "(see docs/protocol.md for the fields of each message)"
+        )
     specs: tuple[ArraySpec, ...] = header.arrays
     payload = frames[1:]
     if len(payload) != len(specs):
@@ -272,6 +358,13 @@ def decode(
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ProtocolError(f"the {what} ({header.type}) declares array names twice: {names}")
+    allowed = ARRAYS_OF_TYPE.get(header.type, frozenset())
+    if not set(names) <= allowed:
+        carries = f"only {sorted(allowed)}" if allowed else "no array frames"
+        raise FrameMismatchError(
+            f"the {what} ({header.type}) declares array frame(s) {names}, but a {header.type} carries "
+            f"{carries} in protocol version {PROTOCOL_VERSION}; send it without them"
+        )
     arrays: dict[str, np.ndarray] = {}
     for index, (spec, frame) in enumerate(zip(specs, payload, strict=True), start=1):
         buffer = _buffer(frame)

@@ -13,11 +13,12 @@ Units follow the rest of Micrography: nanometres, microseconds, e-/Å², seconds
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -38,6 +39,7 @@ from agent.errors import (
     ProtocolError,
     ProtocolVersionError,
     RemoteInstrumentError,
+    ReplyExpiredError,
     ScanRequestError,
 )
 
@@ -63,8 +65,21 @@ structured and date types are not allowed: an array frame is always plain number
 """
 
 MAX_ARRAY_DIMENSIONS = 8
+"""Most dimensions an array frame may declare."""
 MAX_ID_LENGTH = 128
+"""Longest ``message_id`` or request id, in characters."""
 _ID_PATTERN = r"^[\x21-\x7e]+$"  # printable ASCII without spaces: safe in logs and file names
+
+WIRE_HEADER_FIELDS: tuple[str, ...] = ("protocol", "version", "message_id", "arrays")
+"""Fields every header MUST carry on the wire.
+
+The models give ``message_id`` and ``arrays`` defaults so that a header can be built in
+process without them; :func:`wire_problems` (called by :func:`agent.protocol.framing.decode`)
+refuses a received header that lacks them, and :func:`protocol_json_schema` lists them as
+required.
+"""
+WIRE_REPLY_FIELDS: tuple[str, ...] = ("reply_to",)
+"""Fields every reply MUST carry on the wire besides :data:`WIRE_HEADER_FIELDS` (``null`` allowed)."""
 
 
 def new_message_id() -> str:
@@ -113,18 +128,19 @@ class ArraySpec(BaseModel):
     Parameters
     ----------
     name : str
-        What the array is, for example ``"image"``.
+        What the array is, for example ``"image"``; 1-64 characters, unique within a message.
     dtype : str
         Element type as a numpy dtype string with byte order, one of :data:`ARRAY_DTYPES`
         (``"<f4"``: little-endian float32).
     shape : tuple of int
-        Array shape, C (row-major) order; ``[rows, cols]`` for an image.
+        Array shape, C (row-major) order; ``[rows, cols]`` for an image. At most
+        :data:`MAX_ARRAY_DIMENSIONS` dimensions, each 0 to 2**40.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=64)
-    dtype: str
+    dtype: str = Field(json_schema_extra={"enum": sorted(ARRAY_DTYPES)})
     shape: tuple[Annotated[int, Field(ge=0, le=2**40)], ...] = Field(max_length=MAX_ARRAY_DIMENSIONS)
 
     @field_validator("dtype")
@@ -149,7 +165,11 @@ class ArraySpec(BaseModel):
 
 
 class _Header(BaseModel):
-    """Fields every header carries."""
+    """Fields every header carries.
+
+    ``message_id`` and ``arrays`` have defaults for building headers in process; on the wire
+    they are required (:data:`WIRE_HEADER_FIELDS`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -196,7 +216,9 @@ class AcquireCommand(_Header):
     Parameters
     ----------
     scan : ScanRequest
-        The scan; its ``request_id`` is the idempotency key.
+        The scan; its ``request_id`` is the idempotency key. On the wire ``scan.request_id``
+        is required and must be a valid id (:func:`is_valid_id`); in process
+        :class:`~agent.driver.ScanRequest` makes one up when it is not given.
     """
 
     type: Literal["acquire"] = "acquire"
@@ -209,7 +231,8 @@ class AbortCommand(_Header):
     Parameters
     ----------
     request_id : str or None
-        Only stop this request; None stops whatever is running or queued.
+        Only stop this request (on the wire a valid id, :func:`is_valid_id`); None stops
+        whatever is running or queued.
     """
 
     type: Literal["abort"] = "abort"
@@ -239,7 +262,10 @@ Command = Annotated[
 
 class _Reply(_Header):
     reply_to: str | None = Field(None, max_length=MAX_ID_LENGTH)
-    """``message_id`` of the command answered; None only when that id could not be read."""
+    """``message_id`` of the command answered; None only when that id could not be read.
+
+    Required on the wire (:data:`WIRE_REPLY_FIELDS`), ``null`` allowed.
+    """
 
 
 class HelloReply(_Reply):
@@ -473,6 +499,78 @@ REPLIES: TypeAdapter[Any] = TypeAdapter(Reply)
 EVENTS: TypeAdapter[Any] = TypeAdapter(Event)
 """Validates an event header."""
 
+
+def _types_of(union: Any) -> frozenset[str]:
+    members = get_args(get_args(union)[0])
+    return frozenset(member.model_fields["type"].default for member in members)
+
+
+COMMAND_TYPES: frozenset[str] = _types_of(Command)
+"""The ``type`` of every command."""
+REPLY_TYPES: frozenset[str] = _types_of(Reply)
+"""The ``type`` of every reply."""
+EVENT_TYPES: frozenset[str] = _types_of(Event)
+"""The ``type`` of every event."""
+
+ARRAYS_OF_TYPE: dict[str, frozenset[str]] = {"acquire_ok": frozenset({"image"})}
+"""The array frames each message type may carry in this version; every other type carries none."""
+
+
+def _request_id_problem(where: str, value: Any) -> str | None:
+    if isinstance(value, str) and not is_valid_id(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return (
+            f"{where} {shown!r} ({len(value)} characters) is not a valid request id: use 1-{MAX_ID_LENGTH} "
+            "printable ASCII characters without spaces"
+        )
+    return None  # a value that is not a string is reported by the model's own validation
+
+
+def wire_problems(raw: dict[str, Any]) -> list[str]:
+    """What a received header lacks that the wire requires beyond its model's field types.
+
+    The models keep defaults for building headers in process (a fresh ``message_id``,
+    ``arrays = []``, a made-up ``scan.request_id``); on the wire those fields are required,
+    because a default made up by the receiver would let a reply name an id the sender never
+    sent, or a resent acquire be exposed twice. Request ids (``scan.request_id``, and
+    ``request_id`` of ``abort``) have the same limits as message ids.
+
+    Parameters
+    ----------
+    raw : dict
+        The parsed JSON header, protocol and version already checked.
+
+    Returns
+    -------
+    list of str
+        One sentence per problem, empty when there is none. Field types and unknown fields are
+        left to the models' validation.
+    """
+    problems = []
+    kind = raw.get("type")
+    is_reply = isinstance(kind, str) and kind in REPLY_TYPES  # an unhashable "type" is the model's to refuse
+    required = WIRE_HEADER_FIELDS + (WIRE_REPLY_FIELDS if is_reply else ())
+    missing = [name for name in required if name not in raw]
+    if missing:
+        problems.append(
+            f"missing field(s) {', '.join(missing)}: every header carries protocol, version, message_id "
+            "and arrays ([] when no array frame follows), and every reply reply_to"
+        )
+    if kind == "acquire":
+        scan = raw.get("scan")
+        if isinstance(scan, dict):
+            if "request_id" not in scan:
+                problems.append(
+                    "scan.request_id is missing: every acquire names its scan with a request id, so that a "
+                    "resend is recognised and never exposed twice"
+                )
+            else:
+                problems.append(_request_id_problem("scan.request_id", scan["request_id"]) or "")
+    elif kind == "abort":
+        problems.append(_request_id_problem("request_id", raw.get("request_id")) or "")
+    return [problem for problem in problems if problem]
+
+
 # --------------------------------------------------------------------------- errors
 
 # Most specific first: the first matching class decides the code.
@@ -485,6 +583,7 @@ _CODE_OF_ERROR: tuple[tuple[type[BaseException], ErrorCode], ...] = (
     (DriverClosedError, ErrorCode.CLOSED),
     (CalibrationError, ErrorCode.CALIBRATION),
     (ExposureInterruptedError, ErrorCode.EXPOSURE_INTERRUPTED),
+    (ReplyExpiredError, ErrorCode.REPLY_EXPIRED),
     (MessageTooLargeError, ErrorCode.MESSAGE_TOO_LARGE),
     (ProtocolVersionError, ErrorCode.VERSION_MISMATCH),
     (FrameMismatchError, ErrorCode.BAD_FRAMES),
@@ -502,7 +601,7 @@ ERROR_OF_CODE: dict[ErrorCode, type[MicrographyError]] = {
     ErrorCode.SCAN_REQUEST: ScanRequestError,
     ErrorCode.ABORTED: AcquisitionAborted,
     ErrorCode.EXPOSURE_INTERRUPTED: ExposureInterruptedError,
-    ErrorCode.REPLY_EXPIRED: RemoteInstrumentError,
+    ErrorCode.REPLY_EXPIRED: ReplyExpiredError,
     ErrorCode.SHUTTING_DOWN: LinkError,
     ErrorCode.CLOSED: DriverClosedError,
     ErrorCode.CALIBRATION: CalibrationError,
@@ -587,25 +686,80 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+SCHEMA_COMMENT = (
+    "Headers as received on the wire. Stricter than JSON Schema alone can say: a number field "
+    "takes a JSON number only (never a string or a boolean); an integer field takes an integer "
+    "token only (512, not 512.0 or 5.12e2, although JSON Schema counts 512.0 as an integer); "
+    "NaN, Infinity, numbers beyond the float64 range and duplicate keys are refused; protocol "
+    "and version are checked before anything else. See docs/protocol.md."
+)
+"""The ``$comment`` of :func:`protocol_json_schema`: the rules a JSON Schema validator does not apply."""
+
+_ID_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": _ID_PATTERN}
+
+
+def _wire_schema(family: dict[str, Any], *, reply: bool) -> dict[str, Any]:
+    """Make a family's generated schema say what decoding requires (fields the models default)."""
+    family = copy.deepcopy(family)
+    definitions = family.get("$defs", {})
+    # ``type`` has a default in the models, but the discriminated union needs it on the wire.
+    required = (*WIRE_HEADER_FIELDS[:2], "type", *WIRE_HEADER_FIELDS[2:])
+    required += WIRE_REPLY_FIELDS if reply else ()
+    for definition in definitions.values():
+        properties = definition.get("properties", {})
+        if "protocol" not in properties:
+            continue  # not a header (ArraySpec, ScanRequest, TileInfo, ...)
+        for name in required:
+            properties[name].pop("default", None)
+        properties["version"]["const"] = PROTOCOL_VERSION  # another one is version_mismatch
+        allowed = sorted(ARRAYS_OF_TYPE.get(properties["type"]["const"], ()))
+        properties["arrays"]["maxItems"] = len(allowed)  # decode answers others with bad_frames
+        if allowed:
+            properties["arrays"]["items"] = {
+                "allOf": [{"$ref": "#/$defs/ArraySpec"}, {"properties": {"name": {"enum": allowed}}}]
+            }
+        others = [name for name in definition.get("required", []) if name not in required]
+        definition["required"] = [*required, *others]
+        if definition.get("title") == "AbortCommand":
+            for branch in properties["request_id"]["anyOf"]:
+                if branch.get("type") == "string":
+                    branch.update(_ID_SCHEMA)
+    scan = definitions.get("ScanRequest")
+    if scan is not None:
+        scan["properties"]["request_id"].pop("default", None)
+        scan["properties"]["request_id"].update(_ID_SCHEMA)
+        scan["required"] = [*scan.get("required", []), "request_id"]
+        for item in scan["properties"]["shape"]["prefixItems"]:
+            item["minimum"] = 1  # ScanRequest's own validator: at least 1 x 1 pixels
+    return family
+
+
 def protocol_json_schema() -> dict[str, Any]:
     """JSON Schema of every header, for implementers of the protocol in other languages.
+
+    The schemas are those of the models, made to say what decoding from the wire requires:
+    ``protocol``, ``version``, ``message_id`` and ``arrays`` in every header, ``reply_to`` in
+    every reply, ``scan.request_id`` in ``acquire``, and the limits of request ids. The rules a
+    JSON Schema cannot express (integers without a fraction, no duplicate keys) are stated in
+    its ``$comment`` and in ``docs/protocol.md``.
 
     Returns
     -------
     dict
-        ``{"protocol", "version", "commands", "replies", "events"}``, each family a JSON Schema
-        of its discriminated union. ``docs/protocol-schema.json`` is this, written with
-        ``json.dumps(..., indent=2)``.
+        ``{"$comment", "protocol", "version", "commands", "replies", "events"}``, each family a
+        JSON Schema of its discriminated union. ``docs/protocol-schema.json`` is this, written
+        with ``json.dumps(..., indent=2)`` and a final newline.
     """
     return {
+        "$comment": SCHEMA_COMMENT,
         "protocol": PROTOCOL_NAME,
         "version": PROTOCOL_VERSION,
-        "commands": COMMANDS.json_schema(),
-        "replies": REPLIES.json_schema(),
-        "events": EVENTS.json_schema(),
+        "commands": _wire_schema(COMMANDS.json_schema(), reply=False),
+        "replies": _wire_schema(REPLIES.json_schema(), reply=True),
+        "events": _wire_schema(EVENTS.json_schema(), reply=False),
     }
 
 
 def is_valid_id(value: str) -> bool:
-    """True if ``value`` can be a message id (1-128 printable ASCII characters, no spaces)."""
+    """True if ``value`` can be a message id or request id (1-128 printable ASCII characters, no spaces)."""
     return 0 < len(value) <= MAX_ID_LENGTH and re.fullmatch(_ID_PATTERN, value) is not None

@@ -23,8 +23,10 @@ What this example leaves out, and ``simulator/server.py`` shows:
 * Scans run in the command loop, so ``abort`` is answered only after the scan ends and
   ``status`` waits too. Run scans in a worker thread to make them abortable.
 * Recent replies are kept in memory only: a restart of this process forgets which request
-  ids were exposed. A server that must never expose twice across restarts writes a
-  journal before and after each exposure (``simulator/exposure_journal.py``).
+  ids were exposed (while it runs, every exposed id is remembered and an id whose tile was
+  dropped is answered ``reply_expired``, never exposed again). A server that must never expose
+  twice across restarts writes a journal before and after each exposure
+  (``simulator/exposure_journal.py``).
 * No CurveZMQ: keep it on 127.0.0.1, or add keys as in ``agent/protocol/security.py``.
 * No dose bookkeeping beyond a running total.
 """
@@ -32,6 +34,7 @@ What this example leaves out, and ``simulator/server.py`` shows:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
 import time
@@ -63,6 +66,7 @@ from agent.protocol.messages import (
     StatusReply,
     TileInfo,
     error_reply,
+    is_valid_id,
 )
 
 log = logging.getLogger("minimal-server")
@@ -138,6 +142,8 @@ class MinimalServer:
         self.pub.bind(events_bind)
         self.events_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replies: OrderedDict[str, tuple[ScanRequest, np.ndarray, TileInfo]] = OrderedDict()
+        # Every id ever exposed, with its scan: a retry is never exposed twice, even once its tile is gone.
+        self.exposed: dict[str, ScanRequest] = {}
         self.exposures = 0
         self.total_dose = 0.0
         self.started = time.monotonic()
@@ -180,10 +186,12 @@ class MinimalServer:
     def handle(self, body: list[Any]) -> list[Any]:
         """One command in, the frames of its reply out; errors become ``error`` replies."""
         try:
+            # decode checks, in this order: size, protocol and version, the header's fields with
+            # strict JSON types (and message_id, arrays, scan.request_id present), then the frames.
             command = decode(body, COMMANDS, max_message_bytes=MAX_COMMAND_BYTES, what="command").header
         except Exception as error:  # malformed: answer and keep serving
-            log.warning("refused a message: %s", error)
-            return encode(error_reply(error, reply_to=None))
+            log.warning("refused a message: %r", str(error))  # repr: a header's text cannot forge log lines
+            return encode(error_reply(error, reply_to=readable_message_id(body)))
         log.info("%s %s", command.type, getattr(getattr(command, "scan", None), "request_id", ""))
         try:
             if isinstance(command, HelloCommand):
@@ -228,6 +236,23 @@ class MinimalServer:
         """Expose once per request id; a retried id gets the same tile again."""
         scan = command.scan
         cached = self.replies.get(scan.request_id)
+        replayed = cached is not None  # answered from the cache: true, and nothing is exposed
+        earlier = self.exposed.get(scan.request_id)
+        if cached is None and earlier is not None:
+            same = earlier == scan
+            return encode(
+                ErrorReply(
+                    code=ErrorCode.REPLY_EXPIRED if same else ErrorCode.SCAN_REQUEST,
+                    message=(
+                        f"request {scan.request_id} was exposed already and its tile is no longer kept; "
+                        "it is not exposed again: send a new request id to scan the area again"
+                        if same
+                        else f"request id {scan.request_id} was already used for a different scan"
+                    ),
+                    reply_to=command.message_id,
+                    request_id=scan.request_id,
+                )
+            )
         if cached is None:
             self.description.check(scan)  # raises OutOfRange/OutsideStage: nothing exposed
             self.state = "acquiring"
@@ -248,6 +273,7 @@ class MinimalServer:
                 t_end=time.time(),
             )
             cached = (scan, image, info)
+            self.exposed[scan.request_id] = scan
             self.replies[scan.request_id] = cached
             while len(self.replies) > KEEP_REPLIES:
                 self.replies.popitem(last=False)
@@ -262,7 +288,22 @@ class MinimalServer:
             )
         _, image, info = cached
         # The image goes out as one raw frame, without a copy; the header says dtype and shape.
-        return encode(AcquireReply(reply_to=command.message_id, tile=info), {"image": image})
+        reply = AcquireReply(reply_to=command.message_id, tile=info, replayed=replayed)
+        return encode(reply, {"image": image})
+
+
+def readable_message_id(body: list[Any]) -> str | None:
+    """The ``message_id`` of a refused command, if its header is a JSON object with a valid one.
+
+    An error reply names it in ``reply_to`` so the client can match it; anything unreadable gets
+    ``reply_to: null`` (docs/protocol.md, section 5).
+    """
+    try:
+        raw = json.loads(bytes(body[0])) if body and len(body[0]) <= 64 * 1024 else None
+    except (ValueError, RecursionError):
+        return None
+    message_id = raw.get("message_id") if isinstance(raw, dict) else None
+    return message_id if isinstance(message_id, str) and is_valid_id(message_id) else None
 
 
 def main() -> None:
