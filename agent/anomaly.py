@@ -603,8 +603,10 @@ class AnomalyScorer:
         except FileNotFoundError:
             raise CheckpointError(f"{path}: checkpoint not found") from None
         except Exception as error:  # torch raises many types for a corrupt file
+            # torch's own text spans many lines and suggests unsafe loading; its first line is enough.
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
             raise CheckpointError(
-                f"{path}: not a readable checkpoint ({type(error).__name__}: {error})"
+                f"{path}: not a readable checkpoint ({type(error).__name__}: {first[:200]})"
             ) from None
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not a Micrography graph-autoencoder checkpoint")

@@ -9,12 +9,21 @@ consistent prefix of steps at any time, and a session killed mid-step leaves a
 file whose complete steps can all be read back (:func:`read_journal` says what
 was recovered and what was lost).
 
-Layout (one row of each ``*_index`` dataset per step)::
+A session that ends (its budget spent, or nothing admissible left) appends one last record
+of kind ``"end"`` (:meth:`SessionJournal.append_end`); it is not a step, and a journal that has
+it holds a complete session, which resuming would not continue. An interrupted session (killed,
+Ctrl-C, an instrument error) has none.
 
-    /                      attrs: format, version, created, config (JSON), instrument (JSON)
+Layout (one row of each ``*_index`` dataset per step, and one for the end record)::
+
+    /                      attrs: format, version, created, config (JSON), instrument (JSON),
+                           session_id (version 2: the prefix of the session's request ids)
     /records, /record_index        JSON record of each step (bytes, (offset, length))
     /images, /image_index          float32 images, flattened ((offset, rows, cols))
     /columns/<field>, /column_index  the Columns table of each step ((offset, count))
+
+Version 2 added the session id and the end record; version 1 journals are still read (and
+resumed, with the unprefixed request ids they were recorded with).
 """
 
 from __future__ import annotations
@@ -34,7 +43,11 @@ from agent.columns import Columns, VacancySites
 from agent.errors import MicrographyError
 
 JOURNAL_FORMAT = "micrography-session-journal"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Journal versions this Micrography reads (it writes :data:`JOURNAL_VERSION`)."""
+END_KIND = "end"
+"""``kind`` of the record that closes a complete session (not a step)."""
 _COLUMN_DTYPES: dict[str, Any] = {
     "x_nm": np.float64, "y_nm": np.float64, "row_px": np.float64, "col_px": np.float64,
     "intensity": np.float64, "scattering": np.float64, "peak_height": np.float64,
@@ -85,6 +98,11 @@ class JournalContents:
         Complete steps, in order.
     problems : list of str
         What could not be recovered, if anything.
+    end : dict or None
+        The end record of a complete session (``stop_reason``, ``budget``, ...), None when the
+        session was interrupted or is still running.
+    session_id : str or None
+        The session's id (prefix of its request ids); None for a version-1 journal.
     """
 
     path: Path
@@ -92,6 +110,8 @@ class JournalContents:
     instrument: dict[str, Any]
     steps: list[JournalStep] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    end: dict[str, Any] | None = None
+    session_id: str | None = None
 
 
 def _json_default(value: Any) -> Any:
@@ -115,6 +135,8 @@ class SessionJournal:
         Session configuration (JSON-serialisable).
     instrument : dict
         Instrument description (JSON-serialisable).
+    session_id : str, optional
+        The session's id, stored as the ``session_id`` attribute.
 
     Examples
     --------
@@ -124,24 +146,34 @@ class SessionJournal:
             journal.append({"kind": "survey"}, image=tile.image)
     """
 
-    def __init__(self, path: str | Path, config: dict[str, Any], instrument: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        config: dict[str, Any],
+        instrument: dict[str, Any],
+        session_id: str | None = None,
+    ) -> None:
         self.path = Path(path)
         if self.path.exists():
             raise JournalError(
                 f"{self.path}: a journal already exists; resume it with `micrography run --resume "
                 f"{self.path}` or choose another output"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = h5py.File(self.path, "w", libver="latest")
         except OSError as error:
-            raise JournalError(f"{self.path}: cannot create the journal ({error})") from None
+            raise JournalError(
+                f"{self.path}: cannot write the journal there ({error}); choose another output folder"
+            ) from None
         attrs = self._file.attrs
         attrs["format"] = JOURNAL_FORMAT
         attrs["version"] = JOURNAL_VERSION
         attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         attrs["config"] = json.dumps(config, default=_json_default)
         attrs["instrument"] = json.dumps(instrument, default=_json_default)
+        if session_id is not None:
+            attrs["session_id"] = session_id
         self._create(self._file)
         # From here on nothing may be created, only extended: the file stays readable after a crash.
         self._file.swmr_mode = True
@@ -232,6 +264,18 @@ class SessionJournal:
         self.steps += 1
         return self.steps - 1
 
+    def append_end(self, record: dict[str, Any]) -> None:
+        """Close a complete session: append its end record (not a step) and flush it.
+
+        Parameters
+        ----------
+        record : dict
+            JSON-serialisable summary of how the session ended (``stop_reason``, ``budget``, ...);
+            its ``kind`` is set to :data:`END_KIND`.
+        """
+        self.append({**record, "kind": END_KIND})
+        self.steps -= 1  # the end record is no step
+
     def close(self) -> None:
         """Flush and close the file."""
         if self._file.id.valid:
@@ -244,17 +288,24 @@ class SessionJournal:
         self.close()
 
     @classmethod
-    def continue_from(cls, path: str | Path) -> tuple[SessionJournal, JournalContents]:
+    def continue_from(
+        cls, path: str | Path, contents: JournalContents | None = None
+    ) -> tuple[SessionJournal, JournalContents]:
         """Reopen an interrupted journal for appending, keeping every complete step.
 
-        The recovered steps are rewritten into a fresh file at the same path (the old
-        file is kept beside it as ``<name>.interrupted.h5``), so a file left in an
-        unclean state by a crash never needs repair tools.
+        The recovered steps are rewritten into a fresh file at the same path, so a file left
+        in an unclean state by a crash never needs repair tools. The old file is kept beside
+        it as ``<name>.interrupted.h5`` while the steps are copied and removed once every one
+        is in the new file (it holds nothing more that can be read: at most a torn last step);
+        if the copy fails, it stays and the error says where. An end record (a complete
+        session whose budget was raised) is not copied.
 
         Parameters
         ----------
         path : str or pathlib.Path
             The journal of the interrupted session.
+        contents : JournalContents, optional
+            The journal as just read with :func:`read_journal` (read again when not given).
 
         Returns
         -------
@@ -264,16 +315,83 @@ class SessionJournal:
             What was recovered.
         """
         path = Path(path)
-        contents = read_journal(path)
-        backup = path.with_name(path.stem + ".interrupted.h5")
-        if backup.exists():
-            backup.unlink()
-        os.replace(path, backup)
-        journal = cls(path, contents.config, contents.instrument)
-        for step in contents.steps:
-            record = {key: value for key, value in step.record.items() if key != "columns_meta"}
-            journal.append(record, step.image, step.columns)
+        if contents is None:
+            recover_rewrite(path)
+            contents = read_journal(path)
+        backup = rewrite_backup(path)
+        try:
+            if backup.exists():
+                backup.unlink()
+            os.replace(path, backup)
+        except OSError as error:
+            raise JournalError(
+                f"{path}: cannot rewrite the journal to continue it ({error}); copy it to a writable "
+                "folder and resume from there"
+            ) from None
+        try:
+            journal = cls(path, contents.config, contents.instrument, contents.session_id)
+            for step in contents.steps:
+                record = {key: value for key, value in step.record.items() if key != "columns_meta"}
+                journal.append(record, step.image, step.columns)
+        except JournalError as error:
+            raise JournalError(f"{error}; the journal as it was is kept in {backup}") from None
+        backup.unlink()
         return journal, contents
+
+
+def rewrite_backup(path: str | Path) -> Path:
+    """Where :meth:`SessionJournal.continue_from` keeps a journal while rewriting it.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The journal.
+
+    Returns
+    -------
+    pathlib.Path
+        ``<name>.interrupted.h5`` beside it.
+    """
+    path = Path(path)
+    return path.with_name(path.stem + ".interrupted.h5")
+
+
+def _complete_steps(path: Path) -> int:
+    """Complete index rows of a journal (steps and end record), without reading them; -1 if unreadable."""
+    try:
+        with _open_for_reading(path) as file:
+            return min(len(file[name]) for name in ("record_index", "image_index", "column_index"))
+    except (JournalError, OSError, KeyError):
+        return -1
+
+
+def recover_rewrite(path: str | Path) -> bool:
+    """Put back a journal whose rewrite for a resume was cut short (Ctrl-C, a full disk).
+
+    ``continue_from`` moves the journal aside, copies its steps into a new file and removes the
+    moved one. If a moved journal is still there and holds more than the file at ``path`` (or
+    ``path`` is gone), the copy was cut short: the moved journal is put back. A moved journal
+    holding no more (left by an older Micrography) is removed.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The journal.
+
+    Returns
+    -------
+    bool
+        True if the moved journal was put back.
+    """
+    path = Path(path)
+    backup = rewrite_backup(path)
+    if not backup.is_file():
+        return False
+    if not path.exists() or _complete_steps(backup) > _complete_steps(path):
+        os.replace(backup, path)
+        return True
+    backup.unlink()
+    return False
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -312,6 +430,9 @@ def _refuse_truncated(path: Path) -> None:
 
 
 def _open_for_reading(path: Path) -> h5py.File:
+    if path.is_dir():
+        hint = " (it holds journal.h5: give that file)" if (path / "journal.h5").is_file() else ""
+        raise JournalError(f"{path} is a folder, not a session journal file{hint}")
     if not path.exists():
         raise JournalError(f"{path}: journal not found")
     _refuse_truncated(path)
@@ -345,15 +466,17 @@ def read_journal(path: str | Path) -> JournalContents:
     with _open_for_reading(path) as file:
         if file.attrs.get("format") != JOURNAL_FORMAT:
             raise JournalError(f"{path}: not a Micrography session journal")
-        if int(file.attrs.get("version", -1)) != JOURNAL_VERSION:
+        if int(file.attrs.get("version", -1)) not in READABLE_VERSIONS:
             raise JournalError(
                 f"{path}: journal version {file.attrs.get('version')} but this Micrography reads "
-                f"version {JOURNAL_VERSION}"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}; use the Micrography that wrote it"
             )
+        session_id = file.attrs.get("session_id")
         contents = JournalContents(
             path=path,
             config=json.loads(file.attrs["config"]),
             instrument=json.loads(file.attrs["instrument"]),
+            session_id=None if session_id is None else str(session_id),
         )
         try:
             record_index = file["record_index"][()]
@@ -367,7 +490,11 @@ def read_journal(path: str | Path) -> JournalContents:
             contents.problems.append("the last step was interrupted while being written and is lost")
         for index in range(complete):
             try:
-                contents.steps.append(_read_step(file, index, record_index, image_index, column_index))
+                step = _read_step(file, index, record_index, image_index, column_index)
+                if step.record.get("kind") == END_KIND:
+                    contents.end = step.record
+                    continue
+                contents.steps.append(step)
             except (OSError, ValueError, KeyError) as error:
                 contents.problems.append(
                     f"step {index} is unreadable ({error}); steps 0-{index - 1} were recovered"

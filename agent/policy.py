@@ -91,7 +91,8 @@ class PolicyConfig(StrictModel):
     """Acquisition policy settings.
 
     ``name`` labels the policy in reports and prefixes its request ids
-    (``f"{name}-{counter:05d}"``), so a session replays identically.
+    (``f"{name}-{counter:05d}"``, unless ``AcquisitionPolicy.request_prefix`` is set: a session
+    puts its session id in front), so a session replays identically.
     """
 
     name: str = Field("guided", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$", description="label, id prefix")
@@ -318,6 +319,8 @@ class AcquisitionPolicy(ABC):
         self._acquisition_order: list[int] = []
         self._observations: list[tuple[int, float, float, float]] = []  # (index, x, y, score)
         self._counter = 0
+        self.request_prefix: str = self.config.name
+        """Request ids are ``f"{request_prefix}-{counter:05d}"``; a session puts its id in front."""
         self._total_dose = 0.0
         self._travel_nm = 0.0
         self._stage_nm: np.ndarray | None = None
@@ -493,7 +496,7 @@ class AcquisitionPolicy(ABC):
         self._reserved = []
         requests = []
         for index in self._tour(chosen):
-            request_id = f"{self.config.name}-{self._counter:05d}"
+            request_id = f"{self.request_prefix}-{self._counter:05d}"
             self._counter += 1
             request = self.grid.request(index, self.config.dwell_us, self.config.detector, request_id)
             self._pending[request_id] = index

@@ -12,7 +12,23 @@ next exposure. A session interrupted at any point is resumed with
 :meth:`Session.resume`: the recorded steps are replayed through the same
 deterministic pipeline (no exposure), the rebuilt decisions are checked
 against the recorded ones, and the loop continues where it stopped, so the
-final state equals that of an uninterrupted run with the same seed.
+final state equals that of an uninterrupted run with the same seed. A session
+that ended (budget spent) journals an end record; resumed with the same budget it
+is rebuilt read-only (:attr:`Session.complete`) and :meth:`Session.run` exposes and
+writes nothing.
+
+Every request id starts with the session's id (``SessionConfig.session_id``; by
+default a new random one per session, kept in the journal and reused on resume):
+an instrument that remembers the ids it exposed (``micrography serve`` with its
+exposure journal) must never take a new session's scan for an old one and answer
+it with an old tile. A tile the driver marks as not exposed for this request
+(``tile.metadata["replayed"]``) is refused in a fresh session; after a resume only
+the first acquisition may be one (the exposure in flight when the session stopped).
+
+Instrument time (the ``max_time_s`` budget, ``summary()["instrument_time_s"]``) is
+summed step by step on the instrument's clock: from the end of the previous tile to
+the end of this one, so stage settling and the pipeline's wait count; where the
+instrument clock went back (a restarted instrument), only the tile's own scan time.
 
 The session never sees ground truth. An optional ``on_step`` callback (used by
 the command line and the benchmarks for evaluation and progress bars) receives
@@ -22,6 +38,8 @@ each step's record after it is journaled.
 from __future__ import annotations
 
 import math
+import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,14 +51,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from agent.anomaly import AnomalyConfig, AnomalyScorer, region_scores
+from agent.anomaly import AnomalyConfig, AnomalyScorer, CheckpointError, region_scores
 from agent.columns import ColumnFinderConfig, Columns, find_columns
 from agent.config import StrictModel
 from agent.domains import WallConfig, WallSegment, wall_in_tile
 from agent.driver import MicroscopeDriver, ScanRequest, Tile
 from agent.errors import MicrographyError
 from agent.graph import GraphConfig, MoleculeGraph
-from agent.journal import JournalStep, SessionJournal
+from agent.journal import JournalStep, SessionJournal, read_journal, recover_rewrite
 from agent.policy import POLICY_NAMES, AcquisitionPolicy, PolicyConfig, make_policy
 from agent.registration import Placement, Registrar, RegistrationConfig
 from agent.surrogate import SurrogateConfig
@@ -57,6 +75,29 @@ DECISION_STAGES: tuple[str, ...] = STEP_STAGES[1:]
 
 class SessionError(MicrographyError, RuntimeError):
     """A session cannot start, continue or resume."""
+
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+"""What a session id may look like: it prefixes request ids (at most 128 printable characters)."""
+
+REPLAYED_KEY = "replayed"
+"""Tile metadata key by which a driver says the tile was not exposed for this request.
+
+A driver sets ``tile.metadata["replayed"] = True`` when the instrument answered the first
+attempt of an acquisition with a tile it had made before (from its reply cache or journal).
+"""
+
+
+def new_session_id() -> str:
+    """A fresh session id: the UTC start time and 24 random bits, e.g. ``20250314-101502-a3f9c1``.
+
+    Returns
+    -------
+    str
+        22 characters matching :data:`SESSION_ID_PATTERN`; readable in an instrument's log and
+        sorted by start time.
+    """
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 class BudgetConfig(StrictModel):
@@ -82,6 +123,14 @@ class SessionConfig(StrictModel):
 
     policy: str = Field("guided", description=f"one of {', '.join(POLICY_NAMES)}")
     seed: int = Field(0, description="seeds the scorer, the surrogate and the policy")
+    session_id: str | None = Field(
+        None,
+        pattern=SESSION_ID_PATTERN,
+        description="prefix of every request id; null makes a new random one per session (recorded in "
+        "the journal and kept on resume), so an instrument that remembers ids never answers a new scan "
+        "with an old tile. Set it only to repeat a simulated session exactly (the simulator's noise "
+        "follows the request ids)",
+    )
     budget: BudgetConfig = BudgetConfig()
     survey: ScanSettings = ScanSettings(pixel_size_nm=0.25, dwell_us=4.0, shape=(4096, 4096))
     tiles: ScanSettings = ScanSettings(pixel_size_nm=0.02, dwell_us=8.0, shape=(512, 512))
@@ -285,6 +334,38 @@ def session_column_config(config: SessionConfig) -> ColumnFinderConfig:
     return config.columns.model_copy(update={"expected_spacing_nm": config.graph.lattice_spacing_nm})
 
 
+def check_checkpoint(config: SessionConfig) -> None:
+    """Raise now if the session's checkpoint cannot be loaded, rather than after the start tiles.
+
+    Loads it once and throws it away; the torch random state is left as it was, so the session
+    that loads it again after its start tiles is the same as without this check.
+
+    Parameters
+    ----------
+    config : SessionConfig
+        Session settings (``checkpoint``, ``anomaly.device``).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, unreadable, or not a checkpoint this version can use.
+    """
+    if not config.checkpoint:
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):
+            AnomalyScorer.load(config.checkpoint, device=config.anomaly.device)
+    except CheckpointError as error:
+        message = str(error)
+        if "not a readable checkpoint" in message:
+            # torch's own explanation runs over many lines and suggests unsafe loading: say what it is.
+            message = (
+                f"{config.checkpoint}: not a readable checkpoint (not a file written by `micrography "
+                "train`, or damaged); give a graph-autoencoder checkpoint or none"
+            )
+        raise CheckpointError(message.splitlines()[0]) from None
+
+
 def session_scorer(config: SessionConfig, graph: MoleculeGraph) -> AnomalyScorer:
     """The scorer a session starts scoring with: the checkpoint, or a GAE warmed up on ``graph``.
 
@@ -324,6 +405,13 @@ class Session:
     truth : object, optional
         Ground truth for the ``oracle`` policy only (per-candidate feature-id sets).
 
+    Raises
+    ------
+    SessionError
+        For an unknown policy.
+    CheckpointError
+        If ``config.checkpoint`` cannot be loaded (checked here, before anything is exposed).
+
     Examples
     --------
     Not run as a test (a whole session takes about a minute)::
@@ -342,7 +430,15 @@ class Session:
         truth: Any = None,
     ) -> None:
         self.driver = driver
-        self.config = config or SessionConfig()
+        config = config or SessionConfig()
+        if config.policy not in POLICY_NAMES:
+            raise SessionError(f"unknown policy {config.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        check_checkpoint(config)
+        if config.session_id is None:
+            config = config.model_copy(update={"session_id": new_session_id()})
+        self.config = config
+        self.session_id: str | None = config.session_id
+        """Prefix of every request id of this session (None: a version-1 journal's unprefixed ids)."""
         self.on_step = on_step
         self.description = driver.describe()
         self.grid = CandidateGrid.tiling(
@@ -371,21 +467,37 @@ class Session:
         self._replay: list[JournalStep] = []
         self._replay_problems: list[str] = []
         self._pending_starts: list[tuple[ScanRequest, Tile, tuple[float, float, float, float]]] = []
-        if self.config.policy not in POLICY_NAMES:
-            raise SessionError(
-                f"unknown policy {self.config.policy!r}; choose one of {', '.join(POLICY_NAMES)}"
-            )
+        self._instrument_time_s = 0.0
+        self._clock_resets = 0
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self.interrupted = False
+        """True when the session stopped on :meth:`request_stop` (or an exception), not on its budget."""
+        self._may_replay = False  # the first acquisition after a resume may be the one in flight
+        self._live_timings: dict[int, dict[str, float]] = {}  # step -> timings as it ran live
+        self._resumed: dict[str, Any] | None = None
+        self.complete = False
+        """True for a session rebuilt from the journal of one that ended (nothing left to run)."""
 
     # ------------------------------------------------------------------ public API
 
     def run(self) -> dict[str, Any]:
-        """Run (or continue) the session until the budget is spent; returns :meth:`summary`."""
+        """Run (or continue) the session until the budget is spent; returns :meth:`summary`.
+
+        A complete session journals its end record (resuming it is then refused). A session
+        stopped by :meth:`request_stop` finishes the step in progress, journals it and returns
+        with :attr:`interrupted` set; one stopped by an exception (Ctrl-C, an instrument error)
+        keeps every step journaled before it. Both can be resumed.
+        """
+        if self.complete:
+            return self.summary()  # rebuilt from a complete journal: nothing to expose or write
         with single_thread_torch():
             try:
                 self._open_journal()
                 if not self.survey_tiles:
                     self._survey()
-                self._start()
+                if not self._stopping():
+                    self._start()
                 while self._within_budget():
                     if not self._next:
                         self.stop_reason = "no admissible region is left (dose limits or everything scanned)"
@@ -393,9 +505,52 @@ class Session:
                     self._step(self._next.pop(0), "guided")
                 else:
                     self.stop_reason = self.stop_reason or "budget spent"
+                if not self.interrupted and self._journal is not None:
+                    self._journal.append_end(self._end_record())
+            except BaseException:
+                self.interrupted = True
+                self.stop_reason = self.stop_reason or "interrupted"
+                raise
             finally:
                 self.close()
         return self.summary()
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop after the step in progress (safe from a signal handler or another thread).
+
+        The tile being scanned is finished, carried through the pipeline and journaled, then
+        :meth:`run` returns with :attr:`interrupted` set and ``stop_reason`` = ``reason``; the
+        journal has no end record, so the session can be resumed.
+
+        Parameters
+        ----------
+        reason : str
+            Why, for the summary (e.g. ``"interrupted (Ctrl-C)"``).
+        """
+        self._stop_reason = reason
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stop.is_set()
+
+    def _stopping(self) -> bool:
+        if self._stop.is_set():
+            self.interrupted = True
+            self.stop_reason = self._stop_reason
+            return True
+        return False
+
+    def _end_record(self) -> dict[str, Any]:
+        return {
+            "stop_reason": self.stop_reason,
+            "budget": self.config.budget.model_dump(mode="json"),
+            "tiles": sum(step.kind != "survey" for step in self.steps),
+            "steps": len(self.steps),
+            "mean_dose_e_per_a2": self._mean_dose(),
+            "instrument_time_s": self._instrument_time_s,
+        }
 
     @classmethod
     def resume(
@@ -423,50 +578,98 @@ class Session:
         Returns
         -------
         Session
-            A session whose state equals the interrupted one's at its last complete step.
+            A session whose state equals the interrupted one's at its last complete step, with
+            the same session id (its next request ids continue the recorded ones). For the
+            journal of a session that ended, resumed with the recorded budget, the session is
+            rebuilt without touching the journal and :attr:`complete` is True: :meth:`run`
+            then returns its summary at once.
+
+        Raises
+        ------
+        SessionError
+            If the configuration differs in more than the budget, or the instrument differs.
         """
-        journal, contents = SessionJournal.continue_from(journal_path)
+        journal_path = Path(journal_path)
+        recover_rewrite(journal_path)
+        contents = read_journal(journal_path)
         recorded = SessionConfig.model_validate(contents.config)
+        # A version-1 journal has no session id: its request ids carry no prefix.
+        session_id = recorded.session_id
         if config is None:
             config = recorded
-        elif config.model_copy(update={"budget": recorded.budget}) != recorded:
-            journal.close()
+        elif (
+            config.model_copy(
+                update={
+                    "budget": recorded.budget,
+                    "session_id": session_id if config.session_id is None else config.session_id,
+                }
+            )
+            != recorded
+        ):
             raise SessionError(
                 f"{journal_path}: the configuration differs from the recorded one in more than the budget; "
                 "resume with the recorded configuration"
             )
-        session = cls(driver, config, None, on_step, truth)
+        complete = contents.end is not None and config.budget == recorded.budget
+        session = cls(driver, config.model_copy(update={"session_id": session_id}), None, on_step, truth)
+        # A version-1 journal has no session id, and the rebuilt session must not invent one.
+        session.session_id = session_id
+        session.config = session.config.model_copy(update={"session_id": session_id})
         if session.description.model_dump(mode="json") != contents.instrument:
-            journal.close()
             raise SessionError(
                 f"{journal_path}: recorded on another instrument ({contents.instrument.get('name')}); "
                 "resume on the instrument the session started on"
             )
-        session._journal = journal
+        if not complete:
+            session._journal, contents = SessionJournal.continue_from(journal_path, contents)
+        session._journal_path = journal_path
         session._replay = list(contents.steps)
         session._replay_problems = contents.problems
+        started = time.perf_counter()
         with single_thread_torch():
             session._rebuild()
+        session._resumed = {
+            "replayed_steps": len(contents.steps),
+            "rebuild_s": time.perf_counter() - started,
+        }
+        if complete:
+            session.complete = True
+            session.stop_reason = str((contents.end or {}).get("stop_reason", "complete"))
         return session
 
     def summary(self) -> dict[str, Any]:
-        """Counts, dose and time spent, stop reason, domain-wall segments seen, median timings per stage."""
+        """Counts, dose and time spent, stop reason, domain-wall segments seen, median timings per stage.
+
+        Returns
+        -------
+        dict
+            ``tiles`` (after the survey), ``mean_dose_e_per_a2`` (stage average),
+            ``instrument_time_s`` (instrument clock, summed step by step: see the module notes),
+            ``median_timings_s`` (per stage, over every tile of the session as timed when it was
+            taken live: tiles from before a resume keep their journaled timings), ``resumed``
+            (None, or ``replayed_steps`` and ``rebuild_s``: the steps rebuilt from the journal
+            when this process resumed it, without exposing, and the seconds that took),
+            ``interrupted``, ``session_id`` and ``journal`` (its path, or None), among others.
+        """
         guided = [s for s in self.steps if s.kind != "survey"]
         timings: dict[str, list[float]] = {}
         for step in guided:
-            for stage, seconds in step.timings.items():
+            for stage, seconds in self._live_timings.get(step.index, step.timings).items():
                 timings.setdefault(stage, []).append(seconds)
         return {
             "policy": self.config.policy,
             "seed": self.config.seed,
+            "session_id": self.session_id,
             "tiles": len(guided),
             "survey_tiles": len(self.survey_tiles),
             "nodes": len(self.graph),
             "mean_dose_e_per_a2": self._mean_dose(),
-            "instrument_time_s": 0.0 if self._t_first is None else (self._t_last or 0.0) - self._t_first,
+            "instrument_time_s": self._instrument_time_s,
             "stop_reason": self.stop_reason,
+            "interrupted": self.interrupted,
             "wall_segments": 0 if self.policy is None else len(self.policy.walls),
             "median_timings_s": {stage: float(np.median(values)) for stage, values in timings.items()},
+            "resumed": self._resumed,
             "journal": None if self._journal_path is None else str(self._journal_path),
         }
 
@@ -484,15 +687,26 @@ class Session:
                 self._journal_path,
                 self.config.model_dump(mode="json"),
                 self.description.model_dump(mode="json"),
+                session_id=self.session_id,
             )
+
+    def _request_id(self, name: str) -> str:
+        """``name`` with the session id in front (version-1 journals: as it is)."""
+        return name if self.session_id is None else f"{self.session_id}-{name}"
 
     def _survey(self) -> None:
         survey = self.config.survey
         # "overview" ids keep clear of the policies' own prefixes (one of them is named "survey").
         requests = survey_request(
-            self.description, survey.pixel_size_nm, survey.dwell_us, survey.shape, request_prefix="overview"
+            self.description,
+            survey.pixel_size_nm,
+            survey.dwell_us,
+            survey.shape,
+            request_prefix=self._request_id("overview"),
         )
         for request in requests:
+            if self._stopping():
+                break
             self._step(request, "survey")
         self.features = survey_features(self.survey_tiles, self.grid)
 
@@ -514,6 +728,7 @@ class Session:
                 surrogate_config=self.config.surrogate.model_copy(update={"seed": self.config.seed}),
                 truth=self.truth,
             )
+            self.policy.request_prefix = self._request_id(self.config.policy)
             for tile in self.survey_tiles:
                 self.policy.mark_exposed(tile.request)
         return self.policy
@@ -527,7 +742,9 @@ class Session:
             chosen.append(int(np.argmax(distance)))
             distance = np.minimum(distance, np.hypot(*(centres - centres[chosen[-1]]).T))
         return [
-            self.grid.request(index, self.config.tiles.dwell_us, request_id=f"start-{k:05d}")
+            self.grid.request(
+                index, self.config.tiles.dwell_us, request_id=self._request_id(f"start-{k:05d}")
+            )
             for k, index in enumerate(chosen)
         ]
 
@@ -565,7 +782,11 @@ class Session:
         """Acquire (or take from the journal) one tile and carry it through the pipeline."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        tile = self.driver.acquire(request) if recorded is None else _tile_from_record(recorded, request)
+        if recorded is None:
+            tile = self.driver.acquire(request)
+            self._check_exposed(tile)
+        else:
+            tile = _tile_from_record(recorded, request)
         timings["acquire"] = time.perf_counter() - start
         self._account(tile)
         if kind == "survey":
@@ -635,6 +856,7 @@ class Session:
             "columns_found": len(columns),
             "columns_reason": columns.reason,
             "mean_dose_e_per_a2": self._mean_dose(),
+            "instrument_time_s": self._instrument_time_s,
             "surrogate": policy.surrogate_summary(),
             "wall": None if wall is None else wall.to_record(),
         }
@@ -661,7 +883,25 @@ class Session:
             policy.ingest([request], [self._score_tile(request, tile, extent)])
         self._pending_starts = []
 
+    def _check_exposed(self, tile: Tile) -> None:
+        """Refuse a tile the instrument did not expose for this request (an id an earlier session used)."""
+        may_replay, self._may_replay = self._may_replay, False
+        if tile.metadata.get(REPLAYED_KEY) is True and not may_replay:
+            raise SessionError(
+                f"the instrument answered {tile.request.request_id} with a tile it had made before, not "
+                f"a new exposure: an earlier session used the same request ids (session id "
+                f"{self.session_id}). This session takes no old tiles; start it again with another "
+                "session_id (or none, for a new random one)"
+            )
+
     def _finish(self, record: StepRecord, recorded: JournalStep | None) -> None:
+        if recorded is not None:
+            # The summary's timings are those of each step as it ran, not of its replay.
+            live = recorded.record.get("timings")
+            if isinstance(live, dict):
+                self._live_timings[record.index] = {k: float(v) for k, v in live.items()}
+        if record.kind == "survey":
+            record.extra["instrument_time_s"] = self._instrument_time_s
         self.steps.append(record)
         if recorded is None:
             if self._journal is not None:
@@ -680,9 +920,18 @@ class Session:
     # ------------------------------------------------------------------ budget and dose
 
     def _account(self, tile: Tile) -> None:
+        """Add a tile's dose and instrument time (the same for a live tile and its replay)."""
         x_min, x_max, y_min, y_max = tile.extent_nm
         area_a2 = (x_max - x_min) * (y_max - y_min) * 100.0
         self._dose_area_e += tile.dose_e_per_a2 * area_a2
+        if self._t_last is None:
+            self._instrument_time_s += max(tile.t_end - tile.t_start, 0.0)
+        elif tile.t_start >= self._t_last:
+            self._instrument_time_s += tile.t_end - self._t_last  # settling and waiting count too
+        else:
+            # The instrument's clock went back (it restarted): its scan time is all that is known.
+            self._clock_resets += 1
+            self._instrument_time_s += max(tile.t_end - tile.t_start, 0.0)
         self._t_first = tile.t_start if self._t_first is None else self._t_first
         self._t_last = tile.t_end
 
@@ -691,13 +940,14 @@ class Session:
         return self._dose_area_e / ((x1 - x0) * (y1 - y0) * 100.0)
 
     def _within_budget(self) -> bool:
+        if self._stopping():
+            return False
         budget = self.config.budget
         tiles = sum(step.kind != "survey" for step in self.steps)
         if budget.max_tiles is not None and tiles >= budget.max_tiles:
             self.stop_reason = f"tile budget of {budget.max_tiles} spent"
             return False
-        elapsed = 0.0 if self._t_first is None else (self._t_last or 0.0) - self._t_first
-        if budget.max_time_s is not None and elapsed >= budget.max_time_s:
+        if budget.max_time_s is not None and self._instrument_time_s >= budget.max_time_s:
             self.stop_reason = f"instrument-time budget of {budget.max_time_s:g} s spent"
             return False
         if budget.max_mean_dose_e_per_a2 is not None and self._mean_dose() >= budget.max_mean_dose_e_per_a2:
@@ -732,6 +982,8 @@ class Session:
         t_end = (replay[-1].record.get("tile") or {}).get("t_end") if replay else None
         self.driver.resume_after(requests, t_end)
         self._replay = []
+        # The exposure in flight when the session stopped may come back from the instrument's journal.
+        self._may_replay = True
 
 
 def _tile_from_record(step: JournalStep, request: ScanRequest) -> Tile:

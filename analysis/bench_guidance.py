@@ -48,7 +48,6 @@ CONTROL_SPECIMEN = SpecimenConfig(
 """Features uniformly at random: no walls to follow, no clustering, no survey contrast."""
 
 
-
 def budget_tiles(grid_tiles: int, fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[int, float]:
     """Tile count at each budget fraction (at least one tile), as the benchmark counts it.
 
@@ -113,9 +112,11 @@ def run_policy_session(
             len(grid), [fraction for fraction in BUDGET_FRACTIONS if fraction <= max_fraction + 1e-9]
         )
         budget = max(checkpoints)
+        # A fixed session id: the simulator's noise follows the request ids, so a benchmark repeats.
         config = base.model_copy(
-            update={"policy": policy, "seed": seed, "budget": BudgetConfig(max_tiles=budget)}
-        )
+            update={"policy": policy, "seed": seed, "budget": BudgetConfig(max_tiles=budget),
+                    "session_id": base.session_id or f"bench-{policy}-{layout}-{seed}"}
+        )  # fmt: skip
         tracker = DiscoveryTracker(specimen, grid)
         results: dict[float, dict[str, float]] = {}
         latencies: list[float] = []
@@ -310,7 +311,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"instrument: {report.get('instrument', 'realistic')}",
         f"{'policy':<9} {'layout':<8} "
         + " ".join(f"{f'{int(f * 100)}% tiles':>14}" for f in BUDGET_FRACTIONS)
-        + f" {'AUC':>6}"
+        + f" {'AUC':>6}",
     ]
     keys = sorted({(row["policy"], row["layout"]) for row in report["rows"]}, key=lambda k: (k[1], k[0]))
     for policy, layout in keys:

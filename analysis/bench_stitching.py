@@ -231,7 +231,8 @@ def run_case(instrument: SimulatorConfig, policy: str, seed: int) -> dict[str, A
     """
     config = instrument.model_copy(update={"seed": seed})
     specimen = generate_specimen(config.specimen, seed)
-    update: dict[str, Any] = {"policy": policy, "seed": seed}
+    # A fixed session id: the simulator's noise follows the request ids, so a benchmark repeats.
+    update: dict[str, Any] = {"policy": policy, "seed": seed, "session_id": f"bench-{policy}-{seed}"}
     if policy == "raster":
         update["start_tiles"] = 1
     session_config = SESSION.model_copy(update=update)
