@@ -27,15 +27,74 @@ from agent.errors import ConfigError
 from simulator.dataset import RecordedImage, UnitCellParameters, load_image
 
 MAX_PIXEL_SIZE_FACTOR = 64.0
-DEFAULT_BEAM_CURRENT_PA = 50.0
-"""Probe current assumed for a recording that does not state one, pA."""
-DEFAULT_RECORDED_DWELL_US = 10.0
-"""Dwell assumed for a recording that does not state one, µs."""
 """Largest pixel size offered, as a multiple of the recorded pixel size."""
+DEFAULT_BEAM_CURRENT_PA = 50.0
+"""Probe current assumed for a recording that does not state one, pA (it scales the dose only)."""
+COUNTING_UNITS = frozenset({"counts", "detected electrons", "electrons"})
+"""Values of a recording's ``units`` attribute that mean one unit is one detected electron."""
 
 _FRAME_STREAM = 2**31  # spawn-key prefix of expose_frame noise, apart from exposure counts
 _PIXEL_SIZE_RTOL = 1e-6
 _ALIGNMENT_TOL_PX = 1e-3
+
+
+def recorded_dose(
+    recorded: RecordedImage, dwell_us: float | None = None, counts_per_unit: float | None = None
+) -> tuple[float, float]:
+    """The dwell and detector gain a recording was made with, from the caller or the file.
+
+    Parameters
+    ----------
+    recorded : RecordedImage
+        The recording; its ``dwell_us``, ``counts_per_unit`` and ``units`` attributes are read.
+    dwell_us : float, optional
+        Dwell per pixel of the recording, microseconds; overrides the file.
+    counts_per_unit : float, optional
+        Detected electrons per unit of recorded signal; overrides the file.
+
+    Returns
+    -------
+    dwell_us, counts_per_unit : float
+        Both positive and finite.
+
+    Raises
+    ------
+    ConfigError
+        If either is neither given nor stated by the file, or is not a positive number. The
+        message names the command-line options that supply them.
+    """
+    attrs = recorded.attrs
+    if dwell_us is None and "dwell_us" in attrs:
+        dwell_us = _number(attrs["dwell_us"])
+    if counts_per_unit is None:
+        if "counts_per_unit" in attrs:
+            counts_per_unit = _number(attrs["counts_per_unit"])
+        elif str(attrs.get("units", "")).strip().lower() in COUNTING_UNITS:
+            counts_per_unit = 1.0
+    wanted = {
+        "the dwell it was recorded with (--replay-dwell US)": dwell_us,
+        "the detected electrons per unit of its signal (--replay-counts-per-unit C; 1 for counts)": (
+            counts_per_unit
+        ),
+    }
+    missing = [what for what, value in wanted.items() if value is None]
+    if missing:
+        raise ConfigError(
+            f"{recorded.source}: the recording does not state its dose; give {' and '.join(missing)}, "
+            "so that lower-dose tiles get the right shot noise and the dose reported is the dose delivered"
+        )
+    assert dwell_us is not None and counts_per_unit is not None
+    for name, value in (("recorded dwell", dwell_us), ("counts per unit", counts_per_unit)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{recorded.source}: the {name} must be a positive number, got {value}")
+    return float(dwell_us), float(counts_per_unit)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(np.asarray(value).reshape(()))
+    except (TypeError, ValueError):
+        return math.nan  # reported as "not a positive number" with the other checks
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,10 +132,14 @@ class ReplayMicroscope(MicroscopeDriver):
         ``beam_current_pa`` attribute, else 50 pA.
     recorded_dwell_us : float, optional
         Dwell time per pixel of the recording, in microseconds; by default the file's
-        ``dwell_us`` attribute, else 10 µs.
-    counts_per_unit : float
+        ``dwell_us`` attribute. Required when the file does not state it: requests may not
+        dwell longer than the recording (that dose was never recorded).
+    counts_per_unit : float, optional
         Detected electrons per unit of recorded signal at ``recorded_dwell_us``; sets the
-        shot noise of lower-dose requests.
+        shot noise of lower-dose requests. By default the file's ``counts_per_unit``
+        attribute, else 1 when its ``units`` attribute says the image is in counts
+        (:data:`COUNTING_UNITS`). Required otherwise: a guess makes a normalised image
+        collapse to a few grey levels at low dose.
     seed : int
         Seed of the shot noise; the same sequence of requests gives the same tiles.
     max_tile_shape : tuple of int
@@ -95,8 +158,15 @@ class ReplayMicroscope(MicroscopeDriver):
     recorded units, so the tile has the recorded mean and a variance of
     ``signal * recorded_dwell_us / (dwell * counts_per_unit)``. Pixels with a negative
     recorded signal (background-subtracted data) keep their value without shot noise. A
-    dwell equal to or longer than the recording returns the noise-free resampled signal:
-    a replay cannot add information that was never recorded.
+    dwell equal to the recording returns the resampled recorded signal, and a longer one is
+    refused (:meth:`describe` offers dwells up to the recorded one): a replay cannot add
+    information, or dose, that was never recorded.
+
+    Raises
+    ------
+    ConfigError
+        If the recording does not state (and the caller does not give) its pixel size, dwell
+        or counts per unit, or one of them is not a positive number.
     """
 
     def __init__(
@@ -106,7 +176,7 @@ class ReplayMicroscope(MicroscopeDriver):
         pixel_size_nm: float | None = None,
         beam_current_pa: float | None = None,
         recorded_dwell_us: float | None = None,
-        counts_per_unit: float = 1.0,
+        counts_per_unit: float | None = None,
         seed: int = 0,
         max_tile_shape: tuple[int, int] = (4096, 4096),
         dwell_range_us: tuple[float, float] = (0.1, 100.0),
@@ -114,21 +184,17 @@ class ReplayMicroscope(MicroscopeDriver):
         super().__init__()
         if beam_current_pa is None:
             beam_current_pa = float(recorded.attrs.get("beam_current_pa", DEFAULT_BEAM_CURRENT_PA))
-        if recorded_dwell_us is None:
-            recorded_dwell_us = float(recorded.attrs.get("dwell_us", DEFAULT_RECORDED_DWELL_US))
         pixel = pixel_size_nm if pixel_size_nm is not None else recorded.pixel_size_nm
         if pixel is None:
             raise ConfigError(
                 f"{recorded.source}: the pixel size of this image is unknown; "
                 "pass pixel_size_nm (nanometres per pixel) to replay it"
             )
-        for name, value in (
-            ("pixel_size_nm", pixel),
-            ("recorded_dwell_us", recorded_dwell_us),
-            ("counts_per_unit", counts_per_unit),
-        ):
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive number, got {value}")
+        recorded_dwell_us, counts_per_unit = recorded_dose(recorded, recorded_dwell_us, counts_per_unit)
+        if not (math.isfinite(pixel) and pixel > 0):
+            raise ConfigError(
+                f"{recorded.source}: the pixel size must be a positive number of nm, got {pixel}"
+            )
         self._recorded = recorded
         self._pixel_size_nm = float(pixel)
         self._recorded_dwell_us = float(recorded_dwell_us)
@@ -144,7 +210,8 @@ class ReplayMicroscope(MicroscopeDriver):
                 max_tile_shape=max_tile_shape,
                 detectors=("HAADF",),
                 beam_current_pa=beam_current_pa,
-                dwell_us=dwell_range_us,
+                # Longer dwells would report dose the recording never received.
+                dwell_us=(dwell_range_us[0], min(dwell_range_us[1], self._recorded_dwell_us)),
             )
         except ValidationError as error:
             raise ConfigError(f"invalid replay settings: {error}") from None
@@ -249,6 +316,7 @@ class ReplayMicroscope(MicroscopeDriver):
                 "shot_noise": shot_noise,
                 "beam_current_pa": self._description.beam_current_pa,
                 "recorded_dwell_us": self._recorded_dwell_us,
+                "counts_per_unit": self._counts_per_unit,
                 "exposure": self.exposures,
                 "detector": request.detector,
             },

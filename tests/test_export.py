@@ -69,7 +69,7 @@ def test_replayed_tiles_share_stage_coordinates_with_the_specimen(
 ) -> None:
     with ReplayMicroscope.from_path(exported) as microscope:
         assert microscope.describe().stage_x_nm == pytest.approx((0.0, 30.0))
-        request = ScanRequest(x_nm=12.0, y_nm=17.0, shape=(64, 64), pixel_size_nm=PIXEL_NM, dwell_us=100.0)
+        request = ScanRequest(x_nm=12.0, y_nm=17.0, shape=(64, 64), pixel_size_nm=PIXEL_NM, dwell_us=4.0)
         tile = microscope.acquire(request)
     source = load_image(exported).image
     # The request is aligned on recorded pixels: the replayed tile is those pixels exactly.

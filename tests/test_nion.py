@@ -293,7 +293,9 @@ def test_a_recording_is_replayed_through_nion_at_a_rotated_scan(
         specimen, (0.5 * pixel, 0.5 * pixel), (600, 600), pixel, 100.0, IDEAL_IMAGING
     )
     np.save(tmp_path / "recording.npy", recording.astype(np.float32))
-    replay = ReplayMicroscope.from_path(tmp_path / "recording.npy", pixel_size_nm=pixel)
+    replay = ReplayMicroscope.from_path(
+        tmp_path / "recording.npy", pixel_size_nm=pixel, recorded_dwell_us=10.0, counts_per_unit=1.0
+    )
     generator = ReplayScanGenerator(replay, rotation_deg=30.0)
     registered = register_specimen_scan_device(generator, "micrography_usim_replay")
     try:

@@ -22,9 +22,15 @@ from simulator.replay import ReplayMicroscope
 PIXEL_NM = 0.05
 
 
-def recorded(image: np.ndarray, pixel_size_nm: float | None = PIXEL_NM) -> RecordedImage:
+def recorded(
+    image: np.ndarray, pixel_size_nm: float | None = PIXEL_NM, attrs: dict | None = None
+) -> RecordedImage:
+    """A recording in counts at 10 us dwell, as the simulator's exports state it."""
     return RecordedImage(
-        image=image.astype(np.float32), pixel_size_nm=pixel_size_nm, source=Path("frame.npy")
+        image=image.astype(np.float32),
+        pixel_size_nm=pixel_size_nm,
+        source=Path("frame.npy"),
+        attrs={"dwell_us": 10.0, "units": "counts"} if attrs is None else attrs,
     )
 
 
@@ -140,9 +146,9 @@ def test_lower_dwell_adds_poisson_noise_of_the_right_size():
     np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)
 
 
-def test_dwell_at_or_above_recorded_is_noise_free(random_image):
+def test_dwell_of_the_recording_returns_its_pixels(random_image):
     microscope = ReplayMicroscope(recorded(random_image), recorded_dwell_us=10.0)
-    tile = microscope.acquire(aligned_request(0, 0, (8, 8), dwell_us=40.0))
+    tile = microscope.acquire(aligned_request(0, 0, (8, 8), dwell_us=10.0))
     assert tile.metadata["shot_noise"] is False
     assert np.array_equal(tile.image, random_image[:8, :8])
 
@@ -191,7 +197,9 @@ def test_missing_pixel_size_is_a_clear_error(tmp_path, random_image):
     np.save(path, random_image)
     with pytest.raises(ConfigError, match="pass pixel_size_nm"):
         ReplayMicroscope.from_path(path)
-    microscope = ReplayMicroscope.from_path(path, pixel_size_nm=0.1)
+    microscope = ReplayMicroscope.from_path(
+        path, pixel_size_nm=0.1, recorded_dwell_us=10.0, counts_per_unit=1.0
+    )
     assert microscope.describe().stage_x_nm == pytest.approx((0.0, 8.0))
 
 
@@ -218,7 +226,15 @@ def test_ground_truth_cells_in_a_tile(tmp_path):
         i1=np.ones(n),
         i5=np.ones(n),
     )
-    files = write_dataset(tmp_path, image, cells, pixel_size_nm=0.04, composition_pct=13, index=0)
+    files = write_dataset(
+        tmp_path,
+        image,
+        cells,
+        pixel_size_nm=0.04,
+        composition_pct=13,
+        index=0,
+        extra_attrs={"dwell_us": 10.0},
+    )
     microscope = ReplayMicroscope.from_path(files.haadf)
     assert microscope.pixel_size_nm == 0.04
     truth = microscope.ground_truth
@@ -240,7 +256,9 @@ def test_ground_truth_cells_in_a_tile(tmp_path):
 def test_replay_of_a_loaded_file_without_cells_has_no_ground_truth(tmp_path, random_image):
     path = tmp_path / "frame.npy"
     np.save(path, random_image)
-    microscope = ReplayMicroscope(load_image(path, pixel_size_nm=PIXEL_NM))
+    microscope = ReplayMicroscope(
+        load_image(path, pixel_size_nm=PIXEL_NM), recorded_dwell_us=10.0, counts_per_unit=1.0
+    )
     assert microscope.ground_truth is None
     assert microscope.uc_parameters_in((0.0, 1.0, 0.0, 1.0)) is None
 
@@ -248,7 +266,9 @@ def test_replay_of_a_loaded_file_without_cells_has_no_ground_truth(tmp_path, ran
 def test_a_rotated_frame_is_the_aligned_frame_turned(tmp_path: Path) -> None:
     image = np.random.default_rng(0).random((200, 300)).astype(np.float32)
     np.save(tmp_path / "noise.npy", image)
-    replay = ReplayMicroscope.from_path(tmp_path / "noise.npy", pixel_size_nm=0.1)
+    replay = ReplayMicroscope.from_path(
+        tmp_path / "noise.npy", pixel_size_nm=0.1, recorded_dwell_us=10.0, counts_per_unit=1.0
+    )
     centre = (15.0, 10.0)  # on recorded pixel edges: 60 x 60 px frames sit on recorded pixels
     aligned = replay.expose_frame(centre, (60, 60), 0.1, 0.0, dwell_us=20.0)
     crop = image[100 - 30 : 100 + 30, 150 - 30 : 150 + 30]
@@ -260,3 +280,46 @@ def test_a_rotated_frame_is_the_aligned_frame_turned(tmp_path: Path) -> None:
     # A shorter dwell than the recording's adds shot noise around the same signal.
     noisy = replay.expose_frame(centre, (60, 60), 0.1, 0.0, dwell_us=5.0)
     assert not np.array_equal(noisy, aligned) and abs(noisy.mean() - aligned.mean()) < 0.05
+
+
+def test_recording_without_dose_is_refused_with_the_options_to_give(random_image):
+    with pytest.raises(
+        ConfigError, match=r"does not state its dose.*--replay-dwell US.*--replay-counts-per-unit"
+    ):
+        ReplayMicroscope(recorded(random_image, attrs={}))
+    with pytest.raises(ConfigError, match=r"--replay-counts-per-unit") as refused:
+        ReplayMicroscope(recorded(random_image, attrs={"dwell_us": 8.0}))
+    assert "--replay-dwell" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"counts per unit must be a positive number, got -1"):
+        ReplayMicroscope(recorded(random_image, attrs={}), recorded_dwell_us=8.0, counts_per_unit=-1.0)
+
+
+def test_recorded_dose_from_the_file_or_the_caller(random_image):
+    stated = ReplayMicroscope(recorded(random_image, attrs={"dwell_us": 8.0, "counts_per_unit": 250.0}))
+    tile = stated.acquire(aligned_request(0, 0, (8, 8), dwell_us=2.0))
+    assert tile.metadata["recorded_dwell_us"] == 8.0 and tile.metadata["counts_per_unit"] == 250.0
+    given = ReplayMicroscope(recorded(random_image, attrs={}), recorded_dwell_us=4.0, counts_per_unit=0.5)
+    assert given.describe().dwell_us == (0.1, 4.0)
+
+
+def test_dwell_longer_than_the_recording_is_refused_before_exposing(random_image):
+    microscope = ReplayMicroscope(recorded(random_image))  # recorded at 10 us
+    assert microscope.describe().dwell_us[1] == 10.0
+    with pytest.raises(OutOfRangeError, match="dwell"):
+        microscope.acquire(aligned_request(0, 0, (8, 8), dwell_us=12.0))
+    assert microscope.exposures == 0
+    tile = microscope.acquire(aligned_request(0, 0, (8, 8), dwell_us=10.0))
+    # Dose reported is the dose of the dwell delivered, and equals the recorded one here.
+    assert tile.dose_e_per_a2 == pytest.approx(microscope.describe().dose_of(tile.request))
+
+
+def test_normalised_recording_keeps_its_grey_levels_at_low_dose():
+    """A [0, 1] image at 1000 electrons per unit: a 5x lower dose stays a continuum, not 5 levels."""
+    smooth = np.linspace(0.2, 0.8, 64 * 80, dtype=np.float32).reshape(64, 80)
+    microscope = ReplayMicroscope(recorded(smooth, attrs={"dwell_us": 10.0}), counts_per_unit=1000.0)
+    tile = microscope.acquire(aligned_request(0, 0, (32, 32), dwell_us=2.0))
+    assert np.unique(tile.image).size > 50
+    assert tile.image.mean() == pytest.approx(smooth[:32, :32].mean(), rel=0.02)
+    # The same image taken for counts (one electron per unit) is what used to happen silently.
+    as_counts = ReplayMicroscope(recorded(smooth, attrs={"dwell_us": 10.0}), counts_per_unit=1.0)
+    assert np.unique(as_counts.acquire(aligned_request(0, 0, (32, 32), dwell_us=2.0)).image).size <= 6

@@ -30,6 +30,12 @@ class UsimSpecimenConfig(StrictModel):
         None, description="serve this recording (Sm-BFO .h5 layout, .npy, .tif) instead of the specimen"
     )
     replay_pixel_size_nm: float | None = Field(None, gt=0, description="pixel size of the recording")
+    replay_dwell_us: float | None = Field(
+        None, gt=0, description="dwell the recording was made with, us (when the file lacks it)"
+    )
+    replay_counts_per_unit: float | None = Field(
+        None, gt=0, description="detected electrons per unit of the recorded signal (when the file lacks it)"
+    )
     rotation_deg: float = Field(
         0.0,
         description="angle of the usim scan x axis from the specimen x (the bridge calibrates it)",

@@ -204,6 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--replay-pixel-size", type=float, metavar="NM", help="pixel size of the recording, nm"
     )
+    parser.add_argument("--replay-dwell", type=float, metavar="US", help="dwell of the recording, us")
+    parser.add_argument(
+        "--replay-counts-per-unit",
+        type=float,
+        metavar="C",
+        help="detected electrons per unit of the recorded signal (1 for counts)",
+    )
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="micrography-nion-") as scratch:
@@ -260,9 +267,19 @@ def _override(settings: dict[str, Any], args: argparse.Namespace) -> None:
         from simulator.replay import ReplayMicroscope
 
         # The field offered is the recording's extent.
-        description = ReplayMicroscope.from_path(args.replay, pixel_size_nm=args.replay_pixel_size).describe()
+        description = ReplayMicroscope.from_path(
+            args.replay,
+            pixel_size_nm=args.replay_pixel_size,
+            recorded_dwell_us=args.replay_dwell,
+            counts_per_unit=args.replay_counts_per_unit,
+        ).describe()
         usim.update(
-            {"replay": str(Path(args.replay).resolve()), "replay_pixel_size_nm": args.replay_pixel_size}
+            {
+                "replay": str(Path(args.replay).resolve()),
+                "replay_pixel_size_nm": args.replay_pixel_size,
+                "replay_dwell_us": args.replay_dwell,
+                "replay_counts_per_unit": args.replay_counts_per_unit,
+            }
         )
         settings["field_nm"] = [description.stage_x_nm[1], description.stage_y_nm[1]]
         settings["pixel_size_nm"] = list(description.pixel_size_nm)

@@ -68,7 +68,12 @@ class BridgeHost:
             if usim.replay:
                 from simulator.replay import ReplayMicroscope
 
-                replay = ReplayMicroscope.from_path(usim.replay, pixel_size_nm=usim.replay_pixel_size_nm)
+                replay = ReplayMicroscope.from_path(
+                    usim.replay,
+                    pixel_size_nm=usim.replay_pixel_size_nm,
+                    recorded_dwell_us=usim.replay_dwell_us,
+                    counts_per_unit=usim.replay_counts_per_unit,
+                )
                 self.generator = ReplayScanGenerator(replay, rotation_deg=usim.rotation_deg)
             else:
                 simulator = (
