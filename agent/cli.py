@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, paths
 from agent.errors import ConfigError, MicrographyError
 
 DESCRIPTION = """\
@@ -53,10 +54,71 @@ def _open_driver(args: argparse.Namespace) -> Any:
     if getattr(args, "replay", None):
         from simulator.replay import ReplayMicroscope
 
-        return ReplayMicroscope.from_path(args.replay, pixel_size_nm=args.replay_pixel_size)
+        return ReplayMicroscope.from_path(
+            args.replay,
+            pixel_size_nm=args.replay_pixel_size,
+            recorded_dwell_us=args.replay_dwell,
+            counts_per_unit=args.replay_counts_per_unit,
+        )
     from simulator.drivers import SimulatedMicroscope
 
     return SimulatedMicroscope(_simulator_config(args.config, args.seed))
+
+
+def _positive(value: float | None, option: str, unit: str) -> None:
+    """Refuse a zero, negative, NaN or infinite number given for ``option``."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{option} must be a positive number of {unit}, got {value:g}")
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """``--tile-budget``-style sizes: bytes, or a number with K, M, G or T (binary multiples)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _BYTE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8G or 512M, got {text!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return int(number * _BYTE_UNITS[unit])
+
+
+def _at_least_one(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{option} must be at least 1, got {value}")
+
+
+def _check_instrument_options(args: argparse.Namespace) -> None:
+    """Check the instrument options before the specimen is generated or the recording read."""
+    if getattr(args, "config", None):
+        paths.input_file(args.config, "--config")
+    if getattr(args, "replay", None):
+        if not Path(args.replay).exists():
+            raise ConfigError(f"--replay {args.replay}: no such file or folder")
+        _positive(args.replay_pixel_size, "--replay-pixel-size", "nm")
+        _positive(args.replay_dwell, "--replay-dwell", "us")
+        _positive(args.replay_counts_per_unit, "--replay-counts-per-unit", "detected electrons per unit")
+
+
+def _client_curve(args: argparse.Namespace) -> Any:
+    """The CURVE keys of ``run --instrument``, loaded (and checked) before anything is exposed."""
+    secret, server = args.curve_secret_key, args.curve_server_key
+    if secret is None and server is None:
+        return None
+    if secret is None or server is None:
+        raise ConfigError(
+            "CURVE needs both --curve-secret-key (this client's .key_secret) and --curve-server-key "
+            "(the server's public .key)"
+        )
+    from agent.protocol.security import CurveClientKeys
+
+    return CurveClientKeys.from_files(
+        paths.input_file(secret, "--curve-secret-key"), paths.input_file(server, "--curve-server-key")
+    )
 
 
 def _progress_status(message: str) -> Any:
@@ -70,6 +132,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulator.export import export_specimen
     from simulator.specimen import generate_specimen
 
+    _positive(args.pixel_size, "--pixel-size", "nm")
+    _positive(args.dwell, "--dwell", "us")
+    paths.output_folder(args.out)
     config = _simulator_config(args.config, args.seed)
     with _progress_status(f"generating specimen (seed {config.seed})"):
         specimen = generate_specimen(config.specimen, config.seed)
@@ -97,6 +162,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     """Print the instrument description as JSON."""
+    _check_instrument_options(args)
     with _open_driver(args) as microscope:
         print(microscope.describe().model_dump_json(indent=2))
     return 0
@@ -106,20 +172,20 @@ def cmd_acquire(args: argparse.Namespace) -> int:
     """Acquire one tile and save it."""
     import numpy as np
 
+    from agent.config import validate_config
     from agent.driver import ScanRequest
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".npy", ".png", ".tif", ".tiff"):
-        raise ConfigError(f"--out {out}: use a .npy, .tif or .png file name")
-    request = ScanRequest(
-        x_nm=args.x,
-        y_nm=args.y,
-        shape=(args.rows, args.cols),
-        pixel_size_nm=args.pixel_size,
-        dwell_us=args.dwell,
-        detector=args.detector,
-    )
+    # Everything is checked before the beam is on: a tile that cannot be saved is dose lost.
+    request = validate_config(
+        {"x_nm": args.x, "y_nm": args.y, "shape": (args.rows, args.cols), "pixel_size_nm": args.pixel_size,
+         "dwell_us": args.dwell, "detector": args.detector},
+        ScanRequest,
+        "acquire",
+    )  # fmt: skip
+    out = paths.output_file(args.out, suffixes=(".npy", ".png", ".tif", ".tiff"), overwrite=args.overwrite)
+    _check_instrument_options(args)
     with _open_driver(args) as microscope:
+        microscope.check(request)
         tile = microscope.acquire(request)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npy":
@@ -152,6 +218,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run one benchmark, print its table and write its JSON."""
     from agent.benchmarking import write_report
 
+    _at_least_one(args.repeats, "--repeats")
+    _positive(args.pixel_size, "--pixel-size", "nm")
+    if args.json:
+        paths.output_file(args.json, "--json")
+    if args.config:
+        paths.input_file(args.config, "--config")
     if args.target == "simulator":
         from simulator.bench import benchmark_simulator, format_report
 
@@ -205,6 +277,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse one large image and write its figure, HTML report and JSON."""
     from analysis.analyze import AnalyzeConfig, run_analysis
 
+    if args.model:
+        paths.input_file(args.model, "--model")
+
     options = {
         "pixel_size_nm": _pixel_size_option(args.pixel_size),
         "material": args.material,
@@ -222,7 +297,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from agent.config import validate_config
 
     config = validate_config({k: v for k, v in options.items() if v is not None}, AnalyzeConfig, "options")
-    out = Path(args.out) if args.out else Path("runs") / f"analyze-{Path(args.image).stem}"
+    out = paths.output_folder(
+        Path(args.out) if args.out else Path("runs") / f"analyze-{Path(args.image).stem}"
+    )
     outputs = run_analysis(args.image, out, config, show_progress=not args.quiet)
     summary = outputs.summary
     columns = summary["columns"]
@@ -244,21 +321,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or resume) a guided session and write its journal, report figure and summary."""
+    """Run (or resume) a guided session and write its journal, report figure and summary.
+
+    Every input is checked before the first exposure (configuration, checkpoint, journal,
+    output folder). Ctrl-C finishes and journals the tile in progress, writes the summary and
+    report, prints the command that resumes the session and returns 130; a second Ctrl-C stops
+    at once (the steps journaled so far are kept). Resuming a complete session exposes and
+    writes nothing.
+    """
+    import shlex
+    import signal
+    import threading
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from agent.config import load_config, validate_config
-    from agent.session import Session, SessionConfig
+    from agent.session import Session, SessionConfig, check_checkpoint
     from simulator.config import SimulatorConfig
 
+    recorded = None
     if args.resume:
-        from agent.journal import read_journal
+        from agent.journal import read_journal, recover_rewrite
 
+        args.resume = str(paths.input_journal(args.resume, "--resume"))
+        recover_rewrite(args.resume)  # a resume cut short while it rewrote the journal
         recorded = read_journal(args.resume)
         config = validate_config(recorded.config, SessionConfig, f"{args.resume} (recorded configuration)")
         for problem in recorded.problems:
             print(f"micrography: warning: {args.resume}: {problem}", file=sys.stderr)
     else:
+        if args.config:
+            paths.input_file(args.config, "--config")
         config = load_config(args.config, SessionConfig) if args.config else SessionConfig()
     updates: dict[str, Any] = {}
     if args.policy:
@@ -290,12 +383,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     journal = Path(args.resume) if args.resume else out / "journal.h5"
     if not args.resume and journal.exists():
         raise ConfigError(f"{journal} exists; resume it with --resume {journal} or choose another --out")
+    # Everything that can be checked is checked here, before the first exposure.
+    if config.checkpoint:
+        paths.input_file(config.checkpoint, "checkpoint")
+        check_checkpoint(config)
+    paths.output_folder(out)
+    if (
+        recorded is not None
+        and recorded.end is not None
+        and config.budget == validate_config(recorded.config, SessionConfig, str(args.resume)).budget
+    ):
+        reason = str(recorded.end.get("stop_reason", "it ended"))
+        more = (
+            f"; to take more tiles, resume it with a larger budget: micrography run --resume "
+            f"{shlex.quote(args.resume)} --budget TILES"
+            if reason.startswith("tile budget")
+            else ""
+        )
+        print(
+            f"{args.resume}: this session is complete ({reason}, {recorded.end.get('tiles', '?')} tiles); "
+            f"nothing was exposed or written{more}"
+        )
+        return 0
 
     specimen = None
     if args.instrument:
         from agent.protocol.client import ZmqMicroscope
 
-        driver: Any = ZmqMicroscope(args.instrument)
+        driver: Any = ZmqMicroscope(args.instrument, curve=_client_curve(args))
     else:
         from simulator.drivers import SimulatedMicroscope
         from simulator.specimen import generate_specimen
@@ -347,7 +462,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 session = Session.resume(driver, journal, config, on_step=on_step, truth=truth)
             else:
                 session = Session(driver, config, journal, on_step=on_step, truth=truth)
-            summary = session.run()
+
+            def stop_after_this_tile(signum: int, frame: Any) -> None:
+                if session.stop_requested:
+                    raise KeyboardInterrupt  # a second Ctrl-C: stop now
+                session.request_stop("interrupted (Ctrl-C)")
+                progress.console.print(
+                    "micrography: stopping after the tile in progress (Ctrl-C again to stop at once)"
+                )
+
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, stop_after_this_tile) if in_main else None
+            try:
+                summary = session.run()
+            except KeyboardInterrupt:
+                summary = session.summary()
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGINT, previous)
 
     from analysis.guidance import detected_features, session_summary_table, write_session_report
 
@@ -356,10 +488,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary["imaged_features"] = len(tracker.imaged)
         summary["detected_features"] = len(detected_features(session, specimen))
         summary["discovery_curve"] = tracker.curve
-    report = write_session_report(session, out / "report.png", tracker)
+    report = write_session_report(session, out / "report.png", tracker) if session.steps else None
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     print(session_summary_table(summary))
-    print(f"journal: {journal}\nreport:  {report}\nsummary: {out / 'summary.json'}")
+    print(f"journal: {journal}\nreport:  {report or 'none (no step taken)'}\nsummary: {out / 'summary.json'}")
+    if session.interrupted:
+        resume = f"micrography run --resume {shlex.quote(str(journal))}"
+        if args.instrument:
+            resume += f" --instrument {shlex.quote(args.instrument)}"
+            for option in ("curve_secret_key", "curve_server_key"):
+                if getattr(args, option):
+                    resume += f" --{option.replace('_', '-')} {shlex.quote(getattr(args, option))}"
+        print(
+            f"micrography: {summary['stop_reason']} after {summary['tiles']} tiles; every step is in the "
+            f"journal. Resume with:\n  {resume}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -374,9 +520,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Replay a session journal: figures, timing breakdown, reproduction check, optional re-scoring."""
     from analysis.replay import format_replay, run_replay
 
-    out = Path(args.out) if args.out else Path(args.journal).parent / "replay"
+    _at_least_one(args.every, "--every")
+    _at_least_one(args.top_k, "--top-k")
+    journal = paths.input_journal(args.journal)
+    if args.model:
+        paths.input_file(args.model, "--model")
+    if args.config:
+        paths.input_file(args.config, "--config")
+    out = paths.output_folder(Path(args.out) if args.out else journal.parent / "replay")
     report = run_replay(
-        args.journal, out, every=args.every, steps=args.steps, checkpoint=args.model,
+        journal, out, every=args.every, steps=args.steps, checkpoint=args.model,
         config_path=args.config, top_k=args.top_k,
     )  # fmt: skip
     print(format_replay(report))
@@ -395,7 +548,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from analysis.compare import format_table, run_compare
 
     fractions = tuple(args.budgets) if args.budgets else BUDGET_FRACTIONS
-    report = run_compare(args.inputs, args.out, by_policy=args.by_policy, fractions=fractions)
+    for fraction in fractions:
+        if not (math.isfinite(fraction) and 0 < fraction <= 1):
+            raise ConfigError(f"--budgets: a budget fraction lies in (0, 1], got {fraction:g}")
+    inputs = [
+        paths.input_file(item, "input")
+        if str(item).lower().endswith(".json")
+        else paths.input_journal(item, "input")
+        for item in args.inputs
+    ]
+    paths.output_folder(args.out)
+    report = run_compare(inputs, args.out, by_policy=args.by_policy, fractions=fractions)
     print(format_table(report["table"], report["fractions"]))
     files = report["files"]
     print(f"figure:  {files['figure']}\ntable:   {files['csv']}\njson:    {files['json']}")
@@ -407,12 +570,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from agent.anomaly import AnomalyConfig
-    from agent.config import load_config
+    from agent.config import load_config, validate_config
     from analysis.training import TRAINING_SEEDS, train_scorer
 
+    paths.output_file(args.out, suffixes=(".pt",), overwrite=args.overwrite)
+    _at_least_one(args.steps, "--steps")
     config = load_config(args.config, AnomalyConfig) if args.config else AnomalyConfig()
     if args.steps is not None:
-        config = config.model_copy(update={"warmup_steps": args.steps})
+        values = config.model_dump() | {"warmup_steps": args.steps}
+        config = validate_config(values, AnomalyConfig, "--steps")
+    if args.simulator_config:
+        paths.input_file(args.simulator_config, "--simulator-config")
     seeds = args.seeds or list(TRAINING_SEEDS)
     with Progress() as progress:
         tasks: dict[str, Any] = {}
@@ -437,6 +605,7 @@ def _server_logger(log_file: str | None) -> tuple[Any, list[Any]]:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
+        paths.output_file(log_file, "--log")
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
@@ -454,8 +623,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from simulator.server import InstrumentServer, instrument_digest, require_safe_bind
 
     curve = CurveServerKeys.from_settings(args.curve_secret_key, args.allowed_clients)
-    # Refuse an unsafe address before spending time on the specimen.
+    # Refuse an unsafe address, an unusable log or journal before spending time on the specimen.
     require_safe_bind(args.bind, args.events_bind, curve is not None, args.insecure)
+    _positive(args.heartbeat, "--heartbeat", "seconds")
+    if args.log:
+        paths.output_file(args.log, "--log")
+    if args.journal:
+        paths.output_folder(args.journal, "--journal")
+    _check_instrument_options(args)
     logger, handlers = _server_logger(args.log)
     stop = threading.Event()
     # SIGTERM (systemd, docker stop, kill) stops as gracefully as Ctrl-C; only the main thread may
@@ -480,6 +655,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 curve=curve,
                 journal=journal,
                 heartbeat_s=args.heartbeat,
+                tile_budget_bytes=args.tile_budget,
+                memory_budget_bytes=args.memory_budget,
                 allow_insecure=args.insecure,
                 logger=logger.getChild("server"),
             )
@@ -515,6 +692,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     """Generate a CurveZMQ key pair."""
     from agent.protocol.security import generate_keys, load_public_key
 
+    paths.output_folder(args.out)
     public_file, secret_file = generate_keys(args.out, args.name)
     print(f"public key: {public_file}  (give it to the other side of the link)")
     print(f"secret key: {secret_file}  (stays on this machine, readable by you only)")
@@ -539,6 +717,20 @@ def _add_instrument_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="NM",
         help="pixel size of the recorded image, nm (when the file lacks it)",
+    )
+    parser.add_argument(
+        "--replay-dwell",
+        type=float,
+        metavar="US",
+        help="dwell per pixel the image was recorded with, microseconds (when the file lacks it); "
+        "longer dwells are refused",
+    )
+    parser.add_argument(
+        "--replay-counts-per-unit",
+        type=float,
+        metavar="C",
+        help="detected electrons per unit of the recorded signal (when the file lacks it; 1 for an "
+        "image in counts); sets the shot noise of lower doses",
     )
 
 
@@ -625,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     acquire.add_argument(
         "--out", required=True, metavar="FILE", help="where to save the tile (.npy, .tif, .png)"
     )
+    acquire.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (refused by default)"
+    )
     acquire.set_defaults(handler=cmd_acquire)
 
     run = commands.add_parser(
@@ -648,6 +843,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="output folder (default runs/session-POLICY-seedN)")
     run.add_argument("--resume", metavar="JOURNAL", help="continue an interrupted session from its journal")
     run.add_argument("--instrument", metavar="ENDPOINT", help="run over ZeroMQ, e.g. tcp://127.0.0.1:5555")
+    run.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="with --instrument: this client's .key_secret file; turns on CurveZMQ (docs/protocol.md, 8)",
+    )
+    run.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        help="with --instrument and CURVE: the server's public .key file",
+    )
     run.set_defaults(handler=cmd_run)
 
     replay = commands.add_parser(
@@ -704,6 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument("--out", required=True, metavar="PATH", help="checkpoint to write (.pt)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (refused by default)"
+    )
     train.add_argument("--config", metavar="YAML", help="anomaly-scorer configuration (AnomalyConfig)")
     train.add_argument("--simulator-config", metavar="YAML", help="simulator configuration of the specimens")
     train.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training specimen seeds")
@@ -861,6 +1069,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the request-id bookkeeping in memory only (a restart forgets it)",
     )
     serve.add_argument(
+        "--tile-budget",
+        type=_byte_size,
+        default=8 << 30,
+        metavar="SIZE",
+        help="tiles kept on disk in the journal folder for answering retried request ids, e.g. 8G "
+        "(default 8 GiB: a whole session); older tiles are then answered reply_expired, never re-exposed",
+    )
+    serve.add_argument(
+        "--memory-budget",
+        type=_byte_size,
+        default=512 << 20,
+        metavar="SIZE",
+        help="recent tiles also kept in memory, e.g. 512M (default 512 MiB)",
+    )
+    serve.add_argument(
         "--heartbeat", type=float, default=1.0, metavar="S", help="heartbeat interval, seconds (default 1)"
     )
     serve.add_argument(
@@ -926,8 +1149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except MicrographyError as error:
-        message = str(error).replace("\n", "\n  ")
+        # One line, whatever the error: several problems are joined, so a log shows each mistake once.
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"micrography: error: {message}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        # A path that passed the checks and then failed (disk full, removed meanwhile).
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"micrography: error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("micrography: interrupted", file=sys.stderr)

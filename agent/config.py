@@ -112,12 +112,18 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a configuration file") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read configuration file ({error.strerror})") from None
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        # PyYAML's own text spans several lines with a caret; one line says where.
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
     if values is None:
         values = {}
     if not isinstance(values, dict):

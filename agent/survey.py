@@ -408,6 +408,7 @@ def lattice_fringes(image: np.ndarray, sigma_px: float = 3.0) -> LatticeFringes 
 
     distortion = np.zeros_like(values)
     amplitude = np.zeros_like(values)
+
     def demodulate(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         carrier = np.exp(-2j * np.pi * (g[0] * rows + g[1] * cols))
         demodulated = values * carrier

@@ -875,6 +875,7 @@ def run_analysis(
             console=Console(stderr=True),
         )
     clock = StageClock(progress)
+    resolve_material(config.material)  # an unknown material is refused before the first bar
     if progress is not None:
         progress.start()
     try:
@@ -887,6 +888,11 @@ def run_analysis(
             paths = write_outputs(result, out_dir)
             # The report's own time and the final peak go into the JSON written last.
             result.summary["timings_s"]["report"] = round(clock.seconds.get("report", 0.0), 3)
+    except BaseException:
+        if progress is not None:
+            # A refused image leaves its one-line error alone on the terminal, no half-drawn bars.
+            progress.live.transient = True
+        raise
     finally:
         if progress is not None:
             progress.stop()

@@ -870,9 +870,7 @@ def run_replay(
     }
     if new_config is not None:
         graph, scorer = rescore_tiles(session.steps, new_config, session.config, progress)
-        new = tile_region_scores(
-            graph, scorer, session.graph.tile_extents, new_config.region_top_fraction
-        )
+        new = tile_region_scores(graph, scorer, session.graph.tile_extents, new_config.region_top_fraction)
         label = f"model {Path(checkpoint).name}" if checkpoint else f"config {Path(config_path or '').name}"
         if checkpoint and config_path:
             label = f"{Path(config_path).name} + {Path(checkpoint).name}"

@@ -150,6 +150,17 @@ def test_replay_via_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             str(tmp_path / "crop.npy"),
         ]
     )
+    # A .npy states no dwell nor gain: refused before exposing, naming the options.
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "does not state its dose" in error and "--replay-dwell" in error
+    assert not (tmp_path / "crop.npy").exists()
+    status = main(
+        ["acquire", "--replay", str(tmp_path / "scan.npy"), "--replay-pixel-size", "0.05",
+         "--replay-dwell", "100", "--replay-counts-per-unit", "1", "--x", "5", "--y", "5",
+         "--rows", "20", "--cols", "20", "--pixel-size", "0.05", "--dwell", "100",
+         "--out", str(tmp_path / "crop.npy")]
+    )  # fmt: skip
     assert status == 0, capsys.readouterr().err
     np.testing.assert_array_equal(np.load(tmp_path / "crop.npy"), image[90:110, 90:110])
     assert main(["describe", "--replay", str(tmp_path / "scan.npy")]) == 1

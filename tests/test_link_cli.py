@@ -18,6 +18,8 @@ from agent.cli import main
 from agent.driver import ScanRequest
 from agent.protocol.client import ZmqMicroscope
 from agent.protocol.security import CurveClientKeys
+from simulator.config import SimulatorConfig
+from simulator.specimen import Specimen
 from tests.conftest import SMALL_SPECIMEN
 
 pytestmark = pytest.mark.timeout(60)
@@ -149,3 +151,74 @@ def test_bench_link_writes_the_documented_json(
         assert {"transport", "tile_px", "curve", "median_roundtrip_s", "throughput_mb_s"} <= set(row)
         assert row["median_roundtrip_s"] > 0 and row["throughput_mb_s"] > 0
     assert "micrography" in capsys.readouterr().out
+
+
+def test_run_over_a_curve_link_from_the_command_line(
+    tmp_path: Path,
+    small_config: SimulatorConfig,
+    small_specimen: Specimen,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The documented remote set-up: `run --instrument` with CURVE keys, refused without them."""
+    from agent.protocol.security import CurveServerKeys
+    from agent.session import BudgetConfig, ScanSettings, SessionConfig
+    from simulator.drivers import SimulatedMicroscope
+    from simulator.server import InstrumentServer
+
+    keys = tmp_path / "keys"
+    for name, folder in (("server", keys), ("agent", keys / "clients"), ("stranger", keys)):
+        assert main(["keys", "generate", "--out", str(folder), "--name", name]) == 0
+    session = SessionConfig(
+        budget=BudgetConfig(max_tiles=2),
+        survey=ScanSettings(pixel_size_nm=0.5, dwell_us=2.0, shape=(4096, 4096)),
+        tiles=ScanSettings(pixel_size_nm=0.02, dwell_us=4.0, shape=(128, 128)),
+        start_tiles=2,
+        warmup_steps=5,
+    )
+    config = tmp_path / "session.yaml"
+    config.write_text(yaml.safe_dump(session.model_dump(mode="json")), encoding="utf-8")
+    capsys.readouterr()
+    curve = CurveServerKeys.from_files(keys / "server.key_secret", keys / "clients")
+    with (
+        SimulatedMicroscope(small_config, small_specimen) as microscope,
+        InstrumentServer(
+            microscope, "tcp://127.0.0.1:*", events_bind="tcp://127.0.0.1:*", curve=curve
+        ) as server,
+    ):
+        assert server.endpoint is not None
+        run = ["run", "--instrument", server.endpoint, "--config", str(config)]
+        # A client key the server does not list: refused at the handshake, nothing exposed.
+        stranger = [
+            "--curve-secret-key",
+            str(keys / "stranger.key_secret"),
+            "--curve-server-key",
+            str(keys / "server.key"),
+        ]
+        assert main([*run, *stranger, "--out", str(tmp_path / "refused")]) == 1
+        assert "micrography: error: " in capsys.readouterr().err
+        # Half a key pair is a one-line mistake, caught before connecting.
+        assert (
+            main(
+                [
+                    *run,
+                    "--curve-secret-key",
+                    str(keys / "clients" / "agent.key_secret"),
+                    "--out",
+                    str(tmp_path / "half"),
+                ]
+            )
+            == 1
+        )
+        assert "--curve-server-key" in capsys.readouterr().err
+        assert server.status().exposures == 0
+        agent = [
+            "--curve-secret-key",
+            str(keys / "clients" / "agent.key_secret"),
+            "--curve-server-key",
+            str(keys / "server.key"),
+        ]
+        assert main([*run, *agent, "--out", str(tmp_path / "session")]) == 0, capsys.readouterr().err
+        summary = json.loads((tmp_path / "session" / "summary.json").read_text())
+        # The survey and the two start tiles went over the encrypted link and were exposed once each.
+        assert server.status().exposures == 1 + 2
+        assert summary["tiles"] == 2
