@@ -376,6 +376,15 @@ def test_a_retried_request_id_is_exposed_once(microscope: SimulatedMicroscope) -
     assert microscope.exposures == 1
 
 
+def test_the_client_refuses_a_bad_request_id_before_sending(microscope: SimulatedMicroscope) -> None:
+    with serving(microscope) as server, ZmqMicroscope(server.endpoint) as client:
+        for bad in ("two words", "line\nbreak", "x" * 129):
+            with pytest.raises(ConfigError, match=r"is not a valid request id: use 1-128 printable ASCII"):
+                client.acquire(scan(bad))
+        assert server.status().exposures == 0
+    assert microscope.exposures == 0
+
+
 def test_a_retry_during_the_exposure_joins_it(
     small_config: SimulatorConfig, small_specimen: Specimen
 ) -> None:

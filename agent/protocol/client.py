@@ -69,6 +69,7 @@ from agent.protocol.messages import (
     HelloReply,
     StatusCommand,
     StatusReply,
+    request_id_problem,
 )
 from agent.protocol.security import CurveClientKeys
 
@@ -224,6 +225,11 @@ class ZmqMicroscope(MicroscopeDriver):
         return self._description
 
     def _acquire(self, request: ScanRequest) -> Tile:
+        # Refuse before sending: the server would answer bad_request, and a caller that made up
+        # ids is better told here, with nothing exposed and no round trip.
+        problem = request_id_problem("request id", request.request_id)
+        if problem is not None:
+            raise ConfigError(problem)
         rows, cols = request.shape
         # Refuse before asking: a reply over our limit would make libzmq drop the connection.
         check_size(

@@ -516,7 +516,21 @@ ARRAYS_OF_TYPE: dict[str, frozenset[str]] = {"acquire_ok": frozenset({"image"})}
 """The array frames each message type may carry in this version; every other type carries none."""
 
 
-def _request_id_problem(where: str, value: Any) -> str | None:
+def request_id_problem(where: str, value: Any) -> str | None:
+    """Why ``value`` cannot be a request id, or None if it can (or is not a string).
+
+    Parameters
+    ----------
+    where : str
+        Where the value was found, for the message (``"scan.request_id"``).
+    value : object
+        The value.
+
+    Returns
+    -------
+    str or None
+        A one-line problem naming the limits (1-128 printable ASCII characters, no spaces).
+    """
     if isinstance(value, str) and not is_valid_id(value):
         shown = value if len(value) <= 40 else value[:40] + "..."
         return (
@@ -565,9 +579,9 @@ def wire_problems(raw: dict[str, Any]) -> list[str]:
                     "resend is recognised and never exposed twice"
                 )
             else:
-                problems.append(_request_id_problem("scan.request_id", scan["request_id"]) or "")
+                problems.append(request_id_problem("scan.request_id", scan["request_id"]) or "")
     elif kind == "abort":
-        problems.append(_request_id_problem("request_id", raw.get("request_id")) or "")
+        problems.append(request_id_problem("request_id", raw.get("request_id")) or "")
     return [problem for problem in problems if problem]
 
 
