@@ -19,16 +19,24 @@ Every server runs in its own process (the way an instrument server runs), each
 configuration with and without CURVE encryption. Throughput is the tile's
 payload (rows x cols x 4 bytes) divided by the median round trip.
 
+Beside the round trips, ``abort`` is timed on a real exposure: a
+:class:`~simulator.drivers.SimulatedMicroscope` (image formation included) behind an
+:class:`~simulator.server.InstrumentServer` in its own process, a 4096x4096 scan aborted
+about a second after it was asked for, timed from the client's ``abort()`` to the
+``aborted`` reply of the acquisition.
+
 Targets (2 CPU cores): the protocol keeps >= 80 % of ``raw_zmq`` throughput for 4096x4096
-tiles without CURVE, is >= 100x faster than ``json_list``, and a 512x512 round trip takes
-<= 2 ms (median).
+tiles without CURVE, is >= 100x faster than ``json_list``, a 512x512 round trip takes
+<= 2 ms (median), and an abort ends a running 4096x4096 scan within 100 ms (median).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import statistics
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,6 +49,7 @@ from rich.progress import Progress
 
 from agent.benchmarking import machine_info
 from agent.driver import InstrumentDescription, MicroscopeDriver, ScanRequest, Tile
+from agent.errors import AcquisitionAborted
 from agent.protocol.client import ZmqMicroscope
 from agent.protocol.security import CurveClientKeys, CurveServerKeys
 
@@ -51,6 +60,9 @@ DWELL_US = 1.0
 TARGET_FRACTION_OF_RAW = 0.8
 TARGET_SPEEDUP_OVER_JSON = 100.0
 TARGET_512_ROUNDTRIP_S = 0.002
+TARGET_ABORT_S = 0.1
+ABORT_AFTER_S = 1.0  # into the exposure: the server is rendering, well before the frame ends
+_ABORT_SPECIMEN_NM = 90.0  # holds a 4096 px field at PIXEL_SIZE_NM (81.9 nm)
 
 _Keys = tuple[bytes, bytes]
 
@@ -146,6 +158,23 @@ def _serve(
     finally:
         router.close()
         context.term()
+
+
+def _serve_simulated(conn: Connection) -> None:
+    """Child-process entry point: a simulated microscope's server, until the parent says stop."""
+    from simulator.config import SimulatorConfig, SpecimenConfig
+    from simulator.drivers import SimulatedMicroscope
+    from simulator.server import InstrumentServer
+    from simulator.specimen import generate_specimen
+
+    config = SimulatorConfig(seed=0, specimen=SpecimenConfig(size_nm=(_ABORT_SPECIMEN_NM,) * 2))
+    specimen = generate_specimen(config.specimen, config.seed)
+    with (
+        SimulatedMicroscope(config, specimen) as driver,
+        InstrumentServer(driver, "tcp://127.0.0.1:*") as server,
+    ):
+        conn.send(server.endpoint)
+        conn.recv()
 
 
 # --------------------------------------------------------------------------- clients
@@ -256,12 +285,96 @@ def _measure(
     return rows
 
 
+def measure_abort(repeats: int, tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Time ``abort`` on running 4096x4096 exposures of a simulated microscope over the link.
+
+    Parameters
+    ----------
+    repeats : int
+        Exposures aborted, each under a fresh request id.
+    tick : callable
+        Called after each one (progress).
+
+    Returns
+    -------
+    dict
+        ``median_s``, ``max_s`` and ``seconds`` (client ``abort()`` to the acquisition's
+        ``aborted`` reply, s), ``rows_scanned`` of ``rows`` per exposure, ``abort_after_s``.
+    """
+    spawn = multiprocessing.get_context("spawn")
+    parent, child = spawn.Pipe()
+    process = spawn.Process(target=_serve_simulated, args=(child,), daemon=True)
+    process.start()
+    seconds: list[float] = []
+    rows_scanned: list[int] = []
+    rows = 4096
+    try:
+        if not parent.poll(60):
+            raise RuntimeError("the simulated benchmark server did not start within 60 s")
+        with ZmqMicroscope(parent.recv(), timeout_s=30.0) as client:
+            for _ in range(repeats):
+                request = ScanRequest(
+                    x_nm=_ABORT_SPECIMEN_NM / 2,
+                    y_nm=_ABORT_SPECIMEN_NM / 2,
+                    shape=(rows, rows),
+                    pixel_size_nm=PIXEL_SIZE_NM,
+                    dwell_us=DWELL_US,
+                    request_id=uuid.uuid4().hex,
+                )
+                outcome: list[tuple[BaseException | None, float]] = []
+                worker = threading.Thread(target=_scan_timed, args=(client, request, outcome), daemon=True)
+                worker.start()
+                time.sleep(ABORT_AFTER_S)
+                asked = time.perf_counter()
+                client.abort()
+                worker.join(60.0)
+                error, ended = outcome[0] if outcome else (None, asked)
+                if not isinstance(error, AcquisitionAborted):
+                    raise RuntimeError(f"the aborted 4096x4096 exposure ended with {error!r}, not 'aborted'")
+                seconds.append(ended - asked)
+                rows_scanned.append(_rows_of(str(error)))
+                tick()
+    finally:
+        parent.send("stop")
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return {
+        "tile_px": rows,
+        "abort_after_s": ABORT_AFTER_S,
+        "median_s": statistics.median(seconds),
+        "max_s": max(seconds),
+        "seconds": seconds,
+        "rows_scanned": rows_scanned,
+        "rows": rows,
+    }
+
+
+def _scan_timed(
+    client: ZmqMicroscope, request: ScanRequest, outcome: list[tuple[BaseException | None, float]]
+) -> None:
+    """Acquire ``request``; append (the error or None, the perf-counter time it ended)."""
+    try:
+        client.acquire(request)
+        outcome.append((None, time.perf_counter()))
+    except BaseException as error:  # handed to the measuring thread, which reports it
+        outcome.append((error, time.perf_counter()))
+
+
+def _rows_of(message: str) -> int:
+    """Lines scanned, from the server's ``aborted after N of M lines`` (-1 if it does not say)."""
+    found = re.search(r"after (\d+) of \d+ lines", message)
+    return int(found.group(1)) if found else -1
+
+
 def benchmark_link(
     *,
     tile_sizes: Sequence[int] = TILE_SIZES,
     transports: Sequence[str] = TRANSPORTS,
     curve_modes: Sequence[bool] = (False, True),
     repeats: int = 5,
+    abort_repeats: int | None = None,
 ) -> dict[str, Any]:
     """Measure every transport, tile size and CURVE setting in one run.
 
@@ -277,13 +390,16 @@ def benchmark_link(
         Sets the timed round trips: twice this for large tiles, 40 times this for small tiles
         (<= 1024 px), this for small JSON-list tiles. A 4096x4096 JSON-list round trip is timed
         once (it takes about 15 s).
+    abort_repeats : int or None
+        Running 4096x4096 exposures aborted (:func:`measure_abort`); None: ``repeats``; 0: none.
 
     Returns
     -------
     dict
         ``{"benchmark": "link", "rows": [...], "targets": [...], "machine": {...}, ...}``; each row
         has ``transport``, ``tile_px``, ``curve``, ``median_roundtrip_s``, ``throughput_mb_s``,
-        ``min_roundtrip_s``, ``payload_mb`` and ``round_trips``.
+        ``min_roundtrip_s``, ``payload_mb`` and ``round_trips``; ``abort`` is
+        :func:`measure_abort`'s result (None when not measured).
     """
     unknown = set(transports) - set(TRANSPORTS)
     if unknown:
@@ -291,9 +407,11 @@ def benchmark_link(
     keys = {"server": zmq.curve_keypair(), "client": zmq.curve_keypair()}
     spawn = multiprocessing.get_context("spawn")
     rows: list[dict[str, Any]] = []
+    aborts = repeats if abort_repeats is None else abort_repeats
+    abort: dict[str, Any] | None = None
     with Progress(transient=True) as progress:
         task = progress.add_task(
-            "link round trips", total=len(curve_modes) * len(tile_sizes) * len(transports)
+            "link round trips", total=len(curve_modes) * len(tile_sizes) * len(transports) + aborts
         )
         for curve in curve_modes:
             servers: list[tuple[Any, Connection]] = []
@@ -330,11 +448,15 @@ def benchmark_link(
                     if process.is_alive():
                         process.kill()
                         process.join()
+        if aborts > 0:
+            progress.update(task, description="abort of a running 4096x4096 exposure")
+            abort = measure_abort(aborts, lambda: progress.advance(task))
     rows.sort(key=lambda row: (TRANSPORTS.index(row["transport"]), row["curve"], row["tile_px"]))
     return {
         "benchmark": "link",
         "rows": rows,
-        "targets": _targets(rows),
+        "abort": abort,
+        "targets": _targets(rows, abort),
         "repeats": repeats,
         "libzmq": zmq.zmq_version(),
         "pyzmq": zmq.pyzmq_version(),
@@ -351,7 +473,7 @@ def _row(
     return None
 
 
-def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _targets(rows: list[dict[str, Any]], abort: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     targets = []
     ours, raw, slow = (_row(rows, name, 4096) for name in TRANSPORTS)
     if ours and raw:
@@ -384,6 +506,15 @@ def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "met": small["median_roundtrip_s"] <= TARGET_512_ROUNDTRIP_S,
             }
         )
+    if abort:
+        targets.append(
+            {
+                "name": "abort to 'aborted' reply, running 4096x4096 exposure, median (s)",
+                "value": abort["median_s"],
+                "target": f"<= {TARGET_ABORT_S}",
+                "met": abort["median_s"] <= TARGET_ABORT_S,
+            }
+        )
     return targets
 
 
@@ -398,6 +529,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{row['transport']:<12} {row['tile_px']:>5}x{row['tile_px']:<4} "
             f"{'yes' if row['curve'] else 'no':>5} "
             f"{1e3 * row['median_roundtrip_s']:>10.3f} {row['throughput_mb_s']:>9.1f} {row['round_trips']:>6}"
+        )
+    abort = report.get("abort")
+    if abort:
+        lines.append(
+            f"abort {abort['abort_after_s']:g} s into a {abort['tile_px']}x{abort['tile_px']} exposure: "
+            f"median {1e3 * abort['median_s']:.1f} ms, max {1e3 * abort['max_s']:.1f} ms to the reply; "
+            f"lines scanned {', '.join(map(str, abort['rows_scanned']))} of {abort['rows']}"
         )
     for target in report["targets"]:
         lines.append(

@@ -139,7 +139,7 @@ def test_bench_link_writes_the_documented_json(
     monkeypatch.setattr(
         link_bench,
         "benchmark_link",
-        lambda repeats: real(tile_sizes=(64,), curve_modes=(False, True), repeats=1),
+        lambda repeats: real(tile_sizes=(64,), curve_modes=(False, True), repeats=1, abort_repeats=1),
     )
     out_file = tmp_path / "bench-link.json"
     assert main(["bench", "link", "--repeats", "1", "--json", str(out_file)]) == 0
@@ -150,7 +150,13 @@ def test_bench_link_writes_the_documented_json(
     for row in report["rows"]:
         assert {"transport", "tile_px", "curve", "median_roundtrip_s", "throughput_mb_s"} <= set(row)
         assert row["median_roundtrip_s"] > 0 and row["throughput_mb_s"] > 0
-    assert "micrography" in capsys.readouterr().out
+    # One real 4096x4096 exposure of the simulator, aborted a second in: it stopped part-way.
+    abort = report["abort"]
+    assert len(abort["seconds"]) == 1 and 0 < abort["median_s"] < 10.0
+    assert 0 < abort["rows_scanned"][0] < abort["rows"] == 4096
+    assert any(target["name"].startswith("abort to 'aborted' reply") for target in report["targets"])
+    printed = capsys.readouterr().out
+    assert "micrography" in printed and "abort 1 s into a 4096x4096 exposure" in printed
 
 
 def test_run_over_a_curve_link_from_the_command_line(
