@@ -763,6 +763,7 @@ def register_to_graph(
     group_weight: np.ndarray | None = None,
     fingerprint: np.ndarray | None = None,
     reference_fingerprint: np.ndarray | None = None,
+    group_priority: np.ndarray | None = None,
 ) -> OverlapMatch | None:
     """Register a tile's columns against already stitched columns; never one cell off.
 
@@ -800,6 +801,10 @@ def register_to_graph(
         snaps onto the heaviest part it overlaps.
     fingerprint, reference_fingerprint : numpy.ndarray, optional
         Which columns' intensities may serve as fingerprints (False: too close to a tile edge).
+    group_priority : numpy.ndarray, optional
+        Per reference column, the rank of its part as an anchor: where the tile is decisively
+        placed against several parts, it registers to the highest-ranked one (the others then
+        move onto it); without it, to the best-scored one.
 
     Returns
     -------
@@ -828,7 +833,7 @@ def register_to_graph(
     reference_residual = np.where(
         reference_fp, _residual_intensity(reference_points, reference_scattering, reference_species), 0.0
     )
-    decisive: tuple[CellSearch, np.ndarray] | None = None
+    decisive: tuple[CellSearch, np.ndarray, tuple[float, float]] | None = None
     locked: tuple[CellSearch, np.ndarray, float] | None = None
     for members in groups:
         if members.size < config.min_overlap_columns:
@@ -840,13 +845,16 @@ def register_to_graph(
         )  # fmt: skip
         if found is None:
             continue
-        if found.decisive and (decisive is None or found.score > decisive[0].score):
-            decisive = (found, members)
+        # Every decisive match is exact against its own part; which part anchors the tile decides
+        # which parts move, so the rank comes first and the score only breaks ties.
+        rank = (0.0 if group_priority is None else float(group_priority[int(members[0])]), found.score)
+        if found.decisive and (decisive is None or rank > decisive[2]):
+            decisive = (found, members, rank)
         # Lacking a decisive cell, snap onto the part of the mosaic with the most weight behind it.
         weight = found.overlap if group_weight is None else group_weight[int(members[0])]
         if found.locked_offset_nm is not None and (locked is None or weight > locked[2]):
             locked = (found, members, weight)
-    chosen = decisive or (None if locked is None else locked[:2])
+    chosen = (decisive[:2] if decisive is not None else None) or (None if locked is None else locked[:2])
     if chosen is None:
         return None
     found, members = chosen
@@ -1302,6 +1310,15 @@ class Registrar:
         label = np.array([labels[part] for part in part_of_tile])[of_node]
         parts = [part_of_tile[k] for k in of_node]
         sizes = np.bincount(label)
+        # A part's rank as an anchor: its tiles, and among equals the one holding the session's
+        # first placed tile, so the frame stays where the first tile put it and the lighter part moves.
+        first = self.placements[0].tile_id if self.placements else None
+        ranks = {
+            part: sum(1 for t in self._parent if self.part_of(t) == part)
+            + (0.5 if first is not None and self.part_of(first) == part else 0.0)
+            for part in labels
+        }
+        priority = np.array([ranks[part] for part in sorted(labels, key=labels.__getitem__)])[label]
         # Undo the drift shear in the lattice vectors: they become the specimen's.
         shear = velocity * t_line / tile.pixel_size_nm
         true_vectors = LatticeVectors(
@@ -1318,6 +1335,7 @@ class Registrar:
             parts=parts,
             label=label,
             weight=sizes[label].astype(float),
+            priority=priority,
             vectors=true_vectors,
             spacing=float(np.hypot(*vectors.a1)),
             tile_fingerprint=self._away_from_edges(columns, tile, float(np.hypot(*vectors.a1))),
@@ -1342,6 +1360,7 @@ class Registrar:
             group_weight=context.weight,
             fingerprint=context.tile_fingerprint,
             reference_fingerprint=context.fingerprint,
+            group_priority=context.priority,
         )  # fmt: skip
 
 
@@ -1356,6 +1375,7 @@ class _OverlapContext:
     parts: list[str]
     label: np.ndarray
     weight: np.ndarray
+    priority: np.ndarray
     vectors: LatticeVectors
     spacing: float
     tile_fingerprint: np.ndarray

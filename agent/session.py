@@ -128,8 +128,8 @@ class SessionConfig(StrictModel):
         pattern=SESSION_ID_PATTERN,
         description="prefix of every request id; null makes a new random one per session (recorded in "
         "the journal and kept on resume), so an instrument that remembers ids never answers a new scan "
-        "with an old tile. Set it only to repeat a simulated session exactly (the simulator's noise "
-        "follows the request ids)",
+        "with an old tile. The simulator's noise and placement errors follow the order of exposures, "
+        "not the ids, so a simulated session repeats with the same seed whatever its id",
     )
     budget: BudgetConfig = BudgetConfig()
     survey: ScanSettings = ScanSettings(pixel_size_nm=0.25, dwell_us=4.0, shape=(4096, 4096))

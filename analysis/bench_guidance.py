@@ -112,7 +112,7 @@ def run_policy_session(
             len(grid), [fraction for fraction in BUDGET_FRACTIONS if fraction <= max_fraction + 1e-9]
         )
         budget = max(checkpoints)
-        # A fixed session id: the simulator's noise follows the request ids, so a benchmark repeats.
+        # A fixed session id: a rerun of the benchmark journals the same request ids.
         config = base.model_copy(
             update={"policy": policy, "seed": seed, "budget": BudgetConfig(max_tiles=budget),
                     "session_id": base.session_id or f"bench-{policy}-{layout}-{seed}"}

@@ -231,7 +231,7 @@ def run_case(instrument: SimulatorConfig, policy: str, seed: int) -> dict[str, A
     """
     config = instrument.model_copy(update={"seed": seed})
     specimen = generate_specimen(config.specimen, seed)
-    # A fixed session id: the simulator's noise follows the request ids, so a benchmark repeats.
+    # A fixed session id: a rerun of the benchmark journals the same request ids.
     update: dict[str, Any] = {"policy": policy, "seed": seed, "session_id": f"bench-{policy}-{seed}"}
     if policy == "raster":
         update["start_tiles"] = 1

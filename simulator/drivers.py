@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -36,15 +35,15 @@ _MOVE_TOLERANCE_NM = 1e-9  # a requested centre this close to the previous one i
 _NOISE_BAND_PIXELS = 1 << 16  # pixels of noise drawn between two looks at the abort flag (~3 ms)
 
 
-def _id_words(request_id: str) -> tuple[int, ...]:
-    """A request id as four 32-bit words (a stable hash), to key its noise stream."""
-    digest = hashlib.sha256(request_id.encode("utf-8")).digest()
-    return tuple(int.from_bytes(digest[index : index + 4], "little") for index in range(0, 16, 4))
+def _stream(seed: int, prefix: int, exposure: int) -> np.random.Generator:
+    """The random stream of one exposure, keyed by seed, stream prefix and the exposure's ordinal.
 
-
-def _stream(seed: int, prefix: int, request_id: str) -> np.random.Generator:
-    """The random stream of one exposure, keyed by seed, stream prefix and request id."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(prefix, *_id_words(request_id))))
+    The ordinal (0 for the instrument's first exposure, counting replayed ones) and not the request
+    id keys the stream: a detector's noise and a stage's landing error do not depend on what a
+    client names its scans, so the same configuration and seed give the same session whatever
+    its session id.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(prefix, exposure)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,9 +102,11 @@ class SimulatedMicroscope(MicroscopeDriver):
 
     The stage spans the specimen, ``[0, width] x [0, height]`` nanometres. Each
     exposure is rendered with its own noise stream derived from the seed and the
-    request id, so the same requests give identical tiles, also across a restart
-    of the instrument (which is what lets an interrupted session resume exactly;
-    :meth:`resume_after` replays the physical state the restart lost).
+    exposure's ordinal on this instrument, so the same sequence of requests gives
+    identical tiles whatever their ids, also across a restart of the instrument
+    (which is what lets an interrupted session resume exactly: :meth:`resume_after`
+    replays the physical state and the exposure count the restart lost). A retried
+    request id is answered from the driver's cache, never rendered again.
     A dose map records every exposure; with ``instrument.max_dose_e_per_a2`` set,
     a scan that would push any area past the limit is refused before exposure.
 
@@ -262,7 +263,7 @@ class SimulatedMicroscope(MicroscopeDriver):
         """
         with self._lock:
             for request in requests:
-                self._record(request, self._advance(request), self._noise_stream(request))
+                self._record(request, self._advance(request), self._noise_stream())
                 # The specimen kept its dose: the per-area limit and the counters go on from it.
                 dose = self._description.dose_of(request)
                 self.dose_map.add(request.extent_nm, dose)
@@ -271,13 +272,14 @@ class SimulatedMicroscope(MicroscopeDriver):
             if t_end is not None:
                 self.clock_s = float(t_end)
 
-    def _noise_stream(self, request: ScanRequest) -> np.random.Generator:
-        return _stream(self.config.seed, _NOISE_STREAM, request.request_id)
+    def _noise_stream(self) -> np.random.Generator:
+        """The detector noise of the exposure about to be made (the next ordinal)."""
+        return _stream(self.config.seed, _NOISE_STREAM, self.exposures)
 
     def _advance(self, request: ScanRequest) -> _Frame:
         """Move the stage to ``request``, let the specimen drift through its frame, advance the clock."""
         instrument, imaging = self.config.instrument, self.config.imaging
-        rng = _stream(self.config.seed, _ERROR_STREAM, request.request_id)
+        rng = _stream(self.config.seed, _ERROR_STREAM, self.exposures)
         landing = rng.standard_normal(2) * instrument.placement_sigma_nm
         rows, cols = request.shape
         walk = rng.standard_normal((rows + 1, 2, 2))  # the velocity's random walk, per time step
@@ -362,7 +364,7 @@ class SimulatedMicroscope(MicroscopeDriver):
     def _acquire(self, request: ScanRequest) -> Tile:
         self._raise_if_aborted(request)  # not started yet: nothing exposed, the id stays free
         frame = self._advance(request)
-        rng = self._noise_stream(request)
+        rng = self._noise_stream()
         truth = self._record(request, frame, rng)
         per_pixel = electrons_per_pixel(self._description.beam_current_pa, request.dwell_us)
         pixel = request.pixel_size_nm

@@ -96,7 +96,7 @@ def test_the_banded_scan_gives_the_bits_of_the_whole_frame(
         tile = banded.acquire(request)
     with SimulatedMicroscope(small_config, small_specimen) as whole:
         frame = whole._advance(request)
-        rng = whole._noise_stream(request)
+        rng = whole._noise_stream()
         truth = whole._record(request, frame, rng)
         pixel = request.pixel_size_nm
         expected = imaging.render_expected_counts(

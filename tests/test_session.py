@@ -21,7 +21,6 @@ SMALL_SESSION = SessionConfig(
     tiles=ScanSettings(pixel_size_nm=0.02, dwell_us=8.0, shape=(256, 256)),
     start_tiles=3,
     warmup_steps=20,
-    session_id="test",  # fixed, so that the simulator's noise (keyed by request id) repeats run to run
 )
 
 
@@ -91,9 +90,8 @@ def test_baseline_policies_run_a_session(
 def test_a_small_guided_session_images_more_planted_features_than_raster() -> None:
     """10 tiles of 36 on three 30 nm specimens whose features are known: guided beats raster clearly.
 
-    One noise draw per specimen (the session id keys the simulator's noise and placement), so the
-    margin is asked of the three together: over six other session ids, guided imaged 1-7 features
-    more than raster per specimen and 10-17 more over the three.
+    One noise draw per specimen, so the margin is asked of the three together: on eight specimens
+    (seeds 3-6, 8-11) guided imaged 1-6 features more than raster (mean 2.9), here 3, 2 and 4.
     """
     imaged: dict[str, list[int]] = {"guided": [], "raster": []}
     for seed in (3, 4, 5):
@@ -116,11 +114,10 @@ def test_a_small_guided_session_images_more_planted_features_than_raster() -> No
 def test_a_guided_session_journals_the_walls_it_follows(
     tmp_path: Path, small_config: SimulatorConfig
 ) -> None:
-    small_config = small_config.model_copy(update={"seed": 5})
+    # Seed 7: on the realistic instrument its first guided tile lands across a wall.
+    small_config = small_config.model_copy(update={"seed": 7})
     small_specimen = generate_specimen(small_config.specimen, small_config.seed)
-    # Seed 5 with this session id (which keys placement and noise): its tiles land across walls.
-    config = SMALL_SESSION.model_copy(update={"session_id": "wall-test"})
-    session = run_session(small_config, small_specimen, config, tmp_path / "journal.h5")
+    session = run_session(small_config, small_specimen, SMALL_SESSION, tmp_path / "journal.h5")
     records = [step.record for step in read_journal(tmp_path / "journal.h5").steps[1:]]
     walls = [WallSegment.from_record(record["wall"]) for record in records if record["wall"] is not None]
     assert walls and walls == session.policy.walls
@@ -181,7 +178,7 @@ def test_a_guided_session_over_zeromq_equals_the_in_process_one(
     from agent.protocol.client import ZmqMicroscope
     from simulator.server import InstrumentServer
 
-    # The same session id: the simulator's noise follows the request ids.
+    # The same session id, so the two journals name the same request ids.
     config = SMALL_SESSION.model_copy(update={"budget": BudgetConfig(max_tiles=6), "session_id": "wired"})
     local = run_session(small_config, small_specimen, config, None)
     with SimulatedMicroscope(small_config, small_specimen) as served:

@@ -62,13 +62,15 @@ INSTRUMENT_SESSION = SessionConfig(
 COMMAND = [sys.executable, "-m", "agent.cli", "run"]
 
 
-PINNED_ID = "w5"
-"""A fixed session id, so that two runs make the same tiles; with it the first tile lands across a wall."""
+PINNED_ID = "w7"
+"""A fixed session id, so that two runs make the same request ids."""
+SEED = 7
+"""Specimen and session seed: the first guided tile lands across a wall, before the kill."""
 
 
 def write_config(path: Path, small_config: SimulatorConfig, **updates: object) -> Path:
     values = SESSION.model_copy(update=updates).model_dump(mode="json")
-    values["seed"] = 5
+    values["seed"] = SEED
     values["simulator"] = {"specimen": small_config.specimen.model_dump(mode="json")}
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path
