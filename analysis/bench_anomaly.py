@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from agent.anomaly import AnomalyConfig, AnomalyScorer, baseline_scores
 from agent.benchmarking import machine_info
+from agent.errors import ConfigError
 from analysis.training import TRAINING_SEEDS, LabelledGraph, defect_mask, scan_specimen
 from simulator.specimen import LABEL_CODE
 
@@ -35,6 +37,8 @@ DEFECT_CLASSES: tuple[str, ...] = (
     "all", "vacancy", "substitution", "dislocation_core", "domain_wall", "strained", "amorphous_phase",
 )  # fmt: skip
 SCORERS: tuple[str, ...] = ("gae", "seed_gae", "nn_distance", "intensity", "polarization")
+DEFAULT_TRAINING_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+"""Training seeds of the autoencoders: one run is one sample, so the benchmark reports five."""
 TARGETS = {"gae_auroc_all": 0.95, "score_100k_nodes_s": 0.2, "online_update_s": 0.1}
 
 
@@ -96,46 +100,95 @@ def _seconds(function: Any) -> float:
     return time.perf_counter() - start
 
 
-def benchmark_anomaly(
+@lru_cache(maxsize=8)
+def _scanned(seed: int) -> LabelledGraph:
+    """A specimen's labelled graph, scanned once per process.
+
+    Every training-seed task of a benchmark scans the same specimens; a worker that runs
+    several of them scans each specimen once (about 20 s and 300 MB per specimen).
+    """
+    return scan_specimen(seed)
+
+
+def anomaly_tasks(
+    training_seeds: Sequence[int] = DEFAULT_TRAINING_SEEDS,
     evaluation_seeds: Sequence[int] = EVALUATION_SEEDS,
-    training_seeds: Sequence[int] = TRAINING_SEEDS,
+    training_specimens: Sequence[int] = TRAINING_SEEDS,
     config: AnomalyConfig | None = None,
-) -> dict[str, Any]:
-    """Train on training seeds, score unseen specimens, and report AUROC/AP per class and timings.
+) -> list[dict[str, Any]]:
+    """The tasks of an anomaly benchmark: one per training seed.
 
     Parameters
     ----------
+    training_seeds : sequence of int
+        Seeds of the autoencoders' initialisation and sampling (``AnomalyConfig.seed``).
     evaluation_seeds : sequence of int
         Specimens scored (never trained on).
-    training_seeds : sequence of int
+    training_specimens : sequence of int
         Specimens the autoencoders are trained on, without labels.
     config : AnomalyConfig, optional
-        GAE configuration (the ``seed_gae`` uses the same with ``architecture="seed"``).
+        GAE configuration; its ``seed`` is replaced by each training seed.
+
+    Returns
+    -------
+    list of dict
+        The arguments of :func:`run_anomaly_task`.
+
+    Raises
+    ------
+    ConfigError
+        If no training seed is given, or a specimen is both trained on and evaluated.
+    """
+    if not training_seeds:
+        raise ConfigError("give at least one training seed")
+    shared = sorted(set(training_specimens) & set(evaluation_seeds))
+    if shared:
+        raise ConfigError(f"specimen seeds {shared} are both trained on and evaluated; keep them disjoint")
+    base = (config or AnomalyConfig(device="cpu")).model_dump(mode="json")
+    return [
+        {
+            "training_seed": int(seed),
+            "evaluation_seeds": [int(s) for s in evaluation_seeds],
+            "training_specimens": [int(s) for s in training_specimens],
+            "config": base | {"seed": int(seed)},
+        }
+        for seed in dict.fromkeys(training_seeds)
+    ]
+
+
+def run_anomaly_task(task: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    """Train both autoencoders with one training seed, score the evaluation specimens, time it.
+
+    The same function serves ``micrography bench anomaly`` and ``micrography sweep anomaly``.
+
+    Parameters
+    ----------
+    task : dict
+        One item of :func:`anomaly_tasks`.
+    progress : rich.progress.Progress, optional
+        Shows the training steps.
 
     Returns
     -------
     dict
-        ``rows`` (``scorer``, ``defect_class``, ``auroc``, ``average_precision``), ``timing``
-        (``score_100k_nodes_s``, ``online_update_s``), ``targets``, ``machine``.
+        ``training_seed``, ``rows`` (``scorer``, ``defect_class``, ``auroc``,
+        ``average_precision``, ``positives``, ``training_seed``), ``timing``, ``nodes_scored``.
     """
-    config = config or AnomalyConfig(device="cpu")
-    with Progress(transient=True) as progress:
-        scans = progress.add_task("scanning specimens", total=len(training_seeds) + len(evaluation_seeds))
-        training = []
-        for seed in training_seeds:
-            training.append(scan_specimen(seed).graph.to_pyg())
-            progress.advance(scans)
-        evaluation: list[LabelledGraph] = []
-        for seed in evaluation_seeds:
-            evaluation.append(scan_specimen(seed))
-            progress.advance(scans)
-        models = {}
-        for name, architecture in (("gae", config.architecture), ("seed_gae", "seed")):
-            task = progress.add_task(f"training {name}", total=config.warmup_steps)
-            model = AnomalyScorer(config.model_copy(update={"architecture": architecture}))
-            model.fit(training, progress=lambda step, task=task: progress.update(task, completed=step))
-            models[name] = model
+    config = AnomalyConfig.model_validate(task["config"])
+    training = [_scanned(seed).graph.to_pyg() for seed in task["training_specimens"]]
+    evaluation = [_scanned(seed) for seed in task["evaluation_seeds"]]
+    models = {}
+    for name, architecture in (("gae", config.architecture), ("seed_gae", "seed")):
+        model = AnomalyScorer(config.model_copy(update={"architecture": architecture}))
+        step = None
+        if progress is not None:
+            bar = progress.add_task(f"training {name} (seed {config.seed})", total=config.warmup_steps)
 
+            def step(done: int, bar: Any = bar) -> None:
+                progress.update(bar, completed=done)
+
+        model.fit(training, progress=step)
+        models[name] = model
     scores: dict[str, list[np.ndarray]] = {name: [] for name in SCORERS}
     labels = []
     for item in evaluation:
@@ -146,39 +199,131 @@ def benchmark_anomaly(
             scores[name].append(model.score(data).score[keep])
         for name, values in baseline_scores(data).items():
             scores[name].append(values[keep])
-    rows = [row for name in SCORERS for row in _class_rows(name, scores[name], labels)]
+    rows = [
+        row | {"training_seed": config.seed}
+        for name in SCORERS
+        for row in _class_rows(name, scores[name], labels)
+    ]
     return {
-        "benchmark": "anomaly",
-        "evaluation_seeds": list(evaluation_seeds),
-        "training_seeds": list(training_seeds),
-        "nodes_scored": int(sum(label.size for label in labels)),
+        "training_seed": config.seed,
         "rows": rows,
         "timing": _timing(models["gae"], evaluation[0]),
-        "config": config.model_dump(mode="json"),
+        "nodes_scored": int(sum(label.size for label in labels)),
+    }
+
+
+def anomaly_report(results: Sequence[dict[str, Any]], tasks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Gather the results of :func:`run_anomaly_task` into the benchmark's report.
+
+    Parameters
+    ----------
+    results : sequence of dict
+        One per training seed, in task order.
+    tasks : sequence of dict
+        The tasks they came from.
+
+    Returns
+    -------
+    dict
+        ``rows`` (per scorer, class and training seed), ``summary`` (per scorer and class: mean
+        and standard deviation over training seeds of AUROC and AP), ``timing`` (medians over
+        the seeds), ``targets``, ``machine``.
+    """
+    rows = [row for result in results for row in result["rows"]]
+    summary = []
+    for scorer in SCORERS:
+        for defect_class in DEFECT_CLASSES:
+            mine = [r for r in rows if r["scorer"] == scorer and r["defect_class"] == defect_class]
+            entry: dict[str, Any] = {"scorer": scorer, "defect_class": defect_class, "seeds": len(mine)}
+            for key in ("auroc", "average_precision"):
+                values = [r[key] for r in mine if r[key] is not None]
+                entry[f"{key}_mean"] = float(np.mean(values)) if values else None
+                entry[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            summary.append(entry)
+    timing = {
+        key: statistics.median(result["timing"][key] for result in results)
+        for key in ("score_100k_nodes_s", "online_update_s")
+    }
+    timing |= {key: results[0]["timing"][key] for key in ("score_nodes", "online_steps")}
+    first = tasks[0]
+    return {
+        "benchmark": "anomaly",
+        "evaluation_seeds": first["evaluation_seeds"],
+        "training_specimens": first["training_specimens"],
+        "training_seeds": [result["training_seed"] for result in results],
+        "nodes_scored": results[0]["nodes_scored"],
+        "rows": rows,
+        "summary": summary,
+        "timing": timing,
+        "config": {key: value for key, value in first["config"].items() if key != "seed"},
         "targets": TARGETS,
         "machine": machine_info(),
     }
 
 
+def benchmark_anomaly(
+    evaluation_seeds: Sequence[int] = EVALUATION_SEEDS,
+    training_specimens: Sequence[int] = TRAINING_SEEDS,
+    training_seeds: Sequence[int] = DEFAULT_TRAINING_SEEDS,
+    config: AnomalyConfig | None = None,
+) -> dict[str, Any]:
+    """Train on training specimens with each training seed, score unseen specimens, report per class.
+
+    The seeds run one after another in this process; ``micrography sweep anomaly`` runs the
+    same tasks on a Dask cluster.
+
+    Parameters
+    ----------
+    evaluation_seeds : sequence of int
+        Specimens scored (never trained on).
+    training_specimens : sequence of int
+        Specimens the autoencoders are trained on, without labels.
+    training_seeds : sequence of int
+        Training seeds; each trains both autoencoders afresh.
+    config : AnomalyConfig, optional
+        GAE configuration (the ``seed_gae`` uses the same with ``architecture="seed"``).
+
+    Returns
+    -------
+    dict
+        See :func:`anomaly_report`.
+    """
+    tasks = anomaly_tasks(training_seeds, evaluation_seeds, training_specimens, config)
+    results = []
+    with Progress(transient=True) as progress:
+        scans = progress.add_task("scanning specimens", total=len(training_specimens) + len(evaluation_seeds))
+        for seed in [*training_specimens, *evaluation_seeds]:
+            _scanned(seed)
+            progress.advance(scans)
+        for task in tasks:
+            results.append(run_anomaly_task(task, progress))
+    return anomaly_report(results, tasks)
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """AUROC (and AP) per scorer and class as a text table."""
+    """AUROC and AP per scorer and class, mean and spread over the training seeds, as a text table."""
     classes = list(DEFECT_CLASSES)
-    header = f"{'AUROC / AP':<12}" + "".join(f"{name[:12]:>14}" for name in classes)
-    lines = [header]
+    seeds = report["training_seeds"]
+    lines = [
+        f"training seeds {seeds}; cells: AUROC mean±std / AP mean over the seeds",
+        f"{'scorer':<12}" + "".join(f"{name[:16]:>19}" for name in classes),
+    ]
     for scorer in SCORERS:
         cells = []
         for defect_class in classes:
-            row = next(
-                r for r in report["rows"] if r["scorer"] == scorer and r["defect_class"] == defect_class
+            entry = next(
+                e for e in report["summary"] if e["scorer"] == scorer and e["defect_class"] == defect_class
             )
-            cells.append(
-                "-" if row["auroc"] is None else f"{row['auroc']:.3f}/{row['average_precision']:.2f}"
-            )
-        lines.append(f"{scorer:<12}" + "".join(f"{cell:>14}" for cell in cells))
+            if entry["auroc_mean"] is None:
+                cells.append("-")
+                continue
+            spread = "" if entry["auroc_std"] is None else f"±{entry['auroc_std']:.3f}"
+            cells.append(f"{entry['auroc_mean']:.3f}{spread}/{entry['average_precision_mean']:.2f}")
+        lines.append(f"{scorer:<12}" + "".join(f"{cell:>19}" for cell in cells))
     timing = report["timing"]
     lines.append(
         f"scoring {timing['score_nodes']:,} nodes: {timing['score_100k_nodes_s']:.3f} s "
         f"(target {TARGETS['score_100k_nodes_s']} s); one online update ({timing['online_steps']} steps): "
-        f"{timing['online_update_s']:.3f} s (target {TARGETS['online_update_s']} s)"
+        f"{timing['online_update_s']:.3f} s (target {TARGETS['online_update_s']} s); medians over the seeds"
     )
     return "\n".join(lines)

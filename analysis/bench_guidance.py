@@ -1,7 +1,8 @@
 """``micrography bench guidance``: how much of what matters each policy finds per tile and per dose.
 
 Every policy runs a session on several specimen seeds (layout ``default``, the
-spatially structured films of the simulator) and on one ``control`` specimen
+spatially structured films of the simulator), optionally on specimens of the
+layout family (:mod:`simulator.layouts`), and on one ``control`` specimen
 whose features are placed uniformly at random with no survey contrast, where
 no honest policy can beat random by much. For each session the discovery curve
 is recorded: the fraction of planted features *imaged* (a high-resolution tile
@@ -17,6 +18,7 @@ on 2 CPU cores.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -25,27 +27,20 @@ import numpy as np
 from rich.progress import Progress
 
 from agent.benchmarking import machine_info
+from agent.errors import ConfigError
 from agent.policy import POLICY_NAMES
 from agent.session import DECISION_STAGES, BudgetConfig, Session, SessionConfig, StepRecord
 from agent.survey import CandidateGrid
 from analysis.guidance import DiscoveryTracker, detected_features
-from simulator.config import SimulatorConfig, SpecimenConfig
+from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
+from simulator.layouts import layout_specimen
 from simulator.specimen import generate_specimen
 
 BUDGET_FRACTIONS: tuple[float, ...] = (0.10, 0.25, 0.50)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 CONTROL_SEED = 100
 TARGETS = {"guided_imaged_at_25": 0.80, "guided_over_image_gp_at_25": 1.3, "median_step_s": 0.15}
-
-CONTROL_SPECIMEN = SpecimenConfig(
-    domain_walls=0,
-    cluster_near_feature_probability=0.0,
-    amorphous_patches=0,
-    phase_patches=0,
-    thickness_gradient=0.0,
-)
-"""Features uniformly at random: no walls to follow, no clustering, no survey contrast."""
 
 
 def budget_tiles(grid_tiles: int, fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[int, float]:
@@ -70,11 +65,14 @@ def run_policy_session(
     policy: str,
     seed: int,
     layout: str = "default",
-    max_fraction: float = max(BUDGET_FRACTIONS),
+    budgets: Sequence[float] = BUDGET_FRACTIONS,
     session: SessionConfig | None = None,
     instrument: str = "realistic",
 ) -> dict[str, Any]:
     """One session of one policy on one specimen, with its discovery curve.
+
+    A session runs to the largest budget; the smaller budgets are checkpoints on the way.
+    No policy plans on the budget left, so a checkpoint equals a session stopped there.
 
     Parameters
     ----------
@@ -83,9 +81,9 @@ def run_policy_session(
     seed : int
         Specimen and session seed.
     layout : str
-        ``"default"`` or ``"control"``.
-    max_fraction : float
-        Budget as a fraction of the tiles needed to cover the stage.
+        ``"default"``, ``"control"`` or ``"family"`` (:func:`simulator.layouts.layout_specimen`).
+    budgets : sequence of float
+        Checkpoints, as fractions of the tiles needed to cover the stage, in (0, 1].
     session : SessionConfig, optional
         Session settings (policy, seed and budget are set here).
     instrument : str
@@ -98,19 +96,17 @@ def run_policy_session(
         ``curve`` (per tile: tiles, dose, imaged fraction), ``checkpoints`` (imaged and detected
         fraction at each budget fraction), ``step_latency_s`` and ``total_features``.
     """
-    specimen_config = CONTROL_SPECIMEN if layout == "control" else SpecimenConfig()
-    simulator = SimulatorConfig(seed=seed, specimen=specimen_config)
+    check_budgets(budgets)
+    simulator = SimulatorConfig(seed=seed, specimen=layout_specimen(layout, seed))
     if instrument == "ideal":
         simulator = simulator.ideal_instrument()
     elif instrument != "realistic":
-        raise ValueError(f"instrument must be 'realistic' or 'ideal', got {instrument!r}")
+        raise ConfigError(f"instrument must be 'realistic' or 'ideal', got {instrument!r}")
     specimen = generate_specimen(simulator.specimen, seed)
     base = session or SessionConfig()
     with SimulatedMicroscope(simulator, specimen) as microscope:
         grid = CandidateGrid.tiling(microscope.describe(), base.tiles.shape, base.tiles.pixel_size_nm)
-        checkpoints = budget_tiles(
-            len(grid), [fraction for fraction in BUDGET_FRACTIONS if fraction <= max_fraction + 1e-9]
-        )
+        checkpoints = budget_tiles(len(grid), budgets)
         budget = max(checkpoints)
         # A fixed session id: a rerun of the benchmark journals the same request ids.
         config = base.model_copy(
@@ -151,6 +147,104 @@ def run_policy_session(
     }
 
 
+def check_budgets(budgets: Sequence[float]) -> None:
+    """Refuse an empty budget list or a budget outside (0, 1] before any session starts.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first bad budget.
+    """
+    if not budgets:
+        raise ConfigError("give at least one budget fraction")
+    for fraction in budgets:
+        if not (math.isfinite(fraction) and 0 < fraction <= 1):
+            raise ConfigError(f"a budget fraction lies in (0, 1], got {fraction:g}")
+
+
+def guidance_tasks(
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    policies: Sequence[str] = POLICY_NAMES,
+    control_seed: int | None = CONTROL_SEED,
+    budgets: Sequence[float] = BUDGET_FRACTIONS,
+    instrument: str = "realistic",
+    family_seeds: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """The sessions of a guidance benchmark, one task each, in the benchmark's order.
+
+    Parameters
+    ----------
+    seeds : sequence of int
+        Default-layout specimen seeds.
+    policies : sequence of str
+        Policies to compare.
+    control_seed : int or None
+        Seed of the control specimen (None skips it).
+    budgets : sequence of float
+        Budget checkpoints, fractions of the tiles covering the stage.
+    instrument : str
+        ``"realistic"`` or ``"ideal"``.
+    family_seeds : sequence of int
+        Seeds of the layout family (:func:`simulator.layouts.family_specimen`).
+
+    Returns
+    -------
+    list of dict
+        Per session: ``policy``, ``seed``, ``layout``, ``budgets`` and ``instrument``, the
+        arguments of :func:`run_guidance_task`.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown policy or instrument or a bad budget, before any session runs.
+    """
+    check_budgets(budgets)
+    unknown = [policy for policy in policies if policy not in POLICY_NAMES]
+    if unknown or not policies:
+        named = repr(unknown[0]) if unknown else "(none given)"
+        raise ConfigError(f"unknown policy {named}; choose from {', '.join(POLICY_NAMES)}")
+    if instrument not in ("realistic", "ideal"):
+        raise ConfigError(f"instrument must be 'realistic' or 'ideal', got {instrument!r}")
+    specimens = [(seed, "default") for seed in seeds]
+    specimens += [(seed, "family") for seed in family_seeds]
+    if control_seed is not None:
+        specimens.append((control_seed, "control"))
+    return [
+        {"policy": policy, "seed": int(seed), "layout": layout,
+         "budgets": sorted(float(b) for b in set(budgets)), "instrument": instrument}
+        for seed, layout in specimens
+        for policy in policies
+    ]  # fmt: skip
+
+
+def run_guidance_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Run one task of :func:`guidance_tasks`: one session, and the figures the benchmark keeps.
+
+    The same function serves ``micrography bench guidance`` and ``micrography sweep guidance``.
+
+    Parameters
+    ----------
+    task : dict
+        ``policy``, ``seed``, ``layout``, ``budgets``, ``instrument``.
+
+    Returns
+    -------
+    dict
+        :func:`run_policy_session`'s result, with the checkpoints keyed by budget fraction as
+        text (JSON object keys) and ``area`` (area under the imaged curve up to the largest budget).
+    """
+    result = run_policy_session(
+        task["policy"], task["seed"], task["layout"], task["budgets"], instrument=task["instrument"]
+    )
+    result["checkpoints"] = {
+        repr(float(fraction)): figures for fraction, figures in result["checkpoints"].items()
+    }
+    result["area"] = _area_under(
+        result["curve"], result["grid_tiles"], "imaged_fraction", max(task["budgets"])
+    )
+    return result
+
+
 def _area_under(curve: list[dict[str, float]], grid_tiles: int, key: str, until: float) -> float:
     """Area under a discovery curve against the fraction of tiles, normalised to [0, 1] up to ``until``."""
     fractions = np.array([0.0] + [point["tiles"] / grid_tiles for point in curve])
@@ -163,10 +257,15 @@ def benchmark_guidance(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     policies: Sequence[str] = POLICY_NAMES,
     control_seed: int | None = CONTROL_SEED,
-    max_fraction: float = max(BUDGET_FRACTIONS),
+    budgets: Sequence[float] = BUDGET_FRACTIONS,
     instrument: str = "realistic",
+    family_seeds: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Run every policy on every seed (and the control specimen) and collect the discovery figures.
+
+    Sessions run one after another in this process; ``micrography sweep guidance`` runs the
+    same tasks (:func:`guidance_tasks`, :func:`run_guidance_task`) on a Dask cluster and
+    gathers them with the same :func:`guidance_report`.
 
     Parameters
     ----------
@@ -176,65 +275,91 @@ def benchmark_guidance(
         Policies to compare.
     control_seed : int or None
         Seed of the control specimen (None skips it).
-    max_fraction : float
-        Largest budget, as a fraction of the tiles covering the stage.
+    budgets : sequence of float
+        Budget checkpoints, as fractions of the tiles covering the stage.
     instrument : str
         ``"realistic"`` or ``"ideal"`` (see :func:`run_policy_session`).
+    family_seeds : sequence of int
+        Seeds of the layout family.
 
     Returns
     -------
     dict
-        ``instrument``, ``rows`` (``policy``, ``layout``, ``seed``, ``budget_fraction``, ``imaged_fraction``,
-        ``detected_fraction``), ``curves`` (per session: ``policy``, ``layout``, ``seed``,
-        ``grid_tiles``, ``total_features`` and ``points``, one per tile with ``tiles``,
-        ``mean_dose_e_per_a2`` and ``imaged_fraction``), ``areas`` (area under the imaged curve
-        per policy and layout),
-        ``latency`` (``median_step_s``, ``p95_step_s``), ``targets``, ``target_results``
+        See :func:`guidance_report`.
+    """
+    tasks = guidance_tasks(seeds, policies, control_seed, budgets, instrument, family_seeds)
+    results = []
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("guided-session benchmark", total=len(tasks))
+        for task in tasks:
+            results.append(run_guidance_task(task))
+            progress.advance(bar)
+    return guidance_report(results, budgets, instrument)
+
+
+def guidance_report(
+    results: Sequence[dict[str, Any]],
+    budgets: Sequence[float] = BUDGET_FRACTIONS,
+    instrument: str = "realistic",
+) -> dict[str, Any]:
+    """Gather the results of :func:`run_guidance_task` into the benchmark's tables.
+
+    Parameters
+    ----------
+    results : sequence of dict
+        One per session, in task order.
+    budgets : sequence of float
+        The budget checkpoints the sessions ran with.
+    instrument : str
+        The instrument they ran on (recorded in the report).
+
+    Returns
+    -------
+    dict
+        ``instrument``, ``budgets``, ``rows`` (``policy``, ``layout``, ``seed``,
+        ``budget_fraction``, ``imaged_fraction``, ``detected_fraction``), ``curves`` (per
+        session: ``policy``, ``layout``, ``seed``, ``grid_tiles``, ``total_features`` and
+        ``points``, one per tile with ``tiles``, ``mean_dose_e_per_a2`` and ``imaged_fraction``),
+        ``areas`` (area under the imaged curve per policy and layout), ``latency``
+        (``median_step_s``, ``p95_step_s``), ``targets``, ``target_results``
         (:func:`target_results`), ``machine``.
     """
-    runs = [(policy, seed, "default") for seed in seeds for policy in policies]
-    if control_seed is not None:
-        runs += [(policy, control_seed, "control") for policy in policies]
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     areas: dict[str, list[float]] = {}
     latencies: list[float] = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("guided-session benchmark", total=len(runs))
-        for policy, seed, layout in runs:
-            result = run_policy_session(policy, seed, layout, max_fraction, instrument=instrument)
-            for fraction, figures in sorted(result["checkpoints"].items()):
-                rows.append(
-                    {
-                        "policy": policy,
-                        "layout": layout,
-                        "seed": seed,
-                        "budget_fraction": fraction,
-                        "imaged_fraction": figures["imaged_fraction"],
-                        "detected_fraction": figures["detected_fraction"],
-                        "tiles": figures["tiles"],
-                        "mean_dose_e_per_a2": figures["mean_dose_e_per_a2"],
-                    }
-                )
-            curves.append(
+    for result in results:
+        policy, seed, layout = result["policy"], result["seed"], result["layout"]
+        for key, figures in sorted(result["checkpoints"].items(), key=lambda item: float(item[0])):
+            rows.append(
                 {
                     "policy": policy,
                     "layout": layout,
                     "seed": seed,
-                    "grid_tiles": result["grid_tiles"],
-                    "total_features": result["total_features"],
-                    "points": result["curve"],
+                    "budget_fraction": float(key),
+                    "imaged_fraction": figures["imaged_fraction"],
+                    "detected_fraction": figures["detected_fraction"],
+                    "tiles": figures["tiles"],
+                    "mean_dose_e_per_a2": figures["mean_dose_e_per_a2"],
                 }
             )
-            areas.setdefault(f"{policy}/{layout}", []).append(
-                _area_under(result["curve"], result["grid_tiles"], "imaged_fraction", max_fraction)
-            )
-            if policy == "guided":
-                latencies.extend(result["step_latency_s"])
-            progress.advance(task)
+        curves.append(
+            {
+                "policy": policy,
+                "layout": layout,
+                "seed": seed,
+                "grid_tiles": result["grid_tiles"],
+                "total_features": result["total_features"],
+                "points": result["curve"],
+            }
+        )
+        areas.setdefault(f"{policy}/{layout}", []).append(result["area"])
+        if policy == "guided":
+            latencies.extend(result["step_latency_s"])
     median_step = statistics.median(latencies) if latencies else None
     return {
         "benchmark": "guidance",
+        "budgets": sorted(float(b) for b in set(budgets)),
         "rows": rows,
         "curves": curves,
         "areas": {name: float(np.mean(values)) for name, values in areas.items()},
@@ -307,16 +432,17 @@ def target_results(rows: list[dict[str, Any]], median_step_s: float | None) -> d
 
 def format_report(report: dict[str, Any]) -> str:
     """Mean imaged / detected fractions per policy, layout and budget, as a text table."""
+    budgets = report.get("budgets", BUDGET_FRACTIONS)
     lines = [
         f"instrument: {report.get('instrument', 'realistic')}",
         f"{'policy':<9} {'layout':<8} "
-        + " ".join(f"{f'{int(f * 100)}% tiles':>14}" for f in BUDGET_FRACTIONS)
+        + " ".join(f"{f'{f * 100:g}% tiles':>14}" for f in budgets)
         + f" {'AUC':>6}",
     ]
     keys = sorted({(row["policy"], row["layout"]) for row in report["rows"]}, key=lambda k: (k[1], k[0]))
     for policy, layout in keys:
         cells = []
-        for fraction in BUDGET_FRACTIONS:
+        for fraction in budgets:
             imaged = _mean_fraction(report["rows"], policy, layout, fraction, "imaged_fraction")
             detected = _mean_fraction(report["rows"], policy, layout, fraction, "detected_fraction")
             cells.append("-" if imaged is None or detected is None else f"{imaged:.2f}/{detected:.2f}")
