@@ -34,6 +34,7 @@ Commands:
   analyze    full-frame analysis of one large image (figure, HTML report, JSON)
   replay     rebuild a recorded session from its journal: figures per step, timings, re-scoring
   compare    discovery curves of several sessions (journals) or policies (bench JSON) in one figure
+  sweep      benchmarks, replays and analyses of many inputs as tasks on a Dask cluster (resumable)
 
 Run `micrography COMMAND --help` for the options of each command.
 """
@@ -254,6 +255,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from analysis.bench_stitching import benchmark_stitching, format_report
 
         report = benchmark_stitching()
+    elif args.target == "sweep":
+        from analysis.bench_sweep import benchmark_sweep, format_report
+
+        report = benchmark_sweep()
     else:  # argparse restricts the choices; kept for type checkers
         raise ConfigError(f"unknown benchmark {args.target!r}")
     print(format_report(report))
@@ -273,13 +278,8 @@ def _pixel_size_option(value: str | None) -> float | str | None:
         raise ConfigError(f"--pixel-size: expected a number of nm or 'auto', got {value!r}") from None
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    """Analyse one large image and write its figure, HTML report and JSON."""
-    from analysis.analyze import AnalyzeConfig, run_analysis
-
-    if args.model:
-        paths.input_file(args.model, "--model")
-
+def _analyze_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~analysis.analyze.AnalyzeConfig` fields given on the command line."""
     options = {
         "pixel_size_nm": _pixel_size_option(args.pixel_size),
         "material": args.material,
@@ -294,9 +294,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": args.device,
     }
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Analyse one large image and write its figure, HTML report and JSON."""
+    from analysis.analyze import AnalyzeConfig, run_analysis
+
+    if args.model:
+        paths.input_file(args.model, "--model")
+
     from agent.config import validate_config
 
-    config = validate_config({k: v for k, v in options.items() if v is not None}, AnalyzeConfig, "options")
+    config = validate_config(_analyze_options(args), AnalyzeConfig, "options")
     out = paths.output_folder(
         Path(args.out) if args.out else Path("runs") / f"analyze-{Path(args.image).stem}"
     )
@@ -596,6 +606,104 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 0 1 2`` items: a non-negative integer or an inclusive range such as ``2000-2029``."""
+    low, dash, high = text.partition("-")
+    try:
+        first, last = int(low), int(high) if dash else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a seed such as 3 or a range such as 0-4, got {text!r}"
+        ) from None
+    if first < 0 or last < first:
+        raise argparse.ArgumentTypeError(f"a seed range runs from a non-negative low to a high, got {text!r}")
+    return list(range(first, last + 1))
+
+
+def _flat(groups: Sequence[Sequence[int]] | None) -> list[int] | None:
+    return None if groups is None else list(dict.fromkeys(seed for group in groups for seed in group))
+
+
+def _sweep_tasks(args: argparse.Namespace, out: Path) -> list[Any]:
+    """The tasks of ``micrography sweep KIND``, every input checked before a cluster starts."""
+    from analysis import sweep
+
+    if args.kind == "guidance":
+        from analysis.bench_guidance import BUDGET_FRACTIONS, CONTROL_SEED, DEFAULT_SEEDS
+
+        control = CONTROL_SEED if args.control_seed is None else args.control_seed
+        return sweep.guidance_sweep_tasks(
+            seeds=_flat(args.seeds) if args.seeds is not None else list(DEFAULT_SEEDS),
+            policies=args.policies or _all_policies(),
+            control_seed=None if control < 0 else control,
+            budgets=tuple(args.budgets) if args.budgets else BUDGET_FRACTIONS,
+            instrument=args.instrument,
+            family_seeds=_flat(args.family_seeds) or [],
+        )
+    if args.kind == "anomaly":
+        from analysis.bench_anomaly import DEFAULT_TRAINING_SEEDS, EVALUATION_SEEDS
+        from analysis.training import TRAINING_SEEDS
+
+        return sweep.anomaly_sweep_tasks(
+            training_seeds=_flat(args.training_seeds) or list(DEFAULT_TRAINING_SEEDS),
+            evaluation_seeds=_flat(args.evaluation_seeds) or list(EVALUATION_SEEDS),
+            training_specimens=_flat(args.training_specimens) or list(TRAINING_SEEDS),
+        )
+    if args.kind == "replay":
+        _at_least_one(args.every, "--every")
+        _at_least_one(args.top_k, "--top-k")
+        journals = [paths.input_journal(journal) for journal in args.journals]
+        model = paths.input_file(args.model, "--model") if args.model else None
+        config = paths.input_file(args.config, "--config") if args.config else None
+        return sweep.replay_tasks(
+            journals, out, every=args.every, steps=args.steps, model=model, config=config, top_k=args.top_k
+        )
+    if args.model:
+        paths.input_file(args.model, "--model")
+    return sweep.analyze_tasks(args.images, out, _analyze_options(args))
+
+
+def _all_policies() -> list[str]:
+    from agent.policy import POLICY_NAMES
+
+    return list(POLICY_NAMES)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a sweep's missing tasks on a Dask cluster, gather the report, and write ``sweep.json``.
+
+    Exit status 1 when a task failed (the finished ones are kept; the same command retries the rest).
+    """
+    from analysis.sweep import SweepError, run_sweep
+
+    out = paths.output_folder(Path(args.out) if args.out else Path("runs") / f"sweep-{args.kind}")
+    tasks = _sweep_tasks(args, out)
+    summary = run_sweep(
+        args.kind, tasks, out, serial=args.serial, scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file, workers=args.workers,
+        threads_per_task=args.threads_per_task, progress=not args.quiet,
+    )  # fmt: skip
+    if summary["text"]:
+        print(summary["text"])
+    where = "in this process" if summary["scheduler"] == "serial" else f"on {summary['workers']} workers"
+    print(
+        f"sweep {args.kind}: {summary['tasks']} tasks, {summary['cached']} done before, "
+        f"{summary['ran']} run now {where} ({summary['scheduler']}) in {summary['wall_s']:.1f} s, "
+        f"{len(summary['failed'])} failed"
+    )
+    for name, path in summary["files"].items():
+        print(f"{name + ':':<8} {path}")
+    print(f"sweep:   {out / 'sweep.json'}")
+    for failure in summary["failed"]:
+        print(f"failed: {failure['label']}: {failure['error']}", file=sys.stderr)
+    if summary["failed"]:
+        raise SweepError(
+            f"{len(summary['failed'])} of {summary['tasks']} tasks failed (listed above and in "
+            f"{out / 'sweep.json'}); the finished ones are kept: run the same command again to retry the rest"
+        )
+    return 0
+
+
 def _server_logger(log_file: str | None) -> tuple[Any, list[Any]]:
     """The ``micrography`` logger writing to stderr (and ``log_file``); returns it and its handlers."""
     import logging
@@ -732,6 +840,42 @@ def _add_instrument_options(parser: argparse.ArgumentParser) -> None:
         help="detected electrons per unit of the recorded signal (when the file lacks it; 1 for an "
         "image in counts); sets the shot noise of lower doses",
     )
+
+
+def add_analyze_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``analyze``, shared by ``sweep analyze`` (read back by :func:`_analyze_options`)."""
+    parser.add_argument(
+        "--pixel-size",
+        metavar="NM|auto",
+        help="pixel size, nm (needed for .npy and .tif), or 'auto' to estimate it from the material's "
+        "lattice; checked against the image before any work",
+    )
+    parser.add_argument(
+        "--material",
+        metavar="NAME",
+        help="what the image shows: BiFeO3-001 (default) or SrTiO3-001; names the species and "
+        "decides whether polarization and domains are reported",
+    )
+    parser.add_argument(
+        "--lattice-spacing", type=float, metavar="NM", help="A-A spacing, nm (default: estimated)"
+    )
+    parser.add_argument(
+        "--threshold-sigma",
+        type=float,
+        metavar="S",
+        help="a column must stand S noise levels above the floor (default 5); dim columns at expected "
+        "lattice sites are looked for again at 3 noise levels whatever this is",
+    )
+    parser.add_argument(
+        "--model", metavar="PT", help="GAE checkpoint (default: fitted on the image's own graph)"
+    )
+    parser.add_argument("--gae-steps", type=int, metavar="N", help="GAE training steps (default 200)")
+    parser.add_argument("--vae-steps", type=int, metavar="N", help="VAE training steps (default 600)")
+    parser.add_argument("--classes", type=int, metavar="K", help="GMM/VAE segmentation classes (default 3)")
+    parser.add_argument("--embedding", choices=["pca", "tsne"], help="projection of the embeddings (pca)")
+    parser.add_argument("--clustering", choices=["dbscan", "hdbscan"], help="embedding clusters (dbscan)")
+    parser.add_argument("--seed", type=int, help="seed of the models and samples (default 0)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -934,38 +1078,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("image", metavar="IMAGE", help="image file or Sm-BFO dataset folder")
     analyze.add_argument("--out", metavar="DIR", help="output folder (default runs/analyze-<image name>)")
-    analyze.add_argument(
-        "--pixel-size",
-        metavar="NM|auto",
-        help="pixel size, nm (needed for .npy and .tif), or 'auto' to estimate it from the material's "
-        "lattice; checked against the image before any work",
-    )
-    analyze.add_argument(
-        "--material",
-        metavar="NAME",
-        help="what the image shows: BiFeO3-001 (default) or SrTiO3-001; names the species and "
-        "decides whether polarization and domains are reported",
-    )
-    analyze.add_argument(
-        "--lattice-spacing", type=float, metavar="NM", help="A-A spacing, nm (default: estimated)"
-    )
-    analyze.add_argument(
-        "--threshold-sigma",
-        type=float,
-        metavar="S",
-        help="a column must stand S noise levels above the floor (default 5); dim columns at expected "
-        "lattice sites are looked for again at 3 noise levels whatever this is",
-    )
-    analyze.add_argument(
-        "--model", metavar="PT", help="GAE checkpoint (default: fitted on the image's own graph)"
-    )
-    analyze.add_argument("--gae-steps", type=int, metavar="N", help="GAE training steps (default 200)")
-    analyze.add_argument("--vae-steps", type=int, metavar="N", help="VAE training steps (default 600)")
-    analyze.add_argument("--classes", type=int, metavar="K", help="GMM/VAE segmentation classes (default 3)")
-    analyze.add_argument("--embedding", choices=["pca", "tsne"], help="projection of the embeddings (pca)")
-    analyze.add_argument("--clustering", choices=["dbscan", "hdbscan"], help="embedding clusters (dbscan)")
-    analyze.add_argument("--seed", type=int, help="seed of the models and samples (default 0)")
-    analyze.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (auto)")
+    add_analyze_options(analyze)
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(handler=cmd_analyze)
 
@@ -994,11 +1107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stitching: raster and guided sessions with overlapping tiles on a realistic instrument, "
         "without drift, and with 0.3 nm/s drift and 5 nm placement error: duplicate nodes, residual "
         "placement error, stitched against single-tile column RMS, seam scores and registration time "
-        "(about ten minutes).",
+        "(about ten minutes). "
+        "sweep: a guidance sweep serially and on a local Dask cluster of 2 workers: speed-up "
+        "(target >= 1.8x), per-task overhead (target <= 0.5 s), peak memory per worker, and whether "
+        "the results equal the serial run (a few minutes).",
     )
     bench.add_argument(
         "target",
-        choices=["simulator", "link", "columns", "anomaly", "guidance", "analyze", "stitching"],
+        choices=["simulator", "link", "columns", "anomaly", "guidance", "analyze", "stitching", "sweep"],
         help="what to measure",
     )
     bench.add_argument("--json", metavar="PATH", help="write the figures here")
@@ -1019,6 +1135,126 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixel size of the high-resolution tiles, nm (default 0.02)",
     )
     bench.set_defaults(handler=cmd_bench)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="benchmarks and batch analyses as tasks on a Dask cluster",
+        description="Run many sessions, trainings, replays or analyses as tasks on dask.distributed: "
+        "a local cluster sized to this machine by default, or an existing one (--scheduler, "
+        "--scheduler-file, e.g. started by dask-jobqueue). Each task's result is written to "
+        "OUT/tasks/ as it arrives, keyed by its inputs, so a rerun of the same command runs only the "
+        "tasks still missing; a task that fails is reported and does not stop the others. The report "
+        "is the serial command's: guidance and anomaly write the JSON of `micrography bench`, replay "
+        "and analyze write each input's usual outputs under OUT/replay/ or OUT/analyze/ and a table "
+        "(replays.csv, analyses.csv). docs/sweeps.md has the details.",
+    )
+    kinds = sweep.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    def sweep_options(kind_parser: argparse.ArgumentParser, memory_mb: float) -> None:
+        kind_parser.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-KIND)")
+        where = kind_parser.add_argument_group("where the tasks run")
+        where.add_argument(
+            "--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786"
+        )
+        where.add_argument(
+            "--scheduler-file", metavar="JSON", help="scheduler file of an existing cluster (dask-jobqueue)"
+        )
+        where.add_argument(
+            "--workers",
+            type=int,
+            metavar="N",
+            help=f"local cluster workers (default: one per core, as many as memory allows at about "
+            f"{memory_mb / 1024:.1f} GB per task)",
+        )
+        where.add_argument(
+            "--serial", action="store_true", help="run the tasks here, one after another, no Dask"
+        )
+        where.add_argument(
+            "--threads-per-task",
+            type=int,
+            default=1,
+            metavar="N",
+            help="torch and BLAS threads of each task (default 1; results repeat bitwise for a given N)",
+        )
+        kind_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        kind_parser.set_defaults(handler=cmd_sweep)
+
+    from analysis.sweep import TASK_MEMORY_MB
+
+    guidance = kinds.add_parser(
+        "guidance",
+        help="guidance benchmark: specimens x policies (x budgets as checkpoints)",
+        description="The sessions of `micrography bench guidance` as tasks; writes OUT/guidance.json, the "
+        "same report. Budgets are checkpoints of one session per specimen and policy.",
+    )
+    guidance.add_argument("--seeds", nargs="+", type=_seed_list, metavar="SEED", help="default-layout "
+                          "specimen seeds, or ranges such as 0-4 (default 0-4)")  # fmt: skip
+    guidance.add_argument(
+        "--family-seeds",
+        nargs="+",
+        type=_seed_list,
+        metavar="SEED",
+        help="specimens of the layout family (simulator/layouts.py): tune on 1000-1009, report on 2000-2029",
+    )
+    guidance.add_argument(
+        "--control-seed",
+        type=int,
+        metavar="SEED",
+        help="seed of the control specimen (default 100; -1 skips it)",
+    )
+    guidance.add_argument("--policies", nargs="+", metavar="POLICY", help="policies (default: all)")
+    guidance.add_argument(
+        "--budgets", nargs="+", type=float, metavar="FRACTION", help="budget fractions (default 0.1 0.25 0.5)"
+    )
+    guidance.add_argument("--instrument", choices=["realistic", "ideal"], default="realistic")
+    sweep_options(guidance, TASK_MEMORY_MB["guidance"])
+
+    anomaly = kinds.add_parser(
+        "anomaly",
+        help="anomaly benchmark over training seeds",
+        description="`micrography bench anomaly`, one task per training seed; writes OUT/anomaly.json with "
+        "per-seed rows and their mean and spread.",
+    )
+    anomaly.add_argument("--training-seeds", nargs="+", type=_seed_list, metavar="SEED", help="default 0-4")
+    anomaly.add_argument(
+        "--evaluation-seeds",
+        nargs="+",
+        type=_seed_list,
+        metavar="SEED",
+        help="scored specimens (default 0-2)",
+    )
+    anomaly.add_argument(
+        "--training-specimens",
+        nargs="+",
+        type=_seed_list,
+        metavar="SEED",
+        help="specimens trained on (default 1001 1002)",
+    )
+    sweep_options(anomaly, TASK_MEMORY_MB["anomaly"])
+
+    replay_sweep = kinds.add_parser(
+        "replay",
+        help="replay (and re-score) many journals",
+        description="`micrography replay` of every journal; each writes OUT/replay/NAME/ as replay does, and "
+        "OUT/replays.csv lists them. With --model or --config each is re-scored too.",
+    )
+    replay_sweep.add_argument("journals", nargs="+", metavar="JOURNAL", help="journal.h5 files")
+    replay_sweep.add_argument("--every", type=int, metavar="N", help="draw every N-th tile too")
+    replay_sweep.add_argument("--steps", metavar="LIST", help='draw these steps too ("3,5,10-12,last")')
+    replay_sweep.add_argument("--model", metavar="PT", help="re-score with this GAE checkpoint")
+    replay_sweep.add_argument("--config", metavar="YAML", help="re-score with this session configuration")
+    replay_sweep.add_argument("--top-k", type=int, default=5, metavar="K", help="top list compared (5)")
+    sweep_options(replay_sweep, TASK_MEMORY_MB["replay"])
+
+    analyze_sweep = kinds.add_parser(
+        "analyze",
+        help="full-frame analysis of many images",
+        description="`micrography analyze` of every image; each writes OUT/analyze/NAME/ as analyze does, "
+        "and OUT/analyses.csv lists them.",
+    )
+    analyze_sweep.add_argument("images", nargs="+", metavar="IMAGE", help="image files or dataset folders")
+    add_analyze_options(analyze_sweep)
+    sweep_options(analyze_sweep, TASK_MEMORY_MB["analyze"])
 
     serve = commands.add_parser(
         "serve",

@@ -61,6 +61,7 @@ ACQUIRE = ["acquire", *SIM, "--x", "15", "--y", "15", "--rows", "32", "--cols", 
 REPLAY = ["--replay", "{ws}/image.npy", "--replay-pixel-size", "0.05"]
 REPLAY_DOSE = [*REPLAY, "--replay-dwell", "2", "--replay-counts-per-unit", "100"]
 NEW = "{ws}/new"  # never created by a refused command
+SWEEP_G = ["sweep", "guidance", "--seeds", "3", "--policies", "random", "--control-seed", "-1"]
 
 MISTAKES: list[tuple[str, list[str], str]] = [
     # acquire: scan values
@@ -163,6 +164,29 @@ MISTAKES: list[tuple[str, list[str], str]] = [
      ["serve", *SIM, "--no-journal", "--log", f"{READ_ONLY}/serve.log"], "cannot write"),
     ("bench-repeats-zero", ["bench", "link", "--repeats", "0"], "repeats"),
     ("bench-json-folder", ["bench", "link", "--json", "{ws}/folder"], "folder"),
+    # sweep: every input checked before a cluster starts or a task runs
+    ("sweep-policy", [*SWEEP_G, "--policies", "clever", "--out", NEW], "clever"),
+    ("sweep-budget-zero", [*SWEEP_G, "--budgets", "0", "--out", NEW], "budget"),
+    ("sweep-scheduler-address", [*SWEEP_G, "--scheduler", "localhost:8786", "--out", NEW], "--scheduler"),
+    ("sweep-scheduler-file-missing",
+     [*SWEEP_G, "--scheduler-file", "{ws}/missing.json", "--out", NEW], "missing.json"),
+    ("sweep-scheduler-and-file",
+     [*SWEEP_G, "--scheduler", "tcp://127.0.0.1:8786", "--scheduler-file", "{ws}/notes.txt", "--out", NEW],
+     "not both"),
+    ("sweep-workers-zero", [*SWEEP_G, "--workers", "0", "--out", NEW], "--workers"),
+    ("sweep-serial-and-workers", [*SWEEP_G, "--serial", "--workers", "2", "--out", NEW], "--serial"),
+    ("sweep-threads-zero", [*SWEEP_G, "--threads-per-task", "0", "--out", NEW], "--threads-per-task"),
+    ("sweep-out-file", [*SWEEP_G, "--out", "{ws}/notes.txt"], "notes.txt"),
+    ("sweep-out-read-only", [*SWEEP_G, "--out", str(READ_ONLY)], "cannot write"),
+    ("sweep-anomaly-overlap",
+     ["sweep", "anomaly", "--evaluation-seeds", "1001", "--serial", "--out", NEW], "1001"),
+    ("sweep-replay-missing", ["sweep", "replay", "{ws}/missing.h5", "--serial", "--out", NEW], "missing.h5"),
+    ("sweep-replay-not-hdf5", ["sweep", "replay", "{ws}/fake.h5", "--serial", "--out", NEW], "fake.h5"),
+    ("sweep-replay-folder", ["sweep", "replay", "{ws}/session", "--serial", "--out", NEW], "journal"),
+    ("sweep-analyze-missing",
+     ["sweep", "analyze", "{ws}/image.npy", "{ws}/missing.npy", "--serial", "--out", NEW], "missing.npy"),
+    ("sweep-analyze-material", ["sweep", "analyze", "{ws}/image.npy", "--material", "Unobtainium",
+                                "--serial", "--out", NEW], "Unobtainium"),
 ]  # fmt: skip
 
 
