@@ -59,13 +59,13 @@ TASK_FUNCTIONS: dict[str, str] = {
 """The function that runs one task of each kind, as ``module:function`` (imported on the worker)."""
 
 TASK_MEMORY_MB: dict[str, float] = {
-    "guidance": 1200.0,
+    "guidance": 2500.0,
     "anomaly": 2500.0,
     "replay": 1000.0,
     "analyze": 1500.0,
 }
 """Peak resident memory of one task of each kind, MB, with a margin over what was measured
-(docs/sweeps.md): a worker after four 13-tile sessions on the 160 nm default specimen 1.1 GB; one
+(docs/sweeps.md): a worker's peak over the 93 sessions of a 25 % family sweep 2.3 GB; one
 anomaly training seed with its five specimen graphs cached 2.0 GB; the replay of the 40-tile main
 job 0.85 GB; ``analyze`` of a 4096^2 image 0.85 GB. Sizes the local cluster."""
 
