@@ -177,9 +177,13 @@ def _start_cluster(tmp_path: Path) -> tuple[str, list[subprocess.Popen], subproc
         stdout=log, stderr=subprocess.STDOUT, env=ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while not scheduler_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    address = json.loads(scheduler_file.read_text(encoding="utf-8"))["address"]
+    address = None
+    while address is None and time.monotonic() < deadline:
+        try:  # the scheduler creates the file, then writes it: read it once it parses
+            address = json.loads(scheduler_file.read_text(encoding="utf-8"))["address"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    assert address is not None, "dask scheduler wrote no scheduler file within 60 s"
     command = [sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
                "--no-dashboard", "--host", "127.0.0.1"]  # fmt: skip
     workers = [
