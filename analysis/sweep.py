@@ -399,7 +399,9 @@ def dask_client(
             threads_per_worker=1,
             processes=True,
             memory_limit=f"{limit_mb:.0f}MB",
-            dashboard_address=None,
+            # No dashboard (bokeh is not installed); the scheduler's HTTP routes (health,
+            # metrics) listen on loopback at a free port instead of 8787 on the scheduler host.
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
             env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads},
         )

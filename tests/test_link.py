@@ -683,19 +683,29 @@ def killed_and_restarted(
     processes = [first]
     remote = ZmqMicroscope(endpoints["endpoint"], timeout_s=timeout_s, retries=30, backoff_s=0.05)
 
+    restarting, restarted = threading.Event(), threading.Event()
+
     def restart() -> None:
         wait_for(marker)
+        restarting.set()
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
-        second, _ = start_server_process(
-            tmp_path, "second", "--journal", str(journal), "--bind", endpoints["endpoint"]
-        )
-        processes.append(second)
+        try:
+            second, _ = start_server_process(
+                tmp_path, "second", "--journal", str(journal), "--bind", endpoints["endpoint"]
+            )
+            processes.append(second)
+        finally:
+            restarted.set()
 
     try:
         yield remote, restart
     finally:
         remote.close()
+        # The client may finish on the new server before the restart thread has recorded it:
+        # wait for that, or the second server outlives the test.
+        if restarting.is_set():
+            restarted.wait(30)
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

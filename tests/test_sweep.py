@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -167,39 +169,74 @@ def test_a_local_cluster_sweep_equals_the_serial_command_and_a_rerun_runs_nothin
     assert comparable(again) == comparable(report)
 
 
-def _start_cluster(tmp_path: Path) -> tuple[str, list[subprocess.Popen], subprocess.Popen]:
-    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; returns the address."""
+@contextmanager
+def _external_cluster(tmp_path: Path, processes: list[subprocess.Popen]) -> Iterator[tuple[str, list]]:
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; yields the address and workers.
+
+    Every process started here or appended to ``processes`` by the test is killed on the way out,
+    whatever failed.
+    """
     scheduler_file = tmp_path / "scheduler.json"
     log = (tmp_path / "cluster.log").open("w")
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-         "--scheduler-file", str(scheduler_file)],
-        stdout=log, stderr=subprocess.STDOUT, env=ENV,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    address = None
-    while address is None and time.monotonic() < deadline:
-        try:  # the scheduler creates the file, then writes it: read it once it parses
-            address = json.loads(scheduler_file.read_text(encoding="utf-8"))["address"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.1)
-    assert address is not None, "dask scheduler wrote no scheduler file within 60 s"
-    command = [sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
-               "--no-dashboard", "--host", "127.0.0.1"]  # fmt: skip
-    workers = [
-        subprocess.Popen(
-            [*command, "--name", f"worker-{index}"], stdout=log, stderr=subprocess.STDOUT, env=ENV
+    loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
+    try:
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dask",
+                    "scheduler",
+                    *loopback,
+                    "--port",
+                    "0",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=ENV,
+            )
         )
-        for index in range(2)
-    ]
-    from distributed import Client
+        deadline = time.monotonic() + 60
+        address = None
+        while address is None and time.monotonic() < deadline:
+            try:  # the scheduler creates the file, then writes it: read it once it parses
+                address = json.loads(scheduler_file.read_text(encoding="utf-8"))["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        assert address is not None, "dask scheduler wrote no scheduler file within 60 s"
+        command = [
+            sys.executable,
+            "-m",
+            "dask",
+            "worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            *loopback,
+        ]
+        workers = [
+            subprocess.Popen(
+                [*command, "--name", f"worker-{index}"], stdout=log, stderr=subprocess.STDOUT, env=ENV
+            )
+            for index in range(2)
+        ]
+        processes.extend(workers)
+        from distributed import Client
 
-    with Client(address, timeout="30s") as client:
-        client.wait_for_workers(2, timeout=90)
-        pids = client.run(os.getpid)
-    # The test kills a worker by pid, so it must know which process is which.
-    assert sorted(pids.values()) == sorted(worker.pid for worker in workers)
-    return address, workers, scheduler
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=90)
+            pids = client.run(os.getpid)
+        # The test kills a worker by pid, so it must know which process is which.
+        assert sorted(pids.values()) == sorted(worker.pid for worker in workers)
+        yield address, workers
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
 
 
 def _sweep_process(address: str, out: Path) -> subprocess.Popen:
@@ -222,11 +259,12 @@ def _wait_for_results(out: Path, count: int, process: subprocess.Popen, timeout:
 def test_an_external_cluster_survives_a_killed_worker_and_a_killed_client_loses_nothing(
     serial_guidance: dict, tmp_path: Path
 ) -> None:
-    address, workers, scheduler = _start_cluster(tmp_path)
-    try:
+    processes: list[subprocess.Popen] = []
+    with _external_cluster(tmp_path, processes) as (address, workers):
         # A worker dies mid-sweep: the scheduler gives its task to the other; nothing finished is lost.
         out = tmp_path / "worker-killed"
         sweep = _sweep_process(address, out)
+        processes.append(sweep)
         first = _wait_for_results(out, 1, sweep)[0]
         kept = (first.read_bytes(), first.stat().st_mtime_ns)
         workers[0].send_signal(signal.SIGKILL)
@@ -240,21 +278,19 @@ def test_an_external_cluster_survives_a_killed_worker_and_a_killed_client_loses_
         # The client dies mid-sweep: a rerun runs exactly the tasks without a stored result.
         out = tmp_path / "client-killed"
         sweep = _sweep_process(address, out)
+        processes.append(sweep)
         _wait_for_results(out, 1, sweep)
         sweep.send_signal(signal.SIGKILL)
         sweep.wait(timeout=30)
         done = len(list((out / "tasks").glob("*.json")))
         assert 1 <= done < 4
         rerun = _sweep_process(address, out)
+        processes.append(rerun)
         stdout, stderr = rerun.communicate(timeout=240)
         assert rerun.returncode == 0, stderr
         assert f"4 tasks, {done} done before, {4 - done} run now" in stdout
         report = json.loads((out / "guidance.json").read_text(encoding="utf-8"))
         assert comparable(report) == json.loads(json.dumps(comparable(serial_guidance)))
-    finally:
-        for process in [*workers, scheduler]:
-            process.kill()
-            process.wait(timeout=30)
 
 
 def test_an_unreachable_scheduler_is_one_clear_error() -> None:
