@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +53,11 @@ def summarise(seconds: list[float]) -> dict[str, float]:
         "min_s": min(seconds),
         "max_s": max(seconds),
     }
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, megabytes (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def machine_info() -> dict[str, Any]:

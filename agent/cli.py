@@ -554,13 +554,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare sessions or policies: discovery figure and the fractions table (printed, JSON, CSV)."""
-    from analysis.bench_guidance import BUDGET_FRACTIONS
+    from analysis.bench_guidance import BUDGET_FRACTIONS, check_budgets
     from analysis.compare import format_table, run_compare
 
     fractions = tuple(args.budgets) if args.budgets else BUDGET_FRACTIONS
-    for fraction in fractions:
-        if not (math.isfinite(fraction) and 0 < fraction <= 1):
-            raise ConfigError(f"--budgets: a budget fraction lies in (0, 1], got {fraction:g}")
+    check_budgets(fractions, "--budgets")
     inputs = [
         paths.input_file(item, "input")
         if str(item).lower().endswith(".json")
@@ -629,26 +627,25 @@ def _sweep_tasks(args: argparse.Namespace, out: Path) -> list[Any]:
     from analysis import sweep
 
     if args.kind == "guidance":
-        from analysis.bench_guidance import BUDGET_FRACTIONS, CONTROL_SEED, DEFAULT_SEEDS
-
-        control = CONTROL_SEED if args.control_seed is None else args.control_seed
-        return sweep.guidance_sweep_tasks(
-            seeds=_flat(args.seeds) if args.seeds is not None else list(DEFAULT_SEEDS),
-            policies=args.policies or _all_policies(),
-            control_seed=None if control < 0 else control,
-            budgets=tuple(args.budgets) if args.budgets else BUDGET_FRACTIONS,
-            instrument=args.instrument,
-            family_seeds=_flat(args.family_seeds) or [],
-        )
+        # Options not given keep the benchmark's defaults (guidance_tasks, anomaly_tasks).
+        given = {
+            "seeds": _flat(args.seeds),
+            "family_seeds": _flat(args.family_seeds),
+            "policies": args.policies,
+            "budgets": args.budgets,
+            "instrument": args.instrument,
+        }
+        options = {key: value for key, value in given.items() if value is not None}
+        if args.control_seed is not None:  # -1 skips the control specimen: None must reach the tasks
+            options["control_seed"] = None if args.control_seed < 0 else args.control_seed
+        return sweep.guidance_sweep_tasks(**options)
     if args.kind == "anomaly":
-        from analysis.bench_anomaly import DEFAULT_TRAINING_SEEDS, EVALUATION_SEEDS
-        from analysis.training import TRAINING_SEEDS
-
-        return sweep.anomaly_sweep_tasks(
-            training_seeds=_flat(args.training_seeds) or list(DEFAULT_TRAINING_SEEDS),
-            evaluation_seeds=_flat(args.evaluation_seeds) or list(EVALUATION_SEEDS),
-            training_specimens=_flat(args.training_specimens) or list(TRAINING_SEEDS),
-        )
+        given = {
+            "training_seeds": _flat(args.training_seeds),
+            "evaluation_seeds": _flat(args.evaluation_seeds),
+            "training_specimens": _flat(args.training_specimens),
+        }
+        return sweep.anomaly_sweep_tasks(**{key: value for key, value in given.items() if value is not None})
     if args.kind == "replay":
         _at_least_one(args.every, "--every")
         _at_least_one(args.top_k, "--top-k")
@@ -661,12 +658,6 @@ def _sweep_tasks(args: argparse.Namespace, out: Path) -> list[Any]:
     if args.model:
         paths.input_file(args.model, "--model")
     return sweep.analyze_tasks(args.images, out, _analyze_options(args))
-
-
-def _all_policies() -> list[str]:
-    from agent.policy import POLICY_NAMES
-
-    return list(POLICY_NAMES)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -842,7 +833,7 @@ def _add_instrument_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_analyze_options(parser: argparse.ArgumentParser) -> None:
+def _add_analyze_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``analyze``, shared by ``sweep analyze`` (read back by :func:`_analyze_options`)."""
     parser.add_argument(
         "--pixel-size",
@@ -1078,7 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("image", metavar="IMAGE", help="image file or Sm-BFO dataset folder")
     analyze.add_argument("--out", metavar="DIR", help="output folder (default runs/analyze-<image name>)")
-    add_analyze_options(analyze)
+    _add_analyze_options(analyze)
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(handler=cmd_analyze)
 
@@ -1253,7 +1244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and OUT/analyses.csv lists them.",
     )
     analyze_sweep.add_argument("images", nargs="+", metavar="IMAGE", help="image files or dataset folders")
-    add_analyze_options(analyze_sweep)
+    _add_analyze_options(analyze_sweep)
     sweep_options(analyze_sweep, TASK_MEMORY_MB["analyze"])
 
     serve = commands.add_parser(

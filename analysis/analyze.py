@@ -25,7 +25,6 @@ figure, the HTML report and the JSON (:mod:`analysis.analyze_report`).
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ import numpy as np
 from pydantic import Field
 from scipy.spatial import cKDTree
 
+from agent.benchmarking import peak_memory_mb
 from agent.columns import (
     SPECIES_A,
     SPECIES_B,
@@ -151,11 +151,6 @@ class StageClock:
         self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
         if task is not None:
             self.progress.update(task, completed=total, description=f"{name} ({elapsed:.1f} s)")
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, megabytes (Linux reports kB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass(frozen=True)

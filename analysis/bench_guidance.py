@@ -147,8 +147,15 @@ def run_policy_session(
     }
 
 
-def check_budgets(budgets: Sequence[float]) -> None:
+def check_budgets(budgets: Sequence[float], what: str = "budgets") -> None:
     """Refuse an empty budget list or a budget outside (0, 1] before any session starts.
+
+    Parameters
+    ----------
+    budgets : sequence of float
+        Budget fractions of the tiles covering the stage.
+    what : str
+        How the message names them (an option, for the command line).
 
     Raises
     ------
@@ -156,10 +163,10 @@ def check_budgets(budgets: Sequence[float]) -> None:
         Naming the first bad budget.
     """
     if not budgets:
-        raise ConfigError("give at least one budget fraction")
+        raise ConfigError(f"{what}: give at least one budget fraction")
     for fraction in budgets:
         if not (math.isfinite(fraction) and 0 < fraction <= 1):
-            raise ConfigError(f"a budget fraction lies in (0, 1], got {fraction:g}")
+            raise ConfigError(f"{what}: a budget fraction lies in (0, 1], got {fraction:g}")
 
 
 def guidance_tasks(

@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.benchmarking import machine_info
 from analysis.sweep import (
+    TASK_MEMORY_MB,
     ResultStore,
     SweepRun,
     SweepTask,
@@ -39,13 +40,13 @@ TARGETS = {"speedup_2_workers": 1.8, "task_overhead_s": 0.5}
 SEEDS: tuple[int, ...] = (3, 4, 5, 6)
 POLICIES: tuple[str, ...] = ("guided", "random")
 BUDGET = 0.05
-TIMING_KEYS = ("latency", "machine", "target_results")
+TIMING_KEYS = ("latency", "timing", "machine", "target_results")
 """Report entries that hold wall-clock measurements: they differ between any two runs."""
 
 
 def comparable(report: dict[str, Any]) -> dict[str, Any]:
     """A guidance or anomaly report without its timings, for comparing two runs of the same tasks."""
-    return {key: value for key, value in report.items() if key not in (*TIMING_KEYS, "timing")}
+    return {key: value for key, value in report.items() if key not in TIMING_KEYS}
 
 
 def task_overheads(tasks: Sequence[SweepTask], run: SweepRun) -> list[float]:
@@ -127,7 +128,7 @@ def benchmark_sweep(
         serial = run_tasks(tasks, ResultStore(serial_out), None, progress=True)
         serial_report = gather("guidance", tasks, serial, serial_out)["report"]
         started = time.perf_counter()
-        with dask_client(workers=workers, memory_per_task_mb=1000.0) as client:
+        with dask_client(workers=workers, memory_per_task_mb=TASK_MEMORY_MB["guidance"]) as client:
             warm_up(client, ["guidance"])
             cluster_start_s = time.perf_counter() - started
             cpu_before = time.process_time()

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import resource
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.benchmarking import peak_memory_mb
 from agent.errors import MicrographyError
 from agent.protocol.messages import jsonable
 
@@ -144,11 +144,6 @@ def warm_up(client: Any, kinds: Sequence[str]) -> None:
         Sweep kinds.
     """
     client.run(_import_task_modules, list(kinds))
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, MB (the worker's peak when run on a worker)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def execute_task(task: SweepTask, threads_per_task: int = 1) -> dict[str, Any]:
@@ -439,8 +434,7 @@ def run_tasks(
     -------
     SweepRun
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from analysis.replay import progress_bar
 
     keys = [task.key for task in tasks]
     outcomes: dict[str, dict[str, Any] | None] = {key: store.load(key) for key in keys}
@@ -452,15 +446,8 @@ def run_tasks(
     timeline: dict[str, tuple[float, float]] = {}
     ran = 0
     started = time.perf_counter()
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not progress,
-        transient=True,
-    )
+    kind = tasks[0].kind if tasks else ""
+    bar = progress_bar(f"{kind} sweep ({cached} done before)", progress)
 
     def finish(outcome: dict[str, Any], submitted: float) -> None:
         nonlocal ran
@@ -474,9 +461,7 @@ def run_tasks(
         bar.advance(tracker)
 
     with bar:
-        tracker = bar.add_task(
-            f"{tasks[0].kind if tasks else ''} sweep ({cached} done before)", total=len(todo)
-        )
+        tracker = bar.add_task("", total=len(todo))
         if client is None:
             for task in todo:
                 finish(execute_task(task, threads_per_task), time.time())
@@ -575,7 +560,9 @@ def replay_tasks(
         # The signature only: a hundred journals are checked in well under a second.
         if not h5py.is_hdf5(path):
             raise SweepError(f"journal {path}: not an HDF5 file (a journal is the journal.h5 of a session)")
-    extras = [Path(item).resolve() for item in (model, config) if item is not None]
+    model_path = None if model is None else Path(model).resolve()
+    config_path = None if config is None else Path(config).resolve()
+    extras = [path for path in (model_path, config_path) if path is not None]
     for path in extras:
         if not path.is_file():
             raise SweepError(f"{path}: no such file")
@@ -587,8 +574,8 @@ def replay_tasks(
             "out": str(Path(out).resolve() / "replay" / name),
             "every": every,
             "steps": steps,
-            "model": None if model is None else str(Path(model).resolve()),
-            "config": None if config is None else str(Path(config).resolve()),
+            "model": None if model_path is None else str(model_path),
+            "config": None if config_path is None else str(config_path),
             "top_k": top_k,
         }
         tasks.append(SweepTask("replay", name, params, (str(path), *map(str, extras))))
