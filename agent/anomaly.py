@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch_geometric.data import Data
 from torch_geometric.nn import GATv2Conv, GCNConv, MessagePassing
 
@@ -70,8 +71,15 @@ class AnomalyConfig(StrictModel):
     hidden: int = Field(32, ge=4, le=512, description="width of hidden layers")
     latent: int = Field(8, ge=2, le=256, description="width of the node embedding (the bottleneck)")
     layers: int = Field(2, ge=1, le=6, description="message-passing layers")
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(3e-3, gt=0, description="Adam rate: fit() starts at it, update() uses it")
     warmup_steps: int = Field(300, ge=0, description="gradient steps of fit()")
+    schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="learning rate of fit(): constant, or a cosine decay to final_lr_fraction"
+    )
+    final_lr_fraction: float = Field(0.02, gt=0, le=1, description="cosine schedule: last rate / first")
+    average_fraction: float = Field(
+        0.3, ge=0, lt=1, description="fit() returns the mean of the weights over this last share of its steps"
+    )
     online_steps: int = Field(4, ge=0, description="gradient steps of each update()")
     batch_nodes: int = Field(6000, ge=100, description="nodes per training subgraph")
     replay_graphs: int = Field(16, ge=1, description="recent subgraphs kept for online updates")
@@ -381,6 +389,18 @@ class AnomalyScorer:
         self.steps_trained += 1
         return float(loss.detach())
 
+    def _fit_learning_rate(self, step: int, total: int) -> float:
+        """Learning rate of step ``step`` of ``total`` in :meth:`fit`."""
+        base = self.config.learning_rate
+        if self.config.schedule == "constant" or total <= 1:
+            return base
+        final = self.config.final_lr_fraction
+        return base * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (total - 1))))
+
+    def _set_learning_rate(self, rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
     def fit(self, graphs: list[Data], steps: int | None = None, progress: Any = None) -> list[float]:
         """Fit the scalers and train from scratch on unlabelled graphs.
 
@@ -407,12 +427,25 @@ class AnomalyScorer:
         pair_columns = tuple(index for index, name in enumerate(EDGE_FEATURES) if name.startswith("pair_"))
         self.edge_scaler = RobustScaler.fit(edge_attr, pair_columns)
         prepared = [self._prepare(g) for g in graphs if g.num_nodes]
+        total = self.config.warmup_steps if steps is None else steps
+        # The weights after the last step depend on the last few random batches; averaging the
+        # weights over the tail of a decaying schedule makes training seeds (and thread counts)
+        # agree far more closely than any single iterate does.
+        average_from = total - int(self.config.average_fraction * total)
+        averaged = AveragedModel(self.model) if average_from < total else None
         losses = []
-        for step in range(self.config.warmup_steps if steps is None else steps):
+        for step in range(total):
+            self._set_learning_rate(self._fit_learning_rate(step, total))
             graph = prepared[step % len(prepared)]
             losses.append(self._step(self._subgraph(graph, self.config.batch_nodes)))
+            if averaged is not None and step >= average_from:
+                averaged.update_parameters(self.model)
             if progress is not None:
                 progress(step + 1)
+        if averaged is not None:
+            self.model.load_state_dict(averaged.module.state_dict())
+        # Online updates follow the specimen at the base rate.
+        self._set_learning_rate(self.config.learning_rate)
         self._calibrate(prepared)
         self.replay.extend(self._subgraph(g, self.config.batch_nodes) for g in prepared)
         return losses

@@ -28,6 +28,9 @@ TRAINING_SEEDS: tuple[int, ...] = (1001, 1002)
 SCAN_PIXEL_NM = 0.02
 SCAN_DWELL_US = 32.0
 SCAN_TILE_PX = 4096
+SPECIMEN_EDGE_MARGIN_NM = 1.2
+"""Nodes this close to the simulated specimen's boundary are not judged (three lattice spacings:
+the reach of the two-hop features, polarization contrast, from the partial columns at the cut)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,20 @@ class LabelledGraph:
     graph: MoleculeGraph
     specimen: Specimen
     label: np.ndarray
+
+    @property
+    def evaluable(self) -> np.ndarray:
+        """Nodes a benchmark may judge: interior, matched to a true column, and away from the cut.
+
+        The simulated specimen is a lattice cut off at its boundary, which a real field of view
+        never is; the finder's partial columns at the cut (nodes that match no true column) bend
+        the features of the normal columns next to them, so nodes within
+        :data:`SPECIMEN_EDGE_MARGIN_NM` of the boundary are left out of every score.
+        """
+        width, height = self.specimen.size_nm
+        x, y = self.graph.x_nm, self.graph.y_nm
+        to_boundary = np.minimum.reduce([x, width - x, y, height - y])
+        return self.graph.interior & (self.label >= 0) & (to_boundary > SPECIMEN_EDGE_MARGIN_NM)
 
     def label_names(self) -> list[str]:
         """Names of the labels present."""

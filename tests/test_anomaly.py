@@ -190,3 +190,54 @@ def test_baselines_and_clusters(labelled: LabelledGraph, trained: AnomalyScorer)
     for method in ("dbscan", "hdbscan"):
         clusters = cluster_embeddings(embedding, method=method)
         assert clusters.shape == (len(labelled.graph),) and clusters.max() >= 0
+
+
+def test_fit_decays_the_rate_averages_the_tail_and_hands_update_the_base_rate(
+    labelled: LabelledGraph,
+) -> None:
+    data = labelled.graph.to_pyg()
+    config = FAST.model_copy(update={"warmup_steps": 12, "average_fraction": 0.5})
+    rates: list[float] = []
+    scorer = AnomalyScorer(config)
+    scorer.fit([data], progress=lambda _: rates.append(scorer.optimizer.param_groups[0]["lr"]))
+    assert rates[0] == pytest.approx(config.learning_rate)
+    assert rates[-1] == pytest.approx(config.learning_rate * config.final_lr_fraction)
+    assert (np.diff(rates) <= 0).all()
+    # update() follows the specimen at the base rate, not the end of the decay.
+    assert scorer.optimizer.param_groups[0]["lr"] == pytest.approx(config.learning_rate)
+    # The returned weights are the tail average: not the last iterate of the same run.
+    last = AnomalyScorer(config.model_copy(update={"average_fraction": 0.0}))
+    last.fit([data])
+    averaged = torch.cat([p.detach().flatten() for p in scorer.model.parameters()])
+    final = torch.cat([p.detach().flatten() for p in last.model.parameters()])
+    assert not torch.equal(averaged, final)
+    constant = AnomalyScorer(config.model_copy(update={"schedule": "constant"}))
+    seen: list[float] = []
+    constant.fit([data], progress=lambda _: seen.append(constant.optimizer.param_groups[0]["lr"]))
+    assert set(seen) == {config.learning_rate}
+
+
+def test_benchmark_nodes_leave_out_the_cut_edge_of_the_specimen(labelled: LabelledGraph) -> None:
+    from analysis.training import SPECIMEN_EDGE_MARGIN_NM
+
+    keep = labelled.evaluable
+    width, height = labelled.specimen.size_nm
+    x, y = labelled.graph.x_nm, labelled.graph.y_nm
+    to_boundary = np.minimum.reduce([x, width - x, y, height - y])
+    assert keep.any()
+    assert not keep[to_boundary <= SPECIMEN_EDGE_MARGIN_NM].any()
+    assert not keep[labelled.label < 0].any()
+    assert not keep[~labelled.graph.interior].any()
+    inner = labelled.graph.interior & (labelled.label >= 0) & (to_boundary > SPECIMEN_EDGE_MARGIN_NM)
+    np.testing.assert_array_equal(keep, inner)
+
+
+def test_top_precision_counts_defects_at_the_top_of_the_list() -> None:
+    from analysis.bench_anomaly import top_precision
+
+    truth = np.zeros(1000, dtype=bool)
+    truth[:5] = True
+    scores = np.linspace(1, 0, 1000)  # the five defects rank first
+    assert top_precision(truth, scores, 0.001) == 1.0  # one node: a defect
+    assert top_precision(truth, scores, 0.01) == 0.5  # ten nodes: five defects
+    assert top_precision(truth, -scores, 0.01) == 0.0

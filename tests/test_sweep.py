@@ -410,6 +410,7 @@ def test_anomaly_tasks_differ_only_in_the_training_seed_and_the_report_gives_mea
 
     def result(seed: int, auroc: float) -> dict:
         rows = [{"scorer": s, "defect_class": c, "auroc": auroc, "average_precision": auroc / 2,
+                 "precision_top_0.1%": auroc / 4, "precision_top_1%": auroc / 8,
                  "positives": 10, "training_seed": seed}
                 for s in ("gae", "seed_gae", "nn_distance", "intensity", "polarization")
                 for c in ("all", "vacancy", "substitution", "dislocation_core", "domain_wall", "strained",
@@ -426,6 +427,8 @@ def test_anomaly_tasks_differ_only_in_the_training_seed_and_the_report_gives_mea
     entry = next(e for e in report["summary"] if (e["scorer"], e["defect_class"]) == ("gae", "all"))
     assert entry["auroc_mean"] == pytest.approx(0.94)
     assert entry["auroc_std"] == pytest.approx(0.04)
+    assert entry["precision_top_0.1%_mean"] == pytest.approx(0.94 / 4)
+    assert entry["precision_top_1%_std"] == pytest.approx(0.04 / 8)
     assert report["training_seeds"] == [0, 1, 2] and len(report["rows"]) == 3 * 35
     assert report["timing"]["score_100k_nodes_s"] == pytest.approx(0.2)  # the median over seeds
 
