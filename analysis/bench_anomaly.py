@@ -39,8 +39,10 @@ DEFECT_CLASSES: tuple[str, ...] = (
 SCORERS: tuple[str, ...] = ("gae", "seed_gae", "nn_distance", "intensity", "polarization")
 DEFAULT_TRAINING_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 """Training seeds of the autoencoders: one run is one sample, so the benchmark reports five."""
-TOP_SHARES: tuple[float, ...] = (0.001, 0.01)
-"""Shares of the ranked nodes whose precision the rows report (top 0.1 % and 1 %)."""
+TOP_SHARES: dict[str, float] = {"precision_top_0.1%": 0.001, "precision_top_1%": 0.01}
+"""Row keys and shares of the ranked nodes whose precision the rows report."""
+RANKING_KEYS: tuple[str, ...] = ("auroc", "average_precision", *TOP_SHARES)
+"""Per-row figures that the summary gives as mean and spread over the training seeds."""
 TARGETS = {"gae_auroc_all": 0.95, "score_100k_nodes_s": 0.2, "online_update_s": 0.1}
 
 
@@ -72,20 +74,15 @@ def _class_rows(scorer: str, scores: list[np.ndarray], labels: list[np.ndarray])
             truth.append(positive[keep])
             values.append(score[keep])
         y_true, y_score = np.concatenate(truth), np.concatenate(values)
-        if y_true.all() or not y_true.any():
-            auroc = average_precision = None
-            top = {share: None for share in TOP_SHARES}
-        else:
-            auroc = float(roc_auc_score(y_true, y_score))
-            average_precision = float(average_precision_score(y_true, y_score))
-            top = {share: top_precision(y_true, y_score, share) for share in TOP_SHARES}
+        ranking: dict[str, float | None] = dict.fromkeys(RANKING_KEYS)
+        if y_true.any() and not y_true.all():
+            ranking["auroc"] = float(roc_auc_score(y_true, y_score))
+            ranking["average_precision"] = float(average_precision_score(y_true, y_score))
+            ranking |= {key: top_precision(y_true, y_score, share) for key, share in TOP_SHARES.items()}
         rows.append({
             "scorer": scorer,
-            "defect_class": "all" if defect_class == "all" else defect_class,
-            "auroc": auroc,
-            "average_precision": average_precision,
-            "precision_top_0.1%": top[0.001],
-            "precision_top_1%": top[0.01],
+            "defect_class": defect_class,
+            **ranking,
             "positives": int(y_true.sum()),
             "positive_share": float(y_true.mean()),
         })  # fmt: skip
@@ -258,7 +255,7 @@ def anomaly_report(results: Sequence[dict[str, Any]], tasks: Sequence[dict[str, 
         for defect_class in DEFECT_CLASSES:
             mine = [r for r in rows if r["scorer"] == scorer and r["defect_class"] == defect_class]
             entry: dict[str, Any] = {"scorer": scorer, "defect_class": defect_class, "seeds": len(mine)}
-            for key in ("auroc", "average_precision", "precision_top_0.1%", "precision_top_1%"):
+            for key in RANKING_KEYS:
                 # Rows kept by an older sweep may lack the top-of-list figures.
                 values = [r[key] for r in mine if r.get(key) is not None]
                 entry[f"{key}_mean"] = float(np.mean(values)) if values else None
