@@ -225,8 +225,9 @@ def lattice_orientation_deg(graph: MoleculeGraph) -> float:
     The circular mean of four times each node's local orientation: a square lattice looks
     the same every 90 degrees.
     """
-    angles = np.radians(graph.feature("lattice_orientation_deg"))
+    angles = np.radians(graph.lattice_orientation_deg)
     use = graph.interior if graph.interior.any() else np.ones(len(graph), dtype=bool)
+    use = use & np.isfinite(angles)
     if not use.any():
         return 0.0
     return float(np.degrees(np.angle(np.exp(4j * angles[use]).mean()) / 4))
@@ -747,15 +748,22 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
 
     clusters = result.clusters
     node_b = graph.species == SPECIES_B
+    interior = graph.interior
+    threshold = result.config.anomaly_threshold
     cluster_rows = []
     for label in np.unique(clusters):
         members = clusters == label
         polar = members & polarization.valid
+        # Scores of nodes at the frame edge measure the missing neighbours, not the specimen: the
+        # table counts interior nodes only, as the anomaly map and its statistics do.
+        scored = members & interior
         row: dict[str, Any] = {
             "cluster": int(label),
             "nodes": int(members.sum()),
             "fraction": float(members.mean()),
-            "mean_score": float(scores[members].mean()),
+            "interior_nodes": int(scored.sum()),
+            "mean_score": float(scores[scored].mean()) if scored.any() else float("nan"),
+            "anomalous": int((scores[scored] > threshold).sum()),
             "b_site_fraction": float(node_b[members].mean()),
         }
         if polar.any():
@@ -774,16 +782,15 @@ def summarise(result: FullFrameAnalysis, seconds: dict[str, float]) -> dict[str,
         "gae_final_loss": float(np.mean(result.gae_loss[-20:])) if result.gae_loss else None,
     }
 
-    interior = graph.interior
     reference = scores[interior] if interior.any() else scores
-    threshold = result.config.anomaly_threshold
-    hot = _hotspots(
-        graph.x_nm, graph.y_nm, np.where(interior, scores, -np.inf), 10 * columns.lattice_spacing_nm, 10
-    )
+    # Only columns the detector calls anomalous are circled: a quiet image has fewer than ten hot spots.
+    candidates = np.where((interior if interior.any() else True) & (scores > threshold), scores, -np.inf)
+    hot = _hotspots(graph.x_nm, graph.y_nm, candidates, 10 * columns.lattice_spacing_nm, 10)
     assert result.feature_z is not None
     summary["anomaly"] = {
         "threshold": threshold,
         "score": _stats(reference),
+        "max": float(reference.max()) if reference.size else float("nan"),
         "p99": float(np.percentile(reference, 99)) if reference.size else float("nan"),
         "anomalous_columns": int((reference > threshold).sum()),
         "anomalous_fraction": float((reference > threshold).mean()) if reference.size else float("nan"),

@@ -430,7 +430,7 @@ def panel_anomaly(ax: Axes, result: FullFrameAnalysis, figure: Figure) -> None:
     anomaly = result.summary.get("anomaly", {})
     ax.set_title(
         f"Anomaly map: {anomaly.get('anomalous_columns', 0):,} columns above "
-        f"{result.config.anomaly_threshold:g}",
+        f"{result.config.anomaly_threshold:g}; {len(anomaly.get('hotspots', []))} hot spots circled",
         fontsize=9,
     )
 

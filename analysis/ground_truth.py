@@ -16,7 +16,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from agent.columns import SPECIES_A, SPECIES_B, SPECIES_O, Columns
-from simulator.specimen import SITE_A, SITE_B, SITE_O, Specimen
+from simulator.specimen import LABELS, SITE_A, SITE_B, SITE_O, Specimen
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,47 @@ def match_columns(found_xy: np.ndarray, true_xy: np.ndarray, tolerance: float) -
     _, first = np.unique(nearest[order], return_index=True)
     found = np.sort(order[first])
     return ColumnMatch(found, nearest[found], distance[found], n_found, n_truth)
+
+
+def nearest_planted_feature(
+    x_nm: np.ndarray, y_nm: np.ndarray, specimen: Specimen
+) -> tuple[np.ndarray, list[str]]:
+    """Distance from each point to the nearest column that carries a planted-feature label.
+
+    Parameters
+    ----------
+    x_nm, y_nm : numpy.ndarray
+        Stage positions, nanometres (for example the hot spots of ``analyze``).
+    specimen : Specimen
+        The specimen; every label but ``normal`` is a planted feature (a vacancy's label sits on
+        the columns around the empty site).
+
+    Returns
+    -------
+    distance_nm : numpy.ndarray
+        Distance to the nearest labelled column, nanometres (inf when the specimen has none).
+    labels : list of str
+        That column's label ("" when there is none).
+
+    Examples
+    --------
+    >>> from simulator.config import SpecimenConfig
+    >>> from simulator.specimen import generate_specimen
+    >>> specimen = generate_specimen(SpecimenConfig(size_nm=(20.0, 20.0)), seed=0)
+    >>> labelled = np.flatnonzero(specimen.label > 0)[0]
+    >>> distance, labels = nearest_planted_feature(
+    ...     specimen.x_nm[[labelled]], specimen.y_nm[[labelled]], specimen
+    ... )
+    >>> float(distance[0]), labels[0] == LABELS[specimen.label[labelled]]
+    (0.0, True)
+    """
+    x_nm, y_nm = np.atleast_1d(np.asarray(x_nm, dtype=float)), np.atleast_1d(np.asarray(y_nm, dtype=float))
+    planted = np.flatnonzero(specimen.label > 0)
+    if planted.size == 0:
+        return np.full(x_nm.size, np.inf), [""] * x_nm.size
+    tree = cKDTree(np.stack([specimen.x_nm[planted], specimen.y_nm[planted]], 1))
+    distance, nearest = tree.query(np.stack([x_nm, y_nm], 1))
+    return distance, [LABELS[specimen.label[planted[i]]] for i in nearest]
 
 
 def true_columns_in(

@@ -30,6 +30,7 @@ from simulator.config import SimulatorConfig
 from simulator.dataset import load_image
 from simulator.export import export_specimen, read_ground_truth
 from simulator.specimen import SITE_A, SITE_B, Specimen
+from tests.conftest import specimen_with
 
 PIXEL_NM = 0.02
 FAST = AnalyzeConfig(gae_steps=40, vae_steps=150, cluster_sample=3000)
@@ -139,7 +140,24 @@ def test_segmentation_and_clusters_are_reported(analysed: AnalysisOutputs) -> No
     assert sum(row["nodes"] for row in embedding["table"]) == summary["columns"]["total"]
     anomaly = summary["anomaly"]
     assert 0 < anomaly["anomalous_columns"] < summary["columns"]["total"]
-    assert len(anomaly["hotspots"]) == 10
+    # Only columns above the threshold are circled, and the tables count what the map shows.
+    assert 0 < len(anomaly["hotspots"]) <= 10
+    assert all(spot["score"] > anomaly["threshold"] for spot in anomaly["hotspots"])
+    table = embedding["table"]
+    assert sum(row["interior_nodes"] for row in table) == anomaly["score"]["count"]
+    assert sum(row["anomalous"] for row in table) == anomaly["anomalous_columns"]
+    assert max(row["mean_score"] for row in table if row["interior_nodes"]) <= anomaly["max"]
+
+
+def test_a_quiet_image_circles_no_hot_spots(dataset: Path) -> None:
+    from analysis.analyze import analyze_image, summarise
+
+    result = analyze_image(load_image(dataset), FAST)
+    assert result.scores is not None and result.graph is not None
+    quiet = float(result.scores[result.graph.interior].max()) + 1.0
+    result.config = result.config.model_copy(update={"anomaly_threshold": quiet})
+    anomaly = summarise(result, {})["anomaly"]
+    assert anomaly["hotspots"] == [] and anomaly["anomalous_columns"] == 0
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -311,24 +329,33 @@ def test_an_image_without_pixel_size_asks_for_one(tmp_path: Path, capsys: pytest
     )
 
 
-def test_bench_report_formats() -> None:
-    from analysis.bench_analyze import format_report
+def test_bench_analyze_checks_its_hot_spots_against_the_planted_features(tmp_path: Path) -> None:
+    from analysis.bench_analyze import HOTSPOT_RADIUS_NM, benchmark_analyze, format_report
+    from analysis.ground_truth import nearest_planted_feature
 
-    report = {
-        "machine": {"cpu_count": 2},
-        "load_average_1min_before": 1.0,
-        "load_average_1min_after": 2.0,
-        "image": {"shape_px": [4096, 4096], "pixel_size_nm": 0.02, "columns": 82000, "true_columns": 84000},
-        "stages_s": {"columns": 3.0, "autoencoder": 10.0},
-        "analysis_s": 30.0,
-        "process_wall_s": 38.0,
-        "peak_memory_mb": 900.0,
-        "targets": {"process_wall_s": 60.0, "peak_memory_mb": 4096.0},
-        "meets_targets": True,
-        "outputs": {"report.html": "runs/x/report.html"},
-    }
+    # 20 nm at 0.04 nm/px with one of each extended feature: the bench's path in about 15 s.
+    features = specimen_with(
+        domain_walls=1, dislocations=1, strained_patches=1, vacancy_clusters=2, substitution_clusters=2,
+        phase_patches=0, amorphous_patches=1, amorphous_patch_radius_nm=2.0, edge_margin_nm=3.0,
+    )  # fmt: skip
+    report = benchmark_analyze(
+        size_px=512, pixel_size_nm=0.04, seeds=(3,), out_dir=tmp_path, specimen=features
+    )
+    (row,) = report["rows"]
+    analysis = json.loads(Path(row["outputs"]["analysis.json"]).read_text())
+    threshold = analysis["anomaly"]["threshold"]
+    assert row["hotspots"] and all(spot["score"] > threshold for spot in row["hotspots"])
+    # The distances are measured against the specimen written next to the image.
+    specimen = read_ground_truth(tmp_path / "seed-3" / "data" / "ground_truth.h5")
+    x, y = (np.array([spot[key] for spot in row["hotspots"]]) for key in ("x_nm", "y_nm"))
+    distance, labels = nearest_planted_feature(x, y, specimen)
+    np.testing.assert_allclose([spot["nearest_feature_nm"] for spot in row["hotspots"]], distance)
+    assert [spot["nearest_feature"] for spot in row["hotspots"]] == labels
+    assert row["hotspots_on_features"] == int(np.sum(distance <= HOTSPOT_RADIUS_NM))
+    assert report["summary"]["hotspots_on_features_mean"] == row["hotspots_on_features"]
     text = format_report(report)
-    assert "82,000 columns" in text and "38.0 s" in text and "900 MB" in text
+    assert f"{row['hotspots_on_features']} of {len(row['hotspots'])} within 2 nm" in text
+    assert f"{row['image']['columns']:,} columns found" in text
 
 
 def test_a_given_checkpoint_replaces_fitting_and_a_bad_one_is_a_clear_error(

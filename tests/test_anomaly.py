@@ -90,7 +90,7 @@ def test_explain_names_the_feature_that_made_a_node_unusual(
     assert next(iter(explanation)) in {
         "coordination_deviation", "nn_distance_mean_pm", "nn_distance_std_pm", "nn_distance_min_pm",
         "lattice_distance_pm", "lattice_angle_deviation_deg", "polarization_pm", "polarization_x_pm",
-        "polarization_y_pm", "polarization_contrast_pm", "lattice_orientation_deg",
+        "polarization_y_pm", "polarization_contrast_pm", "lattice_rotation_deg",
     }  # fmt: skip
     assert "edge_geometry" in explanation
     values = list(explanation.values())

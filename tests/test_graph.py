@@ -215,3 +215,64 @@ def test_empty_tile_records_the_scanned_area() -> None:
     assert graph.tile_extents == [(0.0, 5.0, 0.0, 5.0)] and graph.tile_ids == ["t1"]
     assert graph.neighbours.shape == (0, 6)
     assert SPECIES_A == 0
+
+
+def _lattice_columns(xy: np.ndarray, species: np.ndarray, spacing: float) -> Columns:
+    count = len(xy)
+    return Columns(
+        x_nm=xy[:, 0], y_nm=xy[:, 1], row_px=xy[:, 1] / PIXEL_NM, col_px=xy[:, 0] / PIXEL_NM,
+        intensity=np.where(species == SPECIES_A, 10.0, 2.0),
+        scattering=np.where(species == SPECIES_A, 10.0, 2.0),
+        peak_height=np.ones(count), background=np.zeros(count), width_px=np.full(count, 1.5),
+        species=species, abnormal=np.zeros(count, dtype=bool), quality=np.ones(count),
+        pixel_size_nm=PIXEL_NM, lattice_spacing_nm=spacing,
+    )  # fmt: skip
+
+
+def test_lattice_rotation_sees_a_rotated_grain_not_the_frame_rotation() -> None:
+    # A frame rotated by 44 degrees puts the square lattice next to the 45-degree ambiguity: the
+    # absolute orientation of neighbouring columns jumps between -45 and +45. A grain turned by a
+    # further 6 degrees is the defect; only it may show in the feature.
+    spacing, cells = 0.4, 40
+    i, j = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+    a_xy = np.stack([i.ravel(), j.ravel()], 1) * spacing
+    xy = np.concatenate([a_xy, a_xy + 0.5 * spacing])
+    species = np.r_[np.full(len(a_xy), SPECIES_A), np.full(len(a_xy), SPECIES_B)].astype(np.int8)
+    centre = np.full(2, 0.5 * cells * spacing)
+
+    def rotate(points: np.ndarray, degrees: float) -> np.ndarray:
+        c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+        return (points - centre) @ np.array([[c, s], [-s, c]]) + centre
+
+    radius = np.hypot(*(xy - centre).T)
+    grain = radius < 4.0
+    xy = np.where(grain[:, None], rotate(xy, 50.0), rotate(xy, 44.0))
+    graph = MoleculeGraph(GraphConfig(lattice_spacing_nm=spacing))
+    half = 0.5 * cells * spacing * np.sqrt(2)
+    extent = (centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)
+    graph.merge(_lattice_columns(xy, species, spacing), extent)
+    rotation = graph.feature("lattice_rotation_deg")
+    orientation = graph.lattice_orientation_deg
+    node_radius = np.hypot(graph.x_nm - centre[0], graph.y_nm - centre[1])
+    # The reference box reaches 2.3 nm (its corner, cells rounded): the matrix starts 2.5 nm beyond
+    # the grain, the core 2.4 nm inside it.
+    matrix = (node_radius > 6.5) & (node_radius < 8.0)
+    # The rims start a spacing from the boundary, where a column's own four neighbours share its grain.
+    inner_rim, outer_rim = (
+        (node_radius > 3.0) & (node_radius < 3.5),
+        (node_radius > 4.5) & (node_radius < 5.0),
+    )
+    core = node_radius < 1.6
+    assert matrix.sum() > 300 and min(inner_rim.sum(), outer_rim.sum(), core.sum()) > 50
+    # The frame's own orientation is found (modulo 90 degrees) ...
+    matrix_4 = np.angle(np.exp(4j * np.radians(orientation[matrix])).mean()) / 4
+    assert np.degrees(matrix_4) == pytest.approx(44.0, abs=0.01)
+    assert np.nanmin(orientation) < -44 and np.nanmax(orientation) > 44  # the grain wraps to -40
+    # ... but the feature is zero in the matrix and inside the grain (each is its own reference),
+    # and on the rim the grain is turned forwards from the mixed reference, the matrix backwards.
+    assert np.abs(rotation[matrix]).max() < 0.01
+    assert np.abs(rotation[core]).max() < 0.01
+    # (Columns on the boundary itself have mixed neighbours and odd orientations: a little slack.)
+    assert np.all((rotation[inner_rim] > -0.5) & (rotation[inner_rim] < 6.5))
+    assert np.all((rotation[outer_rim] < 0.5) & (rotation[outer_rim] > -6.5))
+    assert np.median(rotation[inner_rim]) > 0.5 and np.median(rotation[outer_rim]) < -0.5
