@@ -31,6 +31,8 @@ import copy
 import itertools
 import math
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +51,12 @@ from agent.graph import EDGE_FEATURES, NODE_FEATURES
 
 CHECKPOINT_FORMAT = "micrography-graph-autoencoder"
 CHECKPOINT_VERSION = 1
+SHIPPED_MODEL = "shipped"
+"""The name that selects the checkpoint shipped with the package (sessions use it by default)."""
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "gae-bfo-001.pt"
+"""The shipped checkpoint; README "A shipped anomaly model" gives the command that reproduces it."""
+NO_MODEL = "none"
+"""The name that asks for no checkpoint: a session warms a new GAE up on its start tiles."""
 
 Architecture = Literal["edge_mpnn", "gatv2", "gcn", "seed"]
 
@@ -87,6 +95,82 @@ class AnomalyConfig(StrictModel):
     region_top_fraction: float = Field(0.1, gt=0, le=1, description="region score = mean of this top share")
     seed: int = Field(0, description="seeds initialisation and sampling")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@contextmanager
+def single_thread_torch() -> Iterator[None]:
+    """Run torch single-threaded inside the block: bitwise-repeatable reductions on the CPU.
+
+    A resumed or replayed session matches the recorded one only if every GAE update and
+    score reduces in the same order.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def deterministic_torch() -> Iterator[None]:
+    """One thread and ``torch.use_deterministic_algorithms`` inside the block: bitwise reproducible.
+
+    The deterministic mode of ``micrography train`` and ``micrography bench anomaly``: the same
+    options give the same weights, bit for bit, on the same machine and library versions. On a
+    GPU an operation without a deterministic implementation raises instead of running.
+
+    Examples
+    --------
+    >>> with deterministic_torch():
+    ...     torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    (1, True)
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with single_thread_torch():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def resolve_checkpoint(name: str | Path | None) -> Path | None:
+    """The checkpoint file a setting names: the shipped model, none, or a path.
+
+    Parameters
+    ----------
+    name : str, pathlib.Path or None
+        :data:`SHIPPED_MODEL` (``"shipped"``), :data:`NO_MODEL` (``"none"``) or ``None`` for
+        no checkpoint, or the path of a checkpoint written by ``micrography train``.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The file to load, or None when the GAE is to be trained on the spot.
+
+    Raises
+    ------
+    CheckpointError
+        If the shipped model is asked for but missing from this installation.
+
+    Examples
+    --------
+    >>> resolve_checkpoint("none") is None, resolve_checkpoint("runs/model.pt")
+    (True, PosixPath('runs/model.pt'))
+    >>> resolve_checkpoint("shipped").name
+    'gae-bfo-001.pt'
+    """
+    if name is None or str(name).lower() == NO_MODEL:
+        return None
+    if str(name).lower() == SHIPPED_MODEL:
+        if not SHIPPED_CHECKPOINT.is_file():
+            raise CheckpointError(
+                f"the shipped anomaly model {SHIPPED_CHECKPOINT} is missing from this installation; "
+                "reinstall, or give --checkpoint none to train one on the start tiles"
+            )
+        return SHIPPED_CHECKPOINT
+    return Path(name)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -326,6 +410,8 @@ class AnomalyScorer:
         self.edge_error_scale: float = 1.0
         self.replay: deque[Data] = deque(maxlen=self.config.replay_graphs)
         self.steps_trained = 0
+        # What the weights were trained on (specimen seeds, dwell, command), kept in checkpoints.
+        self.provenance: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data preparation
 
@@ -449,6 +535,32 @@ class AnomalyScorer:
         self._calibrate(prepared)
         self.replay.extend(self._subgraph(g, self.config.batch_nodes) for g in prepared)
         return losses
+
+    def recalibrate(self, graphs: list[Data]) -> None:
+        """Re-measure the error scales on new graphs, keeping the weights and feature scalers.
+
+        A checkpoint trained on one dose meets tiles of another: the reconstruction errors of
+        normal lattice grow or shrink with the noise, and so would every score. The robust
+        (median-based) error scales of :meth:`fit` are measured again on ``graphs`` (a session's
+        start tiles), which also join the replay buffer of :meth:`update`.
+
+        Parameters
+        ----------
+        graphs : list of torch_geometric.data.Data
+            Graphs from :meth:`agent.graph.MoleculeGraph.to_pyg` (raw physical features).
+
+        Raises
+        ------
+        MicrographyError
+            If the scorer is not fitted or the graphs are empty.
+        """
+        if not self.fitted:
+            raise MicrographyError("cannot recalibrate an anomaly scorer that is not trained yet")
+        prepared = [self._prepare(g) for g in graphs if g.num_nodes]
+        if not prepared:
+            raise MicrographyError("cannot recalibrate the anomaly scorer on empty graphs")
+        self._calibrate(prepared)
+        self.replay.extend(self._subgraph(g, self.config.batch_nodes) for g in prepared)
 
     def update(self, data: Data, steps: int | None = None) -> list[float]:
         """Follow the specimen: a bounded number of gradient steps on recent subgraphs.
@@ -607,6 +719,7 @@ class AnomalyScorer:
                 "error_scale": self.error_scale.cpu().tolist(),
                 "edge_error_scale": self.edge_error_scale,
                 "steps_trained": self.steps_trained,
+                "provenance": self.provenance,
                 "state_dict": state,
             },
             path,
@@ -668,6 +781,7 @@ class AnomalyScorer:
         scorer.error_scale = torch.tensor(checkpoint["error_scale"], device=scorer.device)
         scorer.edge_error_scale = float(checkpoint["edge_error_scale"])
         scorer.steps_trained = int(checkpoint["steps_trained"])
+        scorer.provenance = dict(checkpoint.get("provenance", {}))
         return scorer
 
     def copy(self) -> AnomalyScorer:

@@ -242,7 +242,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.target == "anomaly":
         from analysis.bench_anomaly import benchmark_anomaly, format_report
 
-        report = benchmark_anomaly()
+        seeds = _flat(args.training_seeds)
+        report = benchmark_anomaly(
+            **({"training_seeds": seeds} if seeds else {}), deterministic=args.deterministic
+        )
     elif args.target == "guidance":
         from analysis.bench_guidance import benchmark_guidance, format_report
 
@@ -250,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.target == "analyze":
         from analysis.bench_analyze import benchmark_analyze, format_report
 
-        report = benchmark_analyze()
+        report = benchmark_analyze(seeds=_flat(args.seeds) or (0,))
     elif args.target == "stitching":
         from analysis.bench_stitching import benchmark_stitching, format_report
 
@@ -345,6 +348,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from agent.anomaly import resolve_checkpoint
     from agent.config import load_config, validate_config
     from agent.session import Session, SessionConfig, check_checkpoint
     from simulator.config import SimulatorConfig
@@ -394,8 +398,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.resume and journal.exists():
         raise ConfigError(f"{journal} exists; resume it with --resume {journal} or choose another --out")
     # Everything that can be checked is checked here, before the first exposure.
-    if config.checkpoint:
-        paths.input_file(config.checkpoint, "checkpoint")
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    if checkpoint is not None:
+        paths.input_file(checkpoint, "checkpoint")
         check_checkpoint(config)
     paths.output_folder(out)
     if (
@@ -575,14 +580,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the graph autoencoder reproducibly on synthetic specimens and write a checkpoint."""
+    from contextlib import nullcontext
+
     from rich.progress import Progress
 
-    from agent.anomaly import AnomalyConfig
+    from agent.anomaly import AnomalyConfig, deterministic_torch
     from agent.config import load_config, validate_config
-    from analysis.training import TRAINING_SEEDS, train_scorer
+    from analysis.training import SCAN_DWELL_US, TRAINING_SEEDS, train_scorer
 
     paths.output_file(args.out, suffixes=(".pt",), overwrite=args.overwrite)
     _at_least_one(args.steps, "--steps")
+    _positive(args.dwell, "--dwell", "µs")
     config = load_config(args.config, AnomalyConfig) if args.config else AnomalyConfig()
     if args.steps is not None:
         values = config.model_dump() | {"warmup_steps": args.steps}
@@ -590,7 +598,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.simulator_config:
         paths.input_file(args.simulator_config, "--simulator-config")
     seeds = args.seeds or list(TRAINING_SEEDS)
-    with Progress() as progress:
+    with Progress() as progress, deterministic_torch() if args.deterministic else nullcontext():
         tasks: dict[str, Any] = {}
 
         def report(stage: str, done: int, total: int) -> None:
@@ -598,7 +606,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done)
 
-        scorer = train_scorer(seeds, config, _simulator_config(args.simulator_config, None), progress=report)
+        scorer = train_scorer(
+            seeds,
+            config,
+            _simulator_config(args.simulator_config, None),
+            dwell_us=SCAN_DWELL_US if args.dwell is None else args.dwell,
+            progress=report,
+        )
     path = scorer.save(args.out)
     print(f"trained {config.architecture} graph autoencoder on specimen seeds {seeds}: {path}")
     return 0
@@ -973,7 +987,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=int, metavar="TILES", help="high-resolution tiles to acquire")
     run.add_argument("--seed", type=int, help="seed of the session and of the synthetic specimen")
     run.add_argument(
-        "--checkpoint", metavar="PT", help="GAE checkpoint (default: trained on the start tiles)"
+        "--checkpoint",
+        metavar="PT",
+        help="GAE checkpoint: 'shipped' (default, the model shipped with the package), a file from "
+        "`micrography train`, or 'none' to train one on the start tiles",
     )
     run.add_argument("--out", metavar="DIR", help="output folder (default runs/session-POLICY-seedN)")
     run.add_argument("--resume", metavar="JOURNAL", help="continue an interrupted session from its journal")
@@ -1051,6 +1068,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--simulator-config", metavar="YAML", help="simulator configuration of the specimens")
     train.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training specimen seeds")
     train.add_argument("--steps", type=int, metavar="N", help="gradient steps (overrides the configuration)")
+    train.add_argument(
+        "--dwell",
+        type=float,
+        metavar="US",
+        help="dwell per pixel of the training tiles, µs (default 32, as the anomaly benchmark's "
+        "specimens; a session's tiles use 8)",
+    )
+    train.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="one thread and torch's deterministic algorithms: the same options give the same "
+        "checkpoint bit for bit (slower; the default multi-threaded run may differ in the last bits)",
+    )
     train.set_defaults(handler=cmd_train)
 
     analyze = commands.add_parser(
@@ -1115,6 +1145,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="realistic",
         help="guidance: the simulated instrument, with its placement error, drift and scan "
         "distortions (default) or without any",
+    )
+    bench.add_argument(
+        "--seeds",
+        nargs="+",
+        type=_seed_list,
+        metavar="SEED",
+        help="analyze: specimen seeds, one image and one analyze process each, e.g. 0-4 (default 0)",
+    )
+    bench.add_argument(
+        "--training-seeds",
+        nargs="+",
+        type=_seed_list,
+        metavar="SEED",
+        help="anomaly: training seeds of the autoencoders, e.g. 0-4 (default 0-4)",
+    )
+    bench.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="anomaly: one thread and torch's deterministic algorithms, the same figures bit for bit",
     )
     bench.add_argument("--config", metavar="YAML", help="simulator configuration (default: built-in)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per case (default 5)")

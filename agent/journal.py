@@ -472,9 +472,14 @@ def read_journal(path: str | Path) -> JournalContents:
                 f"versions {', '.join(map(str, READABLE_VERSIONS))}; use the Micrography that wrote it"
             )
         session_id = file.attrs.get("session_id")
+        config = json.loads(file.attrs["config"])
+        if "checkpoint" in config and "recalibrate_checkpoint" not in config:
+            # Recorded before checkpoints were recalibrated on the start tiles: it used its
+            # checkpoint as trained, and so must its resume and replay.
+            config["recalibrate_checkpoint"] = False
         contents = JournalContents(
             path=path,
-            config=json.loads(file.attrs["config"]),
+            config=config,
             instrument=json.loads(file.attrs["instrument"]),
             session_id=None if session_id is None else str(session_id),
         )

@@ -41,8 +41,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from agent.anomaly import AnomalyConfig, AnomalyScorer, CheckpointError, region_scores
+from agent.anomaly import (
+    SHIPPED_MODEL,
+    AnomalyConfig,
+    AnomalyScorer,
+    CheckpointError,
+    region_scores,
+    resolve_checkpoint,
+    single_thread_torch,
+)
 from agent.columns import ColumnFinderConfig, Columns, find_columns
 from agent.config import StrictModel
 from agent.domains import WallConfig, WallSegment, wall_in_tile
@@ -142,7 +149,16 @@ class SessionConfig(StrictModel):
         "an overlap of a few nm lets registration place each tile to picometres",
     )
     start_tiles: int = Field(4, ge=1, description="spread-out tiles before the first decision")
-    checkpoint: str | None = Field(None, description="GAE checkpoint; by default trained on the start tiles")
+    checkpoint: str | None = Field(
+        SHIPPED_MODEL,
+        description="GAE checkpoint: 'shipped' (the model shipped with the package), a file written by "
+        "`micrography train`, or 'none' (or null) to train one on the start tiles",
+    )
+    recalibrate_checkpoint: bool = Field(
+        True,
+        description="with a checkpoint, measure its error scales again on the start tiles, so that "
+        "scores of normal lattice stay about 1 at this session's dose and noise",
+    )
     warmup_steps: int = Field(
         60, ge=1, description="GAE steps on the start tiles when no checkpoint is given"
     )
@@ -241,21 +257,6 @@ class StepRecord:
         }
 
 
-@contextmanager
-def single_thread_torch() -> Iterator[None]:
-    """Run torch single-threaded inside the block: bitwise-repeatable reductions.
-
-    A resumed or replayed session matches the recorded one only if every GAE update and
-    score reduces in the same order.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def tile_interest(
     graph: MoleculeGraph,
     scorer: AnomalyScorer | None,
@@ -350,17 +351,18 @@ def check_checkpoint(config: SessionConfig) -> None:
     CheckpointError
         If the file is missing, unreadable, or not a checkpoint this version can use.
     """
-    if not config.checkpoint:
+    path = resolve_checkpoint(config.checkpoint)
+    if path is None:
         return
     try:
         with torch.random.fork_rng(devices=[]):
-            AnomalyScorer.load(config.checkpoint, device=config.anomaly.device)
+            AnomalyScorer.load(path, device=config.anomaly.device)
     except CheckpointError as error:
         message = str(error)
         if "not a readable checkpoint" in message:
             # torch's own explanation runs over many lines and suggests unsafe loading: say what it is.
             message = (
-                f"{config.checkpoint}: not a readable checkpoint (not a file written by `micrography "
+                f"{path}: not a readable checkpoint (not a file written by `micrography "
                 "train`, or damaged); give a graph-autoencoder checkpoint or none"
             )
         raise CheckpointError(message.splitlines()[0]) from None
@@ -372,17 +374,23 @@ def session_scorer(config: SessionConfig, graph: MoleculeGraph) -> AnomalyScorer
     Parameters
     ----------
     config : SessionConfig
-        Session settings (``checkpoint``, ``anomaly``, ``seed``, ``warmup_steps``).
+        Session settings (``checkpoint``, ``recalibrate_checkpoint``, ``anomaly``, ``seed``,
+        ``warmup_steps``).
     graph : MoleculeGraph
-        The graph of the start tiles (unused when a checkpoint is given).
+        The graph of the start tiles: the GAE's training data without a checkpoint, the data
+        its error scales are measured on again with one.
 
     Returns
     -------
     AnomalyScorer
         A fitted scorer.
     """
-    if config.checkpoint:
-        return AnomalyScorer.load(config.checkpoint, device=config.anomaly.device)
+    path = resolve_checkpoint(config.checkpoint)
+    if path is not None:
+        scorer = AnomalyScorer.load(path, device=config.anomaly.device)
+        if config.recalibrate_checkpoint and len(graph):
+            scorer.recalibrate([graph.to_pyg()])
+        return scorer
     anomaly = config.anomaly.model_copy(update={"seed": config.seed, "warmup_steps": config.warmup_steps})
     scorer = AnomalyScorer(anomaly)
     scorer.fit([graph.to_pyg()])

@@ -17,19 +17,30 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import Progress
 from sklearn.metrics import average_precision_score, roc_auc_score
+from torch_geometric.data import Data
 
-from agent.anomaly import AnomalyConfig, AnomalyScorer, baseline_scores
+from agent.anomaly import (
+    SHIPPED_MODEL,
+    AnomalyConfig,
+    AnomalyScorer,
+    baseline_scores,
+    deterministic_torch,
+    resolve_checkpoint,
+)
 from agent.benchmarking import machine_info
 from agent.errors import ConfigError
 from analysis.training import TRAINING_SEEDS, LabelledGraph, defect_mask, scan_specimen
+from simulator.config import SimulatorConfig
 from simulator.specimen import LABEL_CODE
 
 EVALUATION_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -87,6 +98,22 @@ def _class_rows(scorer: str, scores: list[np.ndarray], labels: list[np.ndarray])
             "positive_share": float(y_true.mean()),
         })  # fmt: skip
     return rows
+
+
+def _summary(rows: Sequence[dict[str, Any]], scorers: Sequence[str]) -> list[dict[str, Any]]:
+    """Per scorer and class: mean and sample standard deviation of each ranking figure over the runs."""
+    summary = []
+    for scorer in scorers:
+        for defect_class in DEFECT_CLASSES:
+            mine = [r for r in rows if r["scorer"] == scorer and r["defect_class"] == defect_class]
+            entry: dict[str, Any] = {"scorer": scorer, "defect_class": defect_class, "seeds": len(mine)}
+            for key in RANKING_KEYS:
+                # Rows kept by an older sweep may lack the top-of-list figures.
+                values = [r[key] for r in mine if r.get(key) is not None]
+                entry[f"{key}_mean"] = float(np.mean(values)) if values else None
+                entry[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            summary.append(entry)
+    return summary
 
 
 def _timing(scorer: AnomalyScorer, evaluation: LabelledGraph, repeats: int = 5) -> dict[str, float]:
@@ -250,17 +277,7 @@ def anomaly_report(results: Sequence[dict[str, Any]], tasks: Sequence[dict[str, 
         the seeds), ``targets``, ``machine``.
     """
     rows = [row for result in results for row in result["rows"]]
-    summary = []
-    for scorer in SCORERS:
-        for defect_class in DEFECT_CLASSES:
-            mine = [r for r in rows if r["scorer"] == scorer and r["defect_class"] == defect_class]
-            entry: dict[str, Any] = {"scorer": scorer, "defect_class": defect_class, "seeds": len(mine)}
-            for key in RANKING_KEYS:
-                # Rows kept by an older sweep may lack the top-of-list figures.
-                values = [r[key] for r in mine if r.get(key) is not None]
-                entry[f"{key}_mean"] = float(np.mean(values)) if values else None
-                entry[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
-            summary.append(entry)
+    summary = _summary(rows, SCORERS)
     timing = {
         key: statistics.median(result["timing"][key] for result in results)
         for key in ("score_100k_nodes_s", "online_update_s")
@@ -282,11 +299,135 @@ def anomaly_report(results: Sequence[dict[str, Any]], tasks: Sequence[dict[str, 
     }
 
 
+SESSION_TILE_PX = 512
+SESSION_DWELL_US = 8.0
+SESSION_GRID = 6
+"""The session-sized comparison scans a 6 x 6 grid of a session's tiles (512 px at 0.02 nm/px and
+8 µs, about a 40-tile session) at the centre of each evaluation specimen."""
+SESSION_START = ((1, 1), (4, 4), (1, 4), (4, 1))
+SESSION_SCORERS = ("shipped", "shipped_as_trained", "warmup")
+"""Grid cells of the four spread-out start tiles the warm-up trains on (and the shipped model
+recalibrates on)."""
+
+
+def session_model_comparison(
+    checkpoint: str | Path | None = None,
+    evaluation_seeds: Sequence[int] = EVALUATION_SEEDS,
+    warmup_seeds: Sequence[int] = DEFAULT_TRAINING_SEEDS,
+    warmup_steps: int | None = None,
+    progress: Progress | None = None,
+    *,
+    grid: int = SESSION_GRID,
+    start_cells: Sequence[tuple[int, int]] = SESSION_START,
+) -> dict[str, Any]:
+    """The shipped model against a GAE warmed up on the start tiles, on session-sized data.
+
+    Each evaluation specimen is scanned as a session scans it: tiles of 512 px at 0.02 nm/px
+    and 8 µs, a 6 x 6 grid at the centre, and four spread-out start tiles scanned on their own.
+    The warm-up (``--checkpoint none``) trains a new GAE on the start tiles' graph for the
+    session's warm-up steps, once per warm-up seed; the checkpoint is loaded and, as sessions
+    do by default, its error scales are measured again on the start tiles (also reported
+    without that). Every scorer then ranks the evaluable nodes of the grid. The instrument
+    places tiles exactly (node labels come from stage positions); its noise is the session's.
+
+    Parameters
+    ----------
+    checkpoint : str or pathlib.Path, optional
+        The checkpoint to compare (default: the shipped model).
+    evaluation_seeds : sequence of int
+        Specimens scanned and scored.
+    warmup_seeds : sequence of int
+        Seeds of the warmed-up GAEs (one run is one sample).
+    warmup_steps : int, optional
+        Warm-up steps (default: :class:`~agent.session.SessionConfig`'s).
+    progress : rich.progress.Progress, optional
+        Shows the scans.
+    grid : int
+        Tiles along each side of the scanned square.
+    start_cells : sequence of (int, int)
+        Grid cells (column, row) of the start tiles.
+
+    Returns
+    -------
+    dict
+        ``rows`` (per scorer, class and, for the warm-up, seed), ``summary`` (per scorer and
+        class: mean and spread over warm-up seeds), the checkpoint's ``provenance`` and the
+        scan settings.
+    """
+    from agent.session import SessionConfig
+
+    session = SessionConfig()
+    path = resolve_checkpoint(SHIPPED_MODEL if checkpoint is None else checkpoint)
+    if path is None:
+        raise ConfigError("the session comparison needs a checkpoint to compare with the warm-up")
+    steps = session.warmup_steps if warmup_steps is None else warmup_steps
+    tile_nm = SESSION_TILE_PX * session.tiles.pixel_size_nm
+    scan = {
+        "tile_px": SESSION_TILE_PX,
+        "pixel_size_nm": session.tiles.pixel_size_nm,
+        "dwell_us": SESSION_DWELL_US,
+    }
+    regions, starts = [], []
+    bar = (
+        progress.add_task("scanning session-sized regions", total=len(evaluation_seeds)) if progress else None
+    )
+    width, height = SimulatorConfig().specimen.size_nm
+    for seed in evaluation_seeds:
+        x0, y0 = width / 2 - grid * tile_nm / 2, height / 2 - grid * tile_nm / 2
+        region = (x0, x0 + grid * tile_nm, y0, y0 + grid * tile_nm)
+        centres = [(x0 + (i + 0.5) * tile_nm, y0 + (j + 0.5) * tile_nm) for i, j in start_cells]
+        regions.append(scan_specimen(seed, region_nm=region, **scan))
+        starts.append(scan_specimen(seed, centres_nm=centres, **scan).graph.to_pyg())
+        if progress is not None and bar is not None:
+            progress.advance(bar)
+    labels = [item.label[item.evaluable] for item in regions]
+    data = [item.graph.to_pyg() for item in regions]
+
+    def ranked(prepare: Callable[[Data], AnomalyScorer]) -> list[np.ndarray]:
+        # Each specimen's session warms up (or recalibrates) on its own start tiles.
+        return [
+            prepare(start).score(d).score[item.evaluable]
+            for start, d, item in zip(starts, data, regions, strict=True)
+        ]
+
+    def shipped(start: Data) -> AnomalyScorer:
+        model = AnomalyScorer.load(path, device=session.anomaly.device)
+        model.recalibrate([start])
+        return model
+
+    loaded = AnomalyScorer.load(path, device=session.anomaly.device)
+    rows = _class_rows("shipped", ranked(shipped), labels)
+    rows += _class_rows("shipped_as_trained", ranked(lambda start: loaded), labels)
+    for seed in warmup_seeds:
+        config = session.anomaly.model_copy(update={"seed": int(seed), "warmup_steps": steps})
+
+        def warmed_up(start: Data, config: AnomalyConfig = config) -> AnomalyScorer:
+            model = AnomalyScorer(config)
+            model.fit([start])
+            return model
+
+        rows += [row | {"warmup_seed": int(seed)} for row in _class_rows("warmup", ranked(warmed_up), labels)]
+    return {
+        "checkpoint": str(path),
+        "provenance": loaded.provenance,
+        "evaluation_seeds": [int(seed) for seed in evaluation_seeds],
+        "warmup_seeds": [int(seed) for seed in warmup_seeds],
+        "warmup_steps": steps,
+        "scan": scan | {"grid": grid, "start_tiles": len(start_cells)},
+        "nodes_scored": int(sum(label.size for label in labels)),
+        "rows": rows,
+        "summary": _summary(rows, SESSION_SCORERS),
+    }
+
+
 def benchmark_anomaly(
     evaluation_seeds: Sequence[int] = EVALUATION_SEEDS,
     training_specimens: Sequence[int] = TRAINING_SEEDS,
     training_seeds: Sequence[int] = DEFAULT_TRAINING_SEEDS,
     config: AnomalyConfig | None = None,
+    *,
+    session_checkpoint: str | Path | None = SHIPPED_MODEL,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """Train on training specimens with each training seed, score unseen specimens, report per class.
 
@@ -303,22 +444,33 @@ def benchmark_anomaly(
         Training seeds; each trains both autoencoders afresh.
     config : AnomalyConfig, optional
         GAE configuration (the ``seed_gae`` uses the same with ``architecture="seed"``).
+    session_checkpoint : str or pathlib.Path, optional
+        Checkpoint for :func:`session_model_comparison` (default the shipped model; None skips it).
+    deterministic : bool
+        Run in :func:`~agent.anomaly.deterministic_torch`: one thread, deterministic algorithms,
+        the same figures bit for bit on every run (slower).
 
     Returns
     -------
     dict
-        See :func:`anomaly_report`.
+        See :func:`anomaly_report`; with ``session_model`` (the comparison) and ``deterministic``.
     """
     tasks = anomaly_tasks(training_seeds, evaluation_seeds, training_specimens, config)
     results = []
-    with Progress(transient=True) as progress:
+    with Progress(transient=True) as progress, deterministic_torch() if deterministic else nullcontext():
         scans = progress.add_task("scanning specimens", total=len(training_specimens) + len(evaluation_seeds))
         for seed in [*training_specimens, *evaluation_seeds]:
             _scanned(seed)
             progress.advance(scans)
         for task in tasks:
             results.append(run_anomaly_task(task, progress))
-    return anomaly_report(results, tasks)
+        report = anomaly_report(results, tasks)
+        if session_checkpoint is not None:
+            report["session_model"] = session_model_comparison(
+                session_checkpoint, evaluation_seeds, training_seeds, progress=progress
+            )
+    report["deterministic"] = deterministic
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -356,4 +508,33 @@ def format_report(report: dict[str, Any]) -> str:
         f"(target {TARGETS['score_100k_nodes_s']} s); one online update ({timing['online_steps']} steps): "
         f"{timing['online_update_s']:.3f} s (target {TARGETS['online_update_s']} s); medians over the seeds"
     )
+    if "session_model" in report:
+        lines += format_session_model(report["session_model"])
     return "\n".join(lines)
+
+
+def format_session_model(comparison: dict[str, Any]) -> list[str]:
+    """The shipped-model-versus-warm-up table of :func:`session_model_comparison` as text lines."""
+    scan = comparison["scan"]
+    lines = [
+        f"session-sized data: {scan['grid']} x {scan['grid']} tiles of {scan['tile_px']} px at "
+        f"{scan['pixel_size_nm']:g} nm/px and {scan['dwell_us']:g} µs, {comparison['nodes_scored']:,} "
+        f"nodes; warm-up {comparison['warmup_steps']} steps on {scan['start_tiles']} start tiles, seeds "
+        f"{comparison['warmup_seeds']}; cells: AUROC mean±std / AP",
+    ]
+    classes = [
+        name
+        for name in DEFECT_CLASSES
+        if any(e["defect_class"] == name and e["auroc_mean"] is not None for e in comparison["summary"])
+    ]
+    lines.append(f"{'scorer':<20}" + "".join(f"{name[:16]:>19}" for name in classes))
+    for scorer in SESSION_SCORERS:
+        cells = []
+        for name in classes:
+            entry = next(
+                e for e in comparison["summary"] if e["scorer"] == scorer and e["defect_class"] == name
+            )
+            spread = "" if entry["auroc_std"] is None else f"±{entry['auroc_std']:.3f}"
+            cells.append(f"{entry['auroc_mean']:.3f}{spread}/{entry['average_precision_mean']:.2f}")
+        lines.append(f"{scorer:<20}" + "".join(f"{cell:>19}" for cell in cells))
+    return lines

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from agent.anomaly import AnomalyConfig, AnomalyScorer
 from agent.columns import find_columns
@@ -86,6 +87,8 @@ def scan_specimen(
     tile_px: int = SCAN_TILE_PX,
     pixel_size_nm: float = SCAN_PIXEL_NM,
     dwell_us: float = SCAN_DWELL_US,
+    region_nm: tuple[float, float, float, float] | None = None,
+    centres_nm: Sequence[tuple[float, float]] | None = None,
     progress: Callable[[], None] | None = None,
 ) -> LabelledGraph:
     """Scan a whole synthetic specimen at atomic resolution and label the graph's nodes.
@@ -105,6 +108,12 @@ def scan_specimen(
         Pixel size, nanometres.
     dwell_us : float
         Dwell per pixel, microseconds.
+    region_nm : tuple of float, optional
+        ``(x_min, x_max, y_min, y_max)`` of the stage to cover (default: the whole specimen),
+        nanometres; tiles of ``tile_px`` cover it with the least overlap.
+    centres_nm : sequence of (float, float), optional
+        Scan exactly these tile centres instead (for example a session's spread-out start
+        tiles), in this order, nanometres.
     progress : callable, optional
         Called after each tile.
 
@@ -118,17 +127,22 @@ def scan_specimen(
     specimen = generate_specimen(config.specimen, seed)
     graph = MoleculeGraph()
     tile_nm = tile_px * pixel_size_nm
-    width, height = specimen.size_nm
+    x_min, x_max, y_min, y_max = region_nm or (0.0, specimen.size_nm[0], 0.0, specimen.size_nm[1])
+    width, height = x_max - x_min, y_max - y_min
+    shape = (min(tile_px, int(height / pixel_size_nm)), min(tile_px, int(width / pixel_size_nm)))
+    if centres_nm is None:
+        across, down = tile_centres(width, tile_nm), tile_centres(height, tile_nm)
+        centres_nm = [(x_min + x, y_min + y) for y in down for x in across]
+    else:
+        shape = (tile_px, tile_px)
     with SimulatedMicroscope(config, specimen) as microscope:
-        for y in tile_centres(height, tile_nm):
-            for x in tile_centres(width, tile_nm):
-                shape = (min(tile_px, int(height / pixel_size_nm)), min(tile_px, int(width / pixel_size_nm)))
-                tile = microscope.acquire(
-                    ScanRequest(x_nm=x, y_nm=y, shape=shape, pixel_size_nm=pixel_size_nm, dwell_us=dwell_us)
-                )
-                graph.merge(find_columns(tile), tile.extent_nm)
-                if progress is not None:
-                    progress()
+        for x, y in centres_nm:
+            tile = microscope.acquire(
+                ScanRequest(x_nm=x, y_nm=y, shape=shape, pixel_size_nm=pixel_size_nm, dwell_us=dwell_us)
+            )
+            graph.merge(find_columns(tile), tile.extent_nm)
+            if progress is not None:
+                progress()
     return LabelledGraph(graph, specimen, node_labels(graph, specimen))
 
 
@@ -164,6 +178,7 @@ def train_scorer(
     config: AnomalyConfig | None = None,
     simulator: SimulatorConfig | None = None,
     *,
+    dwell_us: float = SCAN_DWELL_US,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> AnomalyScorer:
     """Train a graph-autoencoder scorer reproducibly on synthetic specimens, without labels.
@@ -176,17 +191,21 @@ def train_scorer(
         Model and training parameters (its ``seed`` fixes initialisation and sampling).
     simulator : SimulatorConfig, optional
         Specimen and instrument parameters.
+    dwell_us : float
+        Dwell per pixel of the training tiles, microseconds: the dose, and so the noise, the
+        scorer learns as normal (a session's tiles use 8 µs).
     progress : callable, optional
         ``progress(stage, done, total)`` for progress bars.
 
     Returns
     -------
     AnomalyScorer
-        The trained scorer.
+        The trained scorer; its :attr:`~agent.anomaly.AnomalyScorer.provenance` records the
+        specimens, tiles and steps.
     """
     graphs = []
     for index, seed in enumerate(seeds):
-        graphs.append(scan_specimen(seed, simulator).graph.to_pyg())
+        graphs.append(scan_specimen(seed, simulator, dwell_us=dwell_us).graph.to_pyg())
         if progress is not None:
             progress("scanning training specimens", index + 1, len(seeds))
     scorer = AnomalyScorer(config)
@@ -197,6 +216,16 @@ def train_scorer(
             progress("training", done, total)
 
     scorer.fit(graphs, progress=step)
+    scorer.provenance = {
+        "specimen_seeds": [int(seed) for seed in seeds],
+        "tile_px": SCAN_TILE_PX,
+        "pixel_size_nm": SCAN_PIXEL_NM,
+        "dwell_us": float(dwell_us),
+        "steps": int(total),
+        "seed": int(scorer.config.seed),
+        "simulator": "default" if simulator is None or simulator == SimulatorConfig() else "custom",
+        "deterministic": bool(torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1),
+    }
     return scorer
 
 

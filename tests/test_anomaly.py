@@ -123,6 +123,57 @@ def test_checkpoint_round_trip(tmp_path: Path, labelled: LabelledGraph, trained:
     assert loaded.config == trained.config
 
 
+def test_recalibrate_rescales_errors_to_new_tiles_and_keeps_the_weights(
+    labelled: LabelledGraph, trained: AnomalyScorer
+) -> None:
+    data = labelled.graph.to_pyg()
+    noisier = data.clone()
+    # Tiles at a quarter of the dose: every continuous feature twice as noisy about its value.
+    generator = torch.Generator().manual_seed(0)
+    continuous = [i for i, name in enumerate(NODE_FEATURES) if name != "is_b_site"]
+    spread = trained.node_scaler.scale[continuous]  # type: ignore[union-attr]
+    noise = torch.randn(noisier.x.shape[0], len(continuous), generator=generator) * spread
+    noisier.x[:, continuous] += noise
+    scorer = trained.copy()
+    normal = (labelled.label == LABEL_CODE["normal"]) & labelled.graph.interior
+    before = np.median(scorer.score(noisier).score[normal])
+    weights = {key: value.clone() for key, value in scorer.model.state_dict().items()}
+    scorer.recalibrate([noisier])
+    after = np.median(scorer.score(noisier).score[normal])
+    assert before > 1.5 and 0.5 < after < 2.0  # normal lattice back to about 1 at the new noise
+    for key, value in scorer.model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+    with pytest.raises(MicrographyError, match="not trained yet"):
+        AnomalyScorer(FAST).recalibrate([data])
+
+
+def test_checkpoint_keeps_its_provenance(tmp_path: Path, trained: AnomalyScorer) -> None:
+    scorer = trained.copy()
+    scorer.provenance = {"specimen_seeds": [1001, 1002], "dwell_us": 8.0}
+    assert AnomalyScorer.load(scorer.save(tmp_path / "gae.pt")).provenance == scorer.provenance
+
+
+def test_the_shipped_model_is_small_current_and_made_by_the_documented_command() -> None:
+    from agent.anomaly import SHIPPED_CHECKPOINT, resolve_checkpoint
+    from analysis.training import SCAN_PIXEL_NM, SCAN_TILE_PX, TRAINING_SEEDS
+
+    path = resolve_checkpoint("shipped")
+    assert path == SHIPPED_CHECKPOINT and path.stat().st_size < 1_000_000
+    # Loading checks the feature schema: a feature change without retraining fails here.
+    scorer = AnomalyScorer.load(path, device="cpu")
+    # README "A shipped anomaly model": the command and what it records.
+    assert scorer.provenance == {
+        "specimen_seeds": list(TRAINING_SEEDS), "tile_px": SCAN_TILE_PX, "pixel_size_nm": SCAN_PIXEL_NM,
+        "dwell_us": 8.0, "steps": AnomalyConfig().warmup_steps, "seed": 0, "simulator": "default",
+        "deterministic": True,
+    }  # fmt: skip
+    assert scorer.config == AnomalyConfig().model_copy(update={"device": "cpu"})
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert (
+        "micrography train --out agent/models/gae-bfo-001.pt --dwell 8 --deterministic --overwrite" in readme
+    )
+
+
 def test_checkpoint_schema_and_format_errors(tmp_path: Path, trained: AnomalyScorer) -> None:
     path = trained.save(tmp_path / "gae.pt")
     checkpoint = torch.load(path, weights_only=True)
@@ -241,3 +292,45 @@ def test_top_precision_counts_defects_at_the_top_of_the_list() -> None:
     assert top_precision(truth, scores, 0.001) == 1.0  # one node: a defect
     assert top_precision(truth, scores, 0.01) == 0.5  # ten nodes: five defects
     assert top_precision(truth, -scores, 0.01) == 0.0
+
+
+def test_session_comparison_ranks_the_same_nodes_for_shipped_and_warmed_up_models() -> None:
+    from agent.anomaly import SHIPPED_CHECKPOINT
+    from analysis.bench_anomaly import format_session_model, session_model_comparison
+
+    comparison = session_model_comparison(
+        evaluation_seeds=(0,), warmup_seeds=(0, 1), warmup_steps=5, grid=2, start_cells=((0, 0), (1, 1))
+    )
+    assert comparison["checkpoint"] == str(SHIPPED_CHECKPOINT)
+    assert comparison["provenance"] == AnomalyScorer.load(SHIPPED_CHECKPOINT).provenance
+    assert comparison["scan"] == {
+        "tile_px": 512,
+        "pixel_size_nm": 0.02,
+        "dwell_us": 8.0,
+        "grid": 2,
+        "start_tiles": 2,
+    }
+    rows = comparison["rows"]
+    # Every scorer judged the same nodes: equal positives per class.
+    for defect_class in ("all", "domain_wall"):
+        counts = {
+            (r["scorer"], r.get("warmup_seed")): r["positives"]
+            for r in rows
+            if r["defect_class"] == defect_class
+        }
+        assert set(counts) == {("shipped", None), ("shipped_as_trained", None), ("warmup", 0), ("warmup", 1)}
+        assert len(set(counts.values())) == 1
+    overall = {e["scorer"]: e for e in comparison["summary"] if e["defect_class"] == "all"}
+    assert overall["warmup"]["seeds"] == 2 and overall["warmup"]["auroc_std"] is not None
+    assert all(0.5 < overall[name]["auroc_mean"] <= 1.0 for name in ("shipped", "shipped_as_trained"))
+    text = "\n".join(format_session_model(comparison))
+    assert "2 x 2 tiles of 512 px" in text and f"{overall['shipped']['auroc_mean']:.3f}" in text
+
+
+def test_deterministic_torch_restores_the_threads_and_the_flag() -> None:
+    from agent.anomaly import deterministic_torch
+
+    threads, flag = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with deterministic_torch():
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, flag)

@@ -176,3 +176,33 @@ def test_train_writes_a_loadable_checkpoint(tmp_path: Path, small_config_file: P
     assert status == 0
     scorer = AnomalyScorer.load(out, device="cpu")
     assert scorer.steps_trained == 3 and scorer.fitted
+
+
+def test_deterministic_training_gives_the_same_weights_bit_for_bit(
+    tmp_path: Path, small_config_file: Path
+) -> None:
+    import torch
+
+    from agent.anomaly import AnomalyScorer
+
+    weights = []
+    for name in ("first.pt", "second.pt"):
+        out = tmp_path / name
+        status = main(["train", "--out", str(out), "--simulator-config", str(small_config_file),
+                       "--seeds", "5", "--steps", "12", "--dwell", "16", "--deterministic"])  # fmt: skip
+        assert status == 0
+        scorer = AnomalyScorer.load(out, device="cpu")
+        assert scorer.provenance["dwell_us"] == 16.0 and scorer.provenance["deterministic"]
+        assert scorer.provenance["simulator"] == "custom" and scorer.provenance["specimen_seeds"] == [5]
+        weights.append((scorer.model.state_dict(), scorer.error_scale))
+    for key, value in weights[0][0].items():
+        assert torch.equal(value, weights[1][0][key]), key
+    assert torch.equal(weights[0][1], weights[1][1])
+
+
+def test_train_refuses_a_dwell_that_is_not_positive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--out", str(tmp_path / "gae.pt"), "--dwell", "0"]) == 1
+    assert "--dwell must be a positive number of µs, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "gae.pt").exists()

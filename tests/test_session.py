@@ -91,7 +91,8 @@ def test_a_small_guided_session_images_more_planted_features_than_raster() -> No
     """10 tiles of 36 on three 30 nm specimens whose features are known: guided beats raster clearly.
 
     One noise draw per specimen, so the margin is asked of the three together: on eight specimens
-    (seeds 3-6, 8-11) guided imaged 1-6 features more than raster (mean 2.9), here 3, 2 and 4.
+    (seeds 3-6, 8-11) guided with the shipped anomaly model imaged 1-6 features more than raster
+    (mean 3.5; 1-6, mean 3.25, with the warm-up on the start tiles), here 2, 1 and 4.
     """
     imaged: dict[str, list[int]] = {"guided": [], "raster": []}
     for seed in (3, 4, 5):
@@ -108,7 +109,7 @@ def test_a_small_guided_session_images_more_planted_features_than_raster() -> No
             assert session.summary()["tiles"] == 10
             imaged[policy].append(len(tracker.imaged))
     assert all(g > r for g, r in zip(imaged["guided"], imaged["raster"], strict=True)), imaged
-    assert sum(imaged["guided"]) >= sum(imaged["raster"]) + 8, imaged
+    assert sum(imaged["guided"]) >= sum(imaged["raster"]) + 6, imaged
 
 
 def test_a_guided_session_journals_the_walls_it_follows(
@@ -197,3 +198,27 @@ def test_a_guided_session_over_zeromq_equals_the_in_process_one(
         [s.score for s in local.steps[1:]], nan_ok=True
     )
     assert len(wired.graph) == len(local.graph)
+
+
+def test_sessions_score_with_the_shipped_model_unless_told_otherwise(
+    small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    import torch
+
+    from agent.anomaly import SHIPPED_CHECKPOINT, AnomalyScorer
+
+    shipped_file = AnomalyScorer.load(SHIPPED_CHECKPOINT, device="cpu")
+    short = SMALL_SESSION.model_copy(update={"budget": BudgetConfig(max_tiles=4)})
+    assert short.checkpoint == "shipped"
+    shipped = run_session(small_config, small_specimen, short, None).scorer
+    assert shipped.provenance == shipped_file.provenance
+    # The error scales were measured again on this session's start tiles (its dose and noise).
+    assert not torch.equal(shipped.error_scale.cpu(), shipped_file.error_scale)
+    as_trained = run_session(
+        small_config, small_specimen, short.model_copy(update={"recalibrate_checkpoint": False}), None
+    ).scorer
+    torch.testing.assert_close(as_trained.error_scale.cpu(), shipped_file.error_scale, rtol=0, atol=0)
+    warmed_up = run_session(
+        small_config, small_specimen, short.model_copy(update={"checkpoint": "none"}), None
+    ).scorer
+    assert warmed_up.provenance == {} and warmed_up.steps_trained >= short.warmup_steps

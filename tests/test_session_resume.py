@@ -476,3 +476,14 @@ def test_run_checks_its_inputs_before_the_first_exposure(
     assert len(lines) == 1 and lines[0].startswith("micrography: error: ") and named in lines[0], lines
     assert remote.status().exposures == 0
     assert sorted(workspace.rglob("*")) == before, "nothing is written (no journal, no output folder)"
+
+
+def test_a_journal_from_before_recalibration_resumes_with_its_checkpoint_as_trained(tmp_path: Path) -> None:
+    # Journals written before `recalibrate_checkpoint` existed used their checkpoint unchanged.
+    old = {key: value for key, value in SessionConfig(checkpoint="model.pt").model_dump(mode="json").items()
+           if key != "recalibrate_checkpoint"}  # fmt: skip
+    SessionJournal(tmp_path / "old.h5", config=old, instrument={}).close()
+    assert read_journal(tmp_path / "old.h5").config["recalibrate_checkpoint"] is False
+    new = SessionConfig(checkpoint="model.pt").model_dump(mode="json")
+    SessionJournal(tmp_path / "new.h5", config=new, instrument={}).close()
+    assert read_journal(tmp_path / "new.h5").config["recalibrate_checkpoint"] is True
