@@ -483,6 +483,8 @@ class Session:
         """True when the session stopped on :meth:`request_stop` (or an exception), not on its budget."""
         self._may_replay = False  # the first acquisition after a resume may be the one in flight
         self._live_timings: dict[int, dict[str, float]] = {}  # step -> timings as it ran live
+        # When the driver last handed back a tile (wall clock): the instrument waits from then on.
+        self._acquire_returned: float | None = None
         self._resumed: dict[str, Any] | None = None
         self.complete = False
         """True for a session rebuilt from the journal of one that ended (nothing left to run)."""
@@ -657,13 +659,16 @@ class Session:
             taken live: tiles from before a resume keep their journaled timings), ``resumed``
             (None, or ``replayed_steps`` and ``rebuild_s``: the steps rebuilt from the journal
             when this process resumed it, without exposing, and the seconds that took),
-            ``interrupted``, ``session_id`` and ``journal`` (its path, or None), among others.
+            ``interrupted``, ``session_id`` and ``journal`` (its path, or None), among others;
+            ``instrument_dead_time_fraction``: the share of the time from the first exposure to
+            the last in which the instrument was not scanning (:meth:`dead_time`).
         """
         guided = [s for s in self.steps if s.kind != "survey"]
         timings: dict[str, list[float]] = {}
         for step in guided:
             for stage, seconds in self._live_timings.get(step.index, step.timings).items():
                 timings.setdefault(stage, []).append(seconds)
+        dead = self.dead_time()
         return {
             "policy": self.config.policy,
             "seed": self.config.seed,
@@ -677,9 +682,40 @@ class Session:
             "interrupted": self.interrupted,
             "wall_segments": 0 if self.policy is None else len(self.policy.walls),
             "median_timings_s": {stage: float(np.median(values)) for stage, values in timings.items()},
+            "instrument_dead_time_s": dead["dead_s"],
+            "instrument_scan_time_s": dead["scan_s"],
+            "instrument_dead_time_fraction": dead["fraction"],
             "resumed": self._resumed,
             "journal": None if self._journal_path is None else str(self._journal_path),
         }
+
+    def dead_time(self) -> dict[str, float | None]:
+        """How long the instrument waited for the agent, against how long it scanned.
+
+        The wait before a tile is the wall time from the driver handing back the previous tile to
+        the agent asking for this one (``timings["instrument_wait"]`` of each step, journaled): in
+        this sequential loop the instrument idles for every analysis and decision. The scan time
+        is each tile's own frame time on the instrument's clock (``t_end - t_start``). Steps
+        replayed from a journal count with their recorded waits; the first step after a resume
+        has none (the process was not running).
+
+        Returns
+        -------
+        dict
+            ``dead_s`` (summed waits, seconds), ``scan_s`` (summed frame times of the tiles that
+            have a wait, seconds) and ``fraction`` (``dead_s / (dead_s + scan_s)``, None before a
+            second tile).
+        """
+        dead = scan = 0.0
+        for step in self.steps[1:]:
+            wait = self._live_timings.get(step.index, step.timings).get("instrument_wait")
+            if wait is None:
+                continue
+            dead += float(wait)
+            if step.tile is not None:
+                scan += max(step.tile.t_end - step.tile.t_start, 0.0)
+        total = dead + scan
+        return {"dead_s": dead, "scan_s": scan, "fraction": dead / total if total > 0 else None}
 
     def node_scores(self) -> np.ndarray:
         """Current anomaly score of every node (NaN before the scorer is trained)."""
@@ -791,7 +827,11 @@ class Session:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         if recorded is None:
+            if self._acquire_returned is not None:
+                # A sequential loop leaves the instrument idle from one tile's return to the next request.
+                timings["instrument_wait"] = start - self._acquire_returned
             tile = self.driver.acquire(request)
+            self._acquire_returned = time.perf_counter()
             self._check_exposed(tile)
         else:
             tile = _tile_from_record(recorded, request)

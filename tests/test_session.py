@@ -222,3 +222,26 @@ def test_sessions_score_with_the_shipped_model_unless_told_otherwise(
         small_config, small_specimen, short.model_copy(update={"checkpoint": "none"}), None
     ).scorer
     assert warmed_up.provenance == {} and warmed_up.steps_trained >= short.warmup_steps
+
+
+def test_the_summary_measures_how_long_the_instrument_waited_for_the_agent(
+    tmp_path: Path, small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    import time
+
+    short = SMALL_SESSION.model_copy(update={"budget": BudgetConfig(max_tiles=4)})
+    with SimulatedMicroscope(small_config, small_specimen) as microscope:
+        session = Session(microscope, short, tmp_path / "journal.h5")
+        # A slow step callback is agent time between tiles: the instrument waits at least that.
+        session.on_step = lambda record: time.sleep(0.2)
+        session.run()
+    steps = read_journal(tmp_path / "journal.h5").steps
+    assert "instrument_wait" not in steps[0].record["timings"]  # nothing before the first exposure
+    waits = [step.record["timings"]["instrument_wait"] for step in steps[1:]]
+    assert len(waits) == 4 and min(waits) >= 0.2
+    scans = [step.record["tile"]["t_end"] - step.record["tile"]["t_start"] for step in steps[1:]]
+    summary = session.summary()
+    assert summary["instrument_dead_time_s"] == pytest.approx(sum(waits))
+    assert summary["instrument_scan_time_s"] == pytest.approx(sum(scans))
+    assert summary["instrument_dead_time_fraction"] == pytest.approx(sum(waits) / (sum(waits) + sum(scans)))
+    assert summary["median_timings_s"]["instrument_wait"] >= 0.2
