@@ -240,11 +240,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = benchmark_columns()
     elif args.target == "anomaly":
-        from analysis.bench_anomaly import benchmark_anomaly, format_report
+        from analysis.bench_anomaly import DEFAULT_TRAINING_SEEDS, benchmark_anomaly, format_report
 
-        seeds = _flat(args.training_seeds)
         report = benchmark_anomaly(
-            **({"training_seeds": seeds} if seeds else {}), deterministic=args.deterministic
+            training_seeds=_flat(args.training_seeds) or DEFAULT_TRAINING_SEEDS,
+            deterministic=args.deterministic,
         )
     elif args.target == "guidance":
         from analysis.bench_guidance import benchmark_guidance, format_report

@@ -299,15 +299,13 @@ def anomaly_report(results: Sequence[dict[str, Any]], tasks: Sequence[dict[str, 
     }
 
 
-SESSION_TILE_PX = 512
-SESSION_DWELL_US = 8.0
 SESSION_GRID = 6
-"""The session-sized comparison scans a 6 x 6 grid of a session's tiles (512 px at 0.02 nm/px and
-8 µs, about a 40-tile session) at the centre of each evaluation specimen."""
+"""The session-sized comparison scans a 6 x 6 grid of a session's tiles (``SessionConfig().tiles``:
+512 px at 0.02 nm/px and 8 µs; about a 40-tile session) at the centre of each evaluation specimen."""
 SESSION_START = ((1, 1), (4, 4), (1, 4), (4, 1))
-SESSION_SCORERS = ("shipped", "shipped_as_trained", "warmup")
 """Grid cells of the four spread-out start tiles the warm-up trains on (and the shipped model
 recalibrates on)."""
+SESSION_SCORERS = ("shipped", "shipped_as_trained", "warmup")
 
 
 def session_model_comparison(
@@ -361,12 +359,9 @@ def session_model_comparison(
     if path is None:
         raise ConfigError("the session comparison needs a checkpoint to compare with the warm-up")
     steps = session.warmup_steps if warmup_steps is None else warmup_steps
-    tile_nm = SESSION_TILE_PX * session.tiles.pixel_size_nm
-    scan = {
-        "tile_px": SESSION_TILE_PX,
-        "pixel_size_nm": session.tiles.pixel_size_nm,
-        "dwell_us": SESSION_DWELL_US,
-    }
+    tiles = session.tiles
+    tile_nm = tiles.shape[0] * tiles.pixel_size_nm
+    scan = {"tile_px": tiles.shape[0], "pixel_size_nm": tiles.pixel_size_nm, "dwell_us": tiles.dwell_us}
     regions, starts = [], []
     bar = (
         progress.add_task("scanning session-sized regions", total=len(evaluation_seeds)) if progress else None
@@ -390,12 +385,13 @@ def session_model_comparison(
             for start, d, item in zip(starts, data, regions, strict=True)
         ]
 
+    loaded = AnomalyScorer.load(path, device=session.anomaly.device)
+
     def shipped(start: Data) -> AnomalyScorer:
-        model = AnomalyScorer.load(path, device=session.anomaly.device)
+        model = loaded.copy()
         model.recalibrate([start])
         return model
 
-    loaded = AnomalyScorer.load(path, device=session.anomaly.device)
     rows = _class_rows("shipped", ranked(shipped), labels)
     rows += _class_rows("shipped_as_trained", ranked(lambda start: loaded), labels)
     for seed in warmup_seeds:
