@@ -8,8 +8,17 @@ Each step of the loop::
             -> surrogate update (policy.ingest) -> next request (policy.suggest)
 
 is timed, and appended to the :class:`~agent.journal.SessionJournal` before the
-next exposure. A session interrupted at any point is resumed with
-:meth:`Session.resume`: the recorded steps are replayed through the same
+next exposure. With ``lookahead_tiles`` = 0 the loop is sequential: the instrument waits for every
+decision. With ``lookahead_tiles`` >= 1 it is pipelined: an
+:class:`~agent.acquisition.AcquisitionWorker` scans the requests already decided while the session
+works on the tiles already back, and after each tile the policy tops the decided, unprocessed
+requests up to ``lookahead_tiles + 1`` (pending ones are not admissible, so it never chooses a
+tile twice). Which tile is chosen after which step follows from that rule alone, never from
+timing (``decided_after_step`` in each journaled step says what was known), so journals replay
+and sessions resume exactly; the worker checks the budget and a stop request before each scan
+with the tiles exposed so far, as the sequential loop does.
+
+A session interrupted at any point is resumed with :meth:`Session.resume`: the recorded steps are replayed through the same
 deterministic pipeline (no exposure), the rebuilt decisions are checked
 against the recorded ones, and the loop continues where it stopped, so the
 final state equals that of an uninterrupted run with the same seed. A session
@@ -23,7 +32,7 @@ an instrument that remembers the ids it exposed (``micrography serve`` with its
 exposure journal) must never take a new session's scan for an old one and answer
 it with an old tile. A tile the driver marks as not exposed for this request
 (``tile.metadata["replayed"]``) is refused in a fresh session; after a resume only
-the first acquisition may be one (the exposure in flight when the session stopped).
+the first ``lookahead_tiles + 1`` acquisitions may be (the exposures out when the session stopped).
 
 Instrument time (the ``max_time_s`` budget, ``summary()["instrument_time_s"]``) is
 summed step by step on the instrument's clock: from the end of the previous tile to
@@ -41,6 +50,7 @@ import math
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +60,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from agent.acquisition import (
+    Acquired,
+    AcquisitionWorker,
+    BudgetConfig,
+    InstrumentLedger,
+)
 from agent.anomaly import (
     SHIPPED_MODEL,
     AnomalyConfig,
@@ -80,6 +96,10 @@ DECISION_STAGES: tuple[str, ...] = STEP_STAGES[1:]
 """The stages from a tile's arrival to the next request: the decision latency."""
 
 
+NOTHING_ADMISSIBLE = "no admissible region is left (dose limits or everything scanned)"
+"""Stop reason of a session whose policy has no candidate left to suggest."""
+
+
 class SessionError(MicrographyError, RuntimeError):
     """A session cannot start, continue or resume."""
 
@@ -105,16 +125,6 @@ def new_session_id() -> str:
         sorted by start time.
     """
     return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-
-
-class BudgetConfig(StrictModel):
-    """When a session stops: the first limit reached ends it."""
-
-    max_tiles: int | None = Field(40, ge=1, description="high-resolution tiles after the survey")
-    max_time_s: float | None = Field(None, gt=0, description="instrument time from the first exposure, s")
-    max_mean_dose_e_per_a2: float | None = Field(
-        None, gt=0, description="dose spent, averaged over the accessible stage area, e-/A^2"
-    )
 
 
 class ScanSettings(StrictModel):
@@ -149,6 +159,14 @@ class SessionConfig(StrictModel):
         "an overlap of a few nm lets registration place each tile to picometres",
     )
     start_tiles: int = Field(4, ge=1, description="spread-out tiles before the first decision")
+    lookahead_tiles: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="requests decided ahead of the tile being worked on. 0: the sequential loop, the "
+        "instrument waits for every decision. 1: the pipelined loop, the instrument scans the next tile "
+        "(chosen with what was known one tile earlier) while the agent works on the last one",
+    )
     checkpoint: str | None = Field(
         SHIPPED_MODEL,
         description="GAE checkpoint: 'shipped' (the model shipped with the package), a file written by "
@@ -469,19 +487,19 @@ class Session:
         self._journal: SessionJournal | None = None
         self._next: list[ScanRequest] = []
         self._start_queue: list[ScanRequest] = []
-        self._dose_area_e = 0.0
-        self._t_first: float | None = None
-        self._t_last: float | None = None
+        (x0, x1), (y0, y1) = self.description.stage_x_nm, self.description.stage_y_nm
+        self._ledger = InstrumentLedger(stage_area_a2=(x1 - x0) * (y1 - y0) * 100.0)
+        self._decided_after: dict[str, int] = {}  # request id -> the step after which it was chosen
         self._replay: list[JournalStep] = []
         self._replay_problems: list[str] = []
         self._pending_starts: list[tuple[ScanRequest, Tile, tuple[float, float, float, float]]] = []
-        self._instrument_time_s = 0.0
-        self._clock_resets = 0
         self._stop = threading.Event()
         self._stop_reason = ""
         self.interrupted = False
         """True when the session stopped on :meth:`request_stop` (or an exception), not on its budget."""
-        self._may_replay = False  # the first acquisition after a resume may be the one in flight
+        # After a resume, the first acquisitions may be ones the instrument made before the stop
+        # (in flight, or back but not yet journaled): at most lookahead_tiles + 1 of them.
+        self._may_replay = 0
         self._live_timings: dict[int, dict[str, float]] = {}  # step -> timings as it ran live
         # When the driver last handed back a tile (wall clock): the instrument waits from then on.
         self._acquire_returned: float | None = None
@@ -504,17 +522,10 @@ class Session:
         with single_thread_torch():
             try:
                 self._open_journal()
-                if not self.survey_tiles:
-                    self._survey()
-                if not self._stopping():
-                    self._start()
-                while self._within_budget():
-                    if not self._next:
-                        self.stop_reason = "no admissible region is left (dose limits or everything scanned)"
-                        break
-                    self._step(self._next.pop(0), "guided")
+                if self.config.lookahead_tiles > 0:
+                    self._run_pipelined()
                 else:
-                    self.stop_reason = self.stop_reason or "budget spent"
+                    self._run_sequential()
                 if not self.interrupted and self._journal is not None:
                     self._journal.append_end(self._end_record())
             except BaseException:
@@ -524,6 +535,82 @@ class Session:
             finally:
                 self.close()
         return self.summary()
+
+    def _run_sequential(self) -> None:
+        """Acquire, work on the tile, decide, acquire again: the instrument waits for every decision."""
+        if not self.survey_tiles:
+            self._survey()
+        if not self._stopping():
+            self._start()
+        while self._within_budget():
+            if not self._next:
+                self.stop_reason = NOTHING_ADMISSIBLE
+                break
+            self._step(self._next.pop(0), "guided")
+        else:
+            self.stop_reason = self.stop_reason or "budget spent"
+
+    def _run_pipelined(self) -> None:
+        """Hand the instrument its next requests before it finishes the current one.
+
+        An :class:`~agent.acquisition.AcquisitionWorker` scans the submitted requests in order
+        while this thread works on the tiles already back; after each tile the policy tops the
+        decided-but-unprocessed requests up to ``lookahead_tiles + 1``. Which tile is chosen after
+        which step is fixed by that rule, not by timing, so the journal replays exactly. At most
+        ``lookahead_tiles + 1`` requests are out (submitted, not yet journaled) at any time, survey
+        and start tiles included: a session killed at any moment has at most that many exposures
+        the journal does not know, and those are the first it asks for again on resume.
+        """
+        depth = self.config.lookahead_tiles + 1
+        worker = AcquisitionWorker(
+            self.driver, self._ledger, self.config.budget, self._stop, check_tile=self._check_exposed
+        )
+        planned: deque[tuple[ScanRequest, str]] = deque()
+        surveying = not self.survey_tiles
+        if surveying:
+            planned.extend((request, "survey") for request in self._survey_requests())
+        done = {step.request.request_id for step in self.steps}
+        planned.extend((r, "start") for r in self._start_requests() if r.request_id not in done)
+        if not planned and not self._next:
+            self._next = self._ensure_policy().suggest(depth)
+        submitted: deque[tuple[ScanRequest, str]] = deque()
+        handed: set[str] = set()
+        failed = True
+        try:
+            while True:
+                planned.extend((r, "guided") for r in self._next if r.request_id not in handed)
+                handed.update(r.request_id for r in self._next)
+                while planned and len(submitted) < depth:
+                    submitted.append(planned.popleft())
+                    worker.submit(*submitted[-1])
+                if not submitted:
+                    if self._within_budget():
+                        self.stop_reason = NOTHING_ADMISSIBLE
+                    break
+                asked = time.perf_counter()
+                result = worker.result()
+                result.collected_s = time.perf_counter() - asked
+                request, kind = submitted.popleft()
+                if result.request.request_id != request.request_id:
+                    raise AssertionError(f"the worker returned {result.request.request_id} for {request}")
+                if result.error is not None:
+                    raise result.error
+                if result.refused is not None:
+                    if not self._stopping():
+                        self.stop_reason = result.refused
+                    break
+                if kind == "guided":
+                    expected = self._next.pop(0)
+                    if expected.request_id != request.request_id:
+                        raise AssertionError(f"scanned {request.request_id} before {expected.request_id}")
+                self._step(request, kind, acquired=result)
+                if kind == "survey" and not any(k == "survey" for _, k in (*submitted, *planned)):
+                    self.features = survey_features(self.survey_tiles, self.grid)
+            failed = False
+        finally:
+            if surveying and self.features is None and self.survey_tiles:
+                self.features = survey_features(self.survey_tiles, self.grid)
+            worker.close(abort=failed)
 
     def request_stop(self, reason: str = "interrupted") -> None:
         """Stop after the step in progress (safe from a signal handler or another thread).
@@ -559,7 +646,7 @@ class Session:
             "tiles": sum(step.kind != "survey" for step in self.steps),
             "steps": len(self.steps),
             "mean_dose_e_per_a2": self._mean_dose(),
-            "instrument_time_s": self._instrument_time_s,
+            "instrument_time_s": self._ledger.instrument_time_s,
         }
 
     @classmethod
@@ -672,12 +759,13 @@ class Session:
         return {
             "policy": self.config.policy,
             "seed": self.config.seed,
+            "lookahead_tiles": self.config.lookahead_tiles,
             "session_id": self.session_id,
             "tiles": len(guided),
             "survey_tiles": len(self.survey_tiles),
             "nodes": len(self.graph),
             "mean_dose_e_per_a2": self._mean_dose(),
-            "instrument_time_s": self._instrument_time_s,
+            "instrument_time_s": self._ledger.instrument_time_s,
             "stop_reason": self.stop_reason,
             "interrupted": self.interrupted,
             "wall_segments": 0 if self.policy is None else len(self.policy.walls),
@@ -694,7 +782,10 @@ class Session:
 
         The wait before a tile is the wall time from the driver handing back the previous tile to
         the agent asking for this one (``timings["instrument_wait"]`` of each step, journaled): in
-        this sequential loop the instrument idles for every analysis and decision. The scan time
+        the sequential loop the instrument idles for every analysis and decision; in the pipelined
+        one (``lookahead_tiles`` >= 1) only where the agent took longer than a scan, and at the
+        first decision. Stage settling is the instrument's own time, neither waiting nor scanning:
+        the simulator's ``real_time`` mode spends it on the wall clock. The scan time
         is each tile's own frame time on the instrument's clock (``t_end - t_start``). Steps
         replayed from a journal count with their recorded waits; the first step after a resume
         has none (the process was not running).
@@ -738,17 +829,19 @@ class Session:
         """``name`` with the session id in front (version-1 journals: as it is)."""
         return name if self.session_id is None else f"{self.session_id}-{name}"
 
-    def _survey(self) -> None:
+    def _survey_requests(self) -> list[ScanRequest]:
         survey = self.config.survey
         # "overview" ids keep clear of the policies' own prefixes (one of them is named "survey").
-        requests = survey_request(
+        return survey_request(
             self.description,
             survey.pixel_size_nm,
             survey.dwell_us,
             survey.shape,
             request_prefix=self._request_id("overview"),
         )
-        for request in requests:
+
+    def _survey(self) -> None:
+        for request in self._survey_requests():
             if self._stopping():
                 break
             self._step(request, "survey")
@@ -822,11 +915,23 @@ class Session:
         if self._journal is not None:
             self._journal.close()
 
-    def _step(self, request: ScanRequest, kind: str, recorded: JournalStep | None = None) -> StepRecord:
-        """Acquire (or take from the journal) one tile and carry it through the pipeline."""
+    def _step(
+        self,
+        request: ScanRequest,
+        kind: str,
+        recorded: JournalStep | None = None,
+        acquired: Acquired | None = None,
+    ) -> StepRecord:
+        """Acquire one tile (or take it from the journal or the acquisition worker) and work on it."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        if recorded is None:
+        if acquired is not None:
+            assert acquired.tile is not None
+            tile = acquired.tile
+            if acquired.wait_s is not None:
+                timings["instrument_wait"] = acquired.wait_s
+            timings["agent_wait"] = acquired.collected_s
+        elif recorded is None:
             if self._acquire_returned is not None:
                 # A sequential loop leaves the instrument idle from one tile's return to the next request.
                 timings["instrument_wait"] = start - self._acquire_returned
@@ -835,8 +940,8 @@ class Session:
             self._check_exposed(tile)
         else:
             tile = _tile_from_record(recorded, request)
-        timings["acquire"] = time.perf_counter() - start
-        self._account(tile)
+        timings["acquire"] = acquired.acquire_s if acquired is not None else time.perf_counter() - start
+        self._account(tile, kind)
         if kind == "survey":
             self.survey_tiles.append(tile)
             self.registrar.add_survey(tile)
@@ -894,8 +999,16 @@ class Session:
         decision: list[ScanRequest] = []
         tick = time.perf_counter()
         if kind == "guided" or (kind == "start" and starts_done):
-            self._next = policy.suggest(1)
-            decision = list(self._next)
+            # Keep lookahead_tiles requests decided beyond the one the instrument will scan next.
+            wanted = self.config.lookahead_tiles + 1 - len(self._next)
+            if wanted > 0:
+                if self._next:
+                    # The stage will be at the last request decided when the next one is scanned.
+                    policy.set_stage_position(self._next[-1].x_nm, self._next[-1].y_nm)
+                decision = policy.suggest(wanted)
+                self._next.extend(decision)
+                for chosen in decision:
+                    self._decided_after[chosen.request_id] = len(self.steps)
         timings["decision"] = time.perf_counter() - tick
         extra = {
             "nodes": len(self.graph),
@@ -904,9 +1017,11 @@ class Session:
             "columns_found": len(columns),
             "columns_reason": columns.reason,
             "mean_dose_e_per_a2": self._mean_dose(),
-            "instrument_time_s": self._instrument_time_s,
+            "instrument_time_s": self._ledger.instrument_time_s,
             "surrogate": policy.surrogate_summary(),
             "wall": None if wall is None else wall.to_record(),
+            # What was known when this tile was chosen: the steps up to this one (None: a start tile).
+            "decided_after_step": self._decided_after.get(request.request_id),
         }
         record = StepRecord(
             len(self.steps), kind, request, tile, columns, score,
@@ -933,7 +1048,8 @@ class Session:
 
     def _check_exposed(self, tile: Tile) -> None:
         """Refuse a tile the instrument did not expose for this request (an id an earlier session used)."""
-        may_replay, self._may_replay = self._may_replay, False
+        may_replay = self._may_replay > 0
+        self._may_replay = max(self._may_replay - 1, 0)
         if tile.metadata.get(REPLAYED_KEY) is True and not may_replay:
             raise SessionError(
                 f"the instrument answered {tile.request.request_id} with a tile it had made before, not "
@@ -949,7 +1065,7 @@ class Session:
             if isinstance(live, dict):
                 self._live_timings[record.index] = {k: float(v) for k, v in live.items()}
         if record.kind == "survey":
-            record.extra["instrument_time_s"] = self._instrument_time_s
+            record.extra["instrument_time_s"] = self._ledger.instrument_time_s
         self.steps.append(record)
         if recorded is None:
             if self._journal is not None:
@@ -967,39 +1083,19 @@ class Session:
 
     # ------------------------------------------------------------------ budget and dose
 
-    def _account(self, tile: Tile) -> None:
+    def _account(self, tile: Tile, kind: str) -> None:
         """Add a tile's dose and instrument time (the same for a live tile and its replay)."""
-        x_min, x_max, y_min, y_max = tile.extent_nm
-        area_a2 = (x_max - x_min) * (y_max - y_min) * 100.0
-        self._dose_area_e += tile.dose_e_per_a2 * area_a2
-        if self._t_last is None:
-            self._instrument_time_s += max(tile.t_end - tile.t_start, 0.0)
-        elif tile.t_start >= self._t_last:
-            self._instrument_time_s += tile.t_end - self._t_last  # settling and waiting count too
-        else:
-            # The instrument's clock went back (it restarted): its scan time is all that is known.
-            self._clock_resets += 1
-            self._instrument_time_s += max(tile.t_end - tile.t_start, 0.0)
-        self._t_first = tile.t_start if self._t_first is None else self._t_first
-        self._t_last = tile.t_end
+        self._ledger.account(tile, kind)
 
     def _mean_dose(self) -> float:
-        (x0, x1), (y0, y1) = self.description.stage_x_nm, self.description.stage_y_nm
-        return self._dose_area_e / ((x1 - x0) * (y1 - y0) * 100.0)
+        return self._ledger.mean_dose_e_per_a2
 
     def _within_budget(self) -> bool:
         if self._stopping():
             return False
-        budget = self.config.budget
-        tiles = sum(step.kind != "survey" for step in self.steps)
-        if budget.max_tiles is not None and tiles >= budget.max_tiles:
-            self.stop_reason = f"tile budget of {budget.max_tiles} spent"
-            return False
-        if budget.max_time_s is not None and self._instrument_time_s >= budget.max_time_s:
-            self.stop_reason = f"instrument-time budget of {budget.max_time_s:g} s spent"
-            return False
-        if budget.max_mean_dose_e_per_a2 is not None and self._mean_dose() >= budget.max_mean_dose_e_per_a2:
-            self.stop_reason = f"dose budget of {budget.max_mean_dose_e_per_a2:g} e-/A^2 (stage mean) spent"
+        spent = self._ledger.spent(self.config.budget)
+        if spent is not None:
+            self.stop_reason = spent
             return False
         return True
 
@@ -1030,8 +1126,8 @@ class Session:
         t_end = (replay[-1].record.get("tile") or {}).get("t_end") if replay else None
         self.driver.resume_after(requests, t_end)
         self._replay = []
-        # The exposure in flight when the session stopped may come back from the instrument's journal.
-        self._may_replay = True
+        # The exposures in flight when the session stopped may come back from the instrument's journal.
+        self._may_replay = self.config.lookahead_tiles + 1
 
 
 def _tile_from_record(step: JournalStep, request: ScanRequest) -> Tile:

@@ -476,6 +476,12 @@ def session_summary_table(summary: dict[str, Any]) -> str:
         f"instrument time {summary['instrument_time_s']:.1f} s",
         f"stopped because {summary['stop_reason']}",
     ]
+    if summary.get("instrument_dead_time_fraction") is not None:
+        loop = "pipelined" if summary.get("lookahead_tiles") else "sequential"
+        lines.append(
+            f"instrument idle {summary['instrument_dead_time_fraction']:.1%} of its time, waiting for the "
+            f"agent ({summary['instrument_dead_time_s']:.1f} s; {loop} loop)"
+        )
     if summary.get("wall_segments"):
         lines.append(f"domain walls    seen in {summary['wall_segments']} tiles and followed")
     if "imaged_features" in summary:

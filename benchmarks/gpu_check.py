@@ -4,8 +4,10 @@ Run on a machine with a GPU (``python benchmarks/gpu_check.py --out DIR``); it p
 writes ``gpu_check.json``. It checks that the torch (CUDA) column-finding path agrees with the
 numpy path on a 4096 x 4096 tile and times both, times scoring a ~1M-node molecule graph with
 the graph autoencoder on CUDA and on the CPU, runs ``micrography analyze`` on a 4096 x 4096
-synthetic image with the GAE and VAE on CUDA and on the CPU, and runs a short guided session with
-the device on ``auto`` (CUDA) to time its steps.
+synthetic image with the GAE and VAE on CUDA and on the CPU, and runs the same 16-tile guided
+session on the CPU and on CUDA in the same process (per-stage medians, whether the decisions are
+identical, and where they first differ), then the pipelined loop on CUDA. Target: median per-tile
+step <= 0.03 s on CUDA.
 """
 
 from __future__ import annotations
@@ -149,27 +151,77 @@ def check_analyze(report: dict, device: str, out: Path, size_px: int = 4096) -> 
     report["analyze"] = figures
 
 
-def check_session(report: dict, out: Path) -> None:
-    from agent.session import DECISION_STAGES, BudgetConfig, Session, SessionConfig
+SESSION_TARGET_STEP_S = 0.03
+"""Issue target: median per-tile step (tile in -> next request out) on CUDA, 512 x 512 tiles."""
 
-    config = SessionConfig(budget=BudgetConfig(max_tiles=16))
+
+def _session_run(name: str, device: str, out: Path, lookahead: int) -> tuple[object, dict, float]:
+    from agent.columns import ColumnFinderConfig
+    from agent.session import BudgetConfig, Session, SessionConfig
+
+    defaults = SessionConfig()
+    config = SessionConfig(
+        budget=BudgetConfig(max_tiles=16),
+        session_id=f"gpu-check-{name}",
+        lookahead_tiles=lookahead,
+        anomaly=defaults.anomaly.model_copy(update={"device": device}),
+        columns=ColumnFinderConfig(device=device),
+    )
     with SimulatedMicroscope(SimulatorConfig(seed=0)) as microscope:
-        session = Session(microscope, config, journal_path=out / "session" / "journal.h5")
+        journal = out / f"session-{name}" / "journal.h5"
+        journal.unlink(missing_ok=True)  # a rerun in the same folder starts afresh
+        session = Session(microscope, config, journal_path=journal)
         start = time.perf_counter()
         summary = session.run()
-    guided = [step for step in session.steps if step.kind == "guided"]
-    stages = DECISION_STAGES
-    latency = [sum(step.timings.get(stage, 0.0) for stage in stages) for step in guided]
-    report["session"] = {
-        "device": str(session.scorer.device) if session.scorer is not None else None,
-        "tiles": summary["tiles"],
-        "wall_s": time.perf_counter() - start,
-        "median_step_latency_s": statistics.median(latency) if latency else None,
-        "median_stage_s": {
-            stage: statistics.median(step.timings.get(stage, 0.0) for step in guided) for stage in stages
+    return session, summary, time.perf_counter() - start
+
+
+def check_session(report: dict, out: Path, device: str = "cuda") -> None:
+    """The same 16-tile guided session on the CPU and on ``device`` in this process: stage medians
+    and decisions side by side, then the pipelined loop on ``device``."""
+    from agent.session import DECISION_STAGES
+
+    figures: dict[str, dict] = {}
+    decisions: dict[str, list[tuple[float, float]]] = {}
+    scores: dict[str, list[float]] = {}
+    runs = (("cpu-reference", "cpu", 0), (device, device, 0), (f"{device}-pipelined", device, 1))
+    for name, where, lookahead in runs:
+        session, summary, wall = _session_run(name, where, out, lookahead)
+        guided = [step for step in session.steps if step.kind == "guided"]
+        latency = [sum(step.timings.get(stage, 0.0) for stage in DECISION_STAGES) for step in guided]
+        figures[name] = {
+            "scorer_device": str(session.scorer.device) if session.scorer is not None else None,
+            "tiles": summary["tiles"],
+            "wall_s": wall,
+            "median_step_s": statistics.median(latency) if latency else None,
+            "median_stage_s": {
+                stage: statistics.median(step.timings.get(stage, 0.0) for step in guided)
+                for stage in DECISION_STAGES
+            }
+            if guided
+            else {},
+            "instrument_dead_time_fraction": summary["instrument_dead_time_fraction"],
         }
-        if guided
-        else {},
+        decisions[name] = [(s.request.x_nm, s.request.y_nm) for s in session.steps]
+        scores[name] = [s.score for s in session.steps if s.kind != "survey"]
+        print(json.dumps({name: figures[name]}, indent=2), flush=True)
+    cpu, gpu = decisions["cpu-reference"], decisions[device]
+    diverged = next((k for k, (a, b) in enumerate(zip(cpu, gpu, strict=False)) if a != b), None)
+    reference = scores["cpu-reference"]
+    common = min(len(reference), len(scores[device]), diverged if diverged is not None else len(cpu))
+    score_gap = max(
+        (abs(a - b) for a, b in zip(reference[:common], scores[device][:common], strict=True)
+         if np.isfinite(a) and np.isfinite(b)),
+        default=0.0,
+    )  # fmt: skip
+    step = figures[device]["median_step_s"]
+    report["session"] = {
+        **figures,
+        "identical_decisions": diverged is None and len(cpu) == len(gpu),
+        "first_different_step": diverged,
+        "max_region_score_difference_before_it": score_gap,
+        "target_step_s": SESSION_TARGET_STEP_S,
+        "target_met": step is not None and step <= SESSION_TARGET_STEP_S,
     }
 
 
@@ -193,7 +245,7 @@ def main() -> None:
     print(json.dumps(report, indent=2), flush=True)
     checks = [
         ("scorer", args.skip_scorer, lambda: check_scorer(report, args.size_nm, args.device)),
-        ("session", args.skip_session, lambda: check_session(report, out)),
+        ("session", args.skip_session, lambda: check_session(report, out, args.device)),
         ("analyze", args.skip_analyze, lambda: check_analyze(report, args.device, out, args.analyze_px)),
     ]
     for name, skip, check in checks:

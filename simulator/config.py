@@ -158,6 +158,13 @@ class InstrumentConfig(StrictModel):
     )
     dose_map_cell_nm: float = Field(0.5, gt=0.0, description="resolution of the dose bookkeeping")
     stage_settle_s: float = Field(0.5, ge=0.0, description="instrument time spent per stage move")
+    real_time: bool = Field(
+        False,
+        description="scan at the instrument's pace: an acquisition returns no sooner than its stage "
+        "settle and frame time after it began, on the wall clock (rendering counts toward it), as a "
+        "physical instrument does; for measuring how long the instrument waits for the agent. Off, "
+        "tiles come back as fast as they render and only their timestamps follow the instrument clock",
+    )
     placement_sigma_nm: float = Field(
         2.0, ge=0.0, description="random error of each stage move or scan offset, per axis (1 sigma), nm"
     )

@@ -363,6 +363,8 @@ class SimulatedMicroscope(MicroscopeDriver):
 
     def _acquire(self, request: ScanRequest) -> Tile:
         self._raise_if_aborted(request)  # not started yet: nothing exposed, the id stays free
+        began = time.monotonic()
+        clock_before = self.clock_s
         frame = self._advance(request)
         rng = self._noise_stream()
         truth = self._record(request, frame, rng)
@@ -405,6 +407,8 @@ class SimulatedMicroscope(MicroscopeDriver):
             if self.abort_requested:
                 self._stop(request, rows)
             add_read_noise(image[start : start + band_rows], imaging, rng)
+        if self.config.instrument.real_time:
+            self._keep_pace(request, began, frame.t_start - clock_before, frame.t_end - frame.t_start)
         dose = self._description.dose_of(request)
         self.dose_map.add(request.extent_nm, dose)
         return Tile(
@@ -424,6 +428,17 @@ class SimulatedMicroscope(MicroscopeDriver):
                 "seed": self.config.seed,
             },
         )
+
+    def _keep_pace(self, request: ScanRequest, began: float, settle_s: float, frame_s: float) -> None:
+        """Wait until the settle and the frame would be over on a physical instrument (wall clock).
+
+        An abort during the wait stops the scan at the line the beam would have reached.
+        """
+        deadline = began + settle_s + frame_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._abort.wait(min(remaining, 0.05)):
+                scanned_s = time.monotonic() - began - settle_s
+                self._stop(request, int(request.shape[0] * min(max(scanned_s / frame_s, 0.0), 1.0)))
 
     def _stop(self, request: ScanRequest, rows_scanned: int) -> None:
         """End an aborted scan: dose the lines scanned (at least the first), then raise.
