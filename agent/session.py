@@ -18,10 +18,10 @@ timing (``decided_after_step`` in each journaled step says what was known), so j
 and sessions resume exactly; the worker checks the budget and a stop request before each scan
 with the tiles exposed so far, as the sequential loop does.
 
-A session interrupted at any point is resumed with :meth:`Session.resume`: the recorded steps are replayed through the same
-deterministic pipeline (no exposure), the rebuilt decisions are checked
-against the recorded ones, and the loop continues where it stopped, so the
-final state equals that of an uninterrupted run with the same seed. A session
+A session interrupted at any point is resumed with :meth:`Session.resume`: the recorded
+steps are replayed through the same deterministic pipeline (no exposure), the rebuilt
+decisions are checked against the recorded ones, and the loop continues where it stopped,
+so the final state equals that of an uninterrupted run with the same seed. A session
 that ended (budget spent) journals an end record; resumed with the same budget it
 is rebuilt read-only (:attr:`Session.complete`) and :meth:`Session.run` exposes and
 writes nothing.
@@ -998,13 +998,22 @@ class Session:
 
         decision: list[ScanRequest] = []
         tick = time.perf_counter()
-        if kind == "guided" or (kind == "start" and starts_done):
+        # Start tiles still to come count as requests already out: with look-ahead, the first guided
+        # tiles are chosen while the last start tiles are scanned (from what is known by then).
+        lookahead = self.config.lookahead_tiles
+        coming: list[ScanRequest] = []
+        if kind == "start" and lookahead:
+            taken = sum(s.kind == "start" for s in self.steps) + 1
+            coming = self._start_requests()[taken:]
+        deciding = starts_done if not lookahead else len(coming) <= lookahead
+        if kind == "guided" or (kind == "start" and deciding):
             # Keep lookahead_tiles requests decided beyond the one the instrument will scan next.
-            wanted = self.config.lookahead_tiles + 1 - len(self._next)
+            out = [*coming, *self._next]
+            wanted = lookahead + 1 - len(out)
             if wanted > 0:
-                if self._next:
-                    # The stage will be at the last request decided when the next one is scanned.
-                    policy.set_stage_position(self._next[-1].x_nm, self._next[-1].y_nm)
+                if out:
+                    # The stage will be at the last request out when the next one is scanned.
+                    policy.set_stage_position(out[-1].x_nm, out[-1].y_nm)
                 decision = policy.suggest(wanted)
                 self._next.extend(decision)
                 for chosen in decision:

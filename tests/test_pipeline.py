@@ -68,17 +68,14 @@ def test_the_pipelined_loop_hands_the_instrument_its_next_tile_before_working_on
     session, microscope = run(small_config, small_specimen, config)
     guided = [step for step in session.steps if step.kind == "guided"]
     assert len(guided) == 4
-    last_start = guided[0].index - 1
     for step in guided:
-        # Steps finished when this tile's scan began, and the step after which it was chosen: the
-        # first guided tile waits for the first decision, later ones are scanned one tile ahead.
-        ahead = lookahead if step is not guided[0] else 0
-        assert microscope.started[step.request.request_id] == step.index - ahead
-        assert step.extra["decided_after_step"] == max(step.index - 1 - lookahead, last_start)
+        # Steps finished when this tile's scan began, and the step after which it was chosen: with
+        # look-ahead even the first guided tile, chosen while the last start tile was scanned.
+        assert microscope.started[step.request.request_id] == step.index - lookahead
+        assert step.extra["decided_after_step"] == step.index - 1 - lookahead
+    decisions = [len(step.decision) for step in session.steps if step.kind != "survey"]
+    assert decisions == ([1] * 6 if lookahead else [0, 1, 1, 1, 1, 1])
     if lookahead:
-        # The first decision is a batch of two; then one new request per tile worked on.
-        decisions = [len(step.decision) for step in session.steps if step.kind != "survey"]
-        assert decisions == [0, 2, 1, 1, 1, 1]
         assert {"instrument_wait", "agent_wait"} <= set(guided[-1].timings)
 
 
@@ -263,7 +260,7 @@ def test_the_pipeline_benchmark_reports_dead_time_per_dwell_and_loop_and_judges_
     from tests.conftest import SMALL_SPECIMEN
 
     report = benchmark_pipeline(
-        dwells_us=(1.0,), seeds=(3,), tiles=5, guidance=False, specimen=SMALL_SPECIMEN
+        dwells_us=(1.0,), seeds=(3,), tiles=5, guidance=False, specimen=SMALL_SPECIMEN, no_settle_dwells_us=()
     )
     rows = report["dead_time"]["rows"]
     assert [(row["dwell_us"], row["lookahead_tiles"]) for row in rows] == [(1.0, 0), (1.0, 1)]
