@@ -752,8 +752,11 @@ class MoleculeGraph:
         if nodes is not None:
             keep &= np.isin(target, ids)
         source, target = source[keep], target[keep]
-        both = np.unique(np.stack([np.r_[source, target], np.r_[target, source]], 1), axis=0)
-        return both.T.copy()
+        # One int64 key per directed pair: a 1-D unique sorts 2-5x faster than unique(axis=0) on
+        # pairs, in the same order (source, then target).
+        size = max(self._size, 1)
+        key = np.unique(np.r_[source * size + target, target * size + source])
+        return np.stack([key // size, key % size]).astype(np.int64, copy=False)
 
     def edge_attributes(self, edge_index: np.ndarray) -> np.ndarray:
         """``(E, 6)`` attributes of edges (see :data:`EDGE_FEATURES`)."""
