@@ -94,7 +94,9 @@ class AnomalyConfig(StrictModel):
     edge_loss_weight: float = Field(0.5, ge=0, description="weight of the edge-geometry loss")
     region_top_fraction: float = Field(0.1, gt=0, le=1, description="region score = mean of this top share")
     seed: int = Field(0, description="seeds initialisation and sampling")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs: auto takes CUDA when torch sees a GPU"
+    )
 
 
 @contextmanager

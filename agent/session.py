@@ -54,11 +54,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agent.acquisition import (
     Acquired,
@@ -130,9 +130,9 @@ def new_session_id() -> str:
 class ScanSettings(StrictModel):
     """Pixel size, shape and dwell of one kind of scan."""
 
-    pixel_size_nm: float = Field(gt=0)
-    dwell_us: float = Field(gt=0)
-    shape: tuple[int, int] = (512, 512)
+    pixel_size_nm: float = Field(gt=0, description="pixel size on the specimen")
+    dwell_us: float = Field(gt=0, description="time the beam spends on each pixel")
+    shape: tuple[int, int] = Field((512, 512), description="frame size, rows x columns")
 
 
 class SessionConfig(StrictModel):
@@ -198,6 +198,26 @@ class SessionConfig(StrictModel):
         None,
         description="the simulated instrument (simulator.config.SimulatorConfig keys) for `micrography run`",
     )
+
+    overridden_keys: ClassVar[dict[str, str]] = {
+        "anomaly.warmup_steps": "not used by a session, which warms up for `warmup_steps`",
+        "anomaly.region_top_fraction": "not used by a session, which scores tiles by `region_top_fraction`",
+        "anomaly.seed": "not used by a session, which seeds the scorer with `seed`",
+        "surrogate.seed": "not used by a session, which seeds the surrogate with `seed`",
+        "acquisition.name": "not used by a session, which runs `policy`",
+        "acquisition.dwell_us": "not used by a session, which scans at `tiles.dwell_us`",
+        "acquisition.seed": "not used by a session, which seeds the policy with `seed`",
+    }
+    """Nested keys a session sets from its own top-level keys: leave them at their defaults."""
+
+    @model_validator(mode="after")
+    def _overridden_keys_left_alone(self) -> Self:
+        for key, why in self.overridden_keys.items():
+            section, name = key.split(".")
+            default = getattr(type(self).model_fields[section].default, name)
+            if getattr(getattr(self, section), name) != default:
+                raise ValueError(f"{key} is {why}; set that instead")
+        return self
 
 
 @dataclass

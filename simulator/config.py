@@ -42,24 +42,26 @@ class SpecimenConfig(StrictModel):
     dislocation_core_radius_nm: float = Field(0.5, gt=0.0, description="core label radius")
     strain_radius_nm: float = Field(2.5, gt=0.0, description="'strained' label radius around a core")
     strained_patches: int = Field(2, ge=0, description="locally rotated lattice patches")
-    strained_patch_radius_nm: float = Field(3.0, gt=0.0)
+    strained_patch_radius_nm: float = Field(3.0, gt=0.0, description="radius of a rotated patch")
     strained_patch_rotation_deg: float = Field(3.0, description="peak lattice rotation in a patch")
 
-    vacancy_clusters: int = Field(8, ge=0)
+    vacancy_clusters: int = Field(8, ge=0, description="clusters of missing columns")
     vacancies_per_cluster: tuple[int, int] = Field((3, 8), description="(min, max) per cluster")
-    substitution_clusters: int = Field(8, ge=0)
+    substitution_clusters: int = Field(8, ge=0, description="Sm-rich clusters of A columns")
     substitution_sm_fraction: float = Field(0.6, ge=0.0, le=1.0, description="Sm in a cluster")
-    cluster_radius_nm: float = Field(1.2, gt=0.0)
+    cluster_radius_nm: float = Field(1.2, gt=0.0, description="radius of a vacancy or Sm cluster")
     cluster_near_feature_probability: float = Field(
         0.75, ge=0.0, le=1.0, description="chance a cluster sits near a wall or dislocation"
     )
-    cluster_near_distance_nm: float = Field(4.0, gt=0.0)
+    cluster_near_distance_nm: float = Field(
+        4.0, gt=0.0, description="how close to a wall or dislocation a cluster placed near one lies"
+    )
 
     phase_patches: int = Field(1, ge=0, description="Sm-rich non-polar patches")
-    phase_patch_radius_nm: float = Field(9.0, gt=0.0)
-    phase_sm_fraction: float = Field(0.20, ge=0.0, le=1.0)
-    amorphous_patches: int = Field(1, ge=0)
-    amorphous_patch_radius_nm: float = Field(6.0, gt=0.0)
+    phase_patch_radius_nm: float = Field(9.0, gt=0.0, description="radius of a non-polar patch")
+    phase_sm_fraction: float = Field(0.20, ge=0.0, le=1.0, description="Sm fraction on A sites in a patch")
+    amorphous_patches: int = Field(1, ge=0, description="patches without lattice")
+    amorphous_patch_radius_nm: float = Field(6.0, gt=0.0, description="radius of an amorphous patch")
 
     thickness_gradient: float = Field(
         0.3, ge=0.0, lt=1.0, description="relative thickness change across the specimen"
@@ -147,12 +149,12 @@ class ImagingConfig(StrictModel):
 class InstrumentConfig(StrictModel):
     """Limits of the simulated instrument, as reported by ``describe()``, and its stage placement errors."""
 
-    name: str = "Micrography simulated STEM"
-    beam_current_pa: float = Field(20.0, gt=0.0)
+    name: str = Field("Micrography simulated STEM", description="the name describe() reports")
+    beam_current_pa: float = Field(20.0, gt=0.0, description="probe current: sets the dose per dwell")
     dwell_us: tuple[float, float] = Field((0.5, 100.0), description="(min, max) dwell per pixel")
     pixel_size_nm: tuple[float, float] = Field((0.005, 2.0), description="(min, max) pixel size")
-    max_tile_shape: tuple[int, int] = Field((4096, 4096))
-    detectors: tuple[str, ...] = ("HAADF",)
+    max_tile_shape: tuple[int, int] = Field((4096, 4096), description="largest frame it scans")
+    detectors: tuple[str, ...] = Field(("HAADF",), description="detectors a request may name")
     max_dose_e_per_a2: float | None = Field(
         None, gt=0.0, description="per-area dose limit; None disables the check"
     )

@@ -156,6 +156,8 @@ MISTAKES: list[tuple[str, list[str], str]] = [
     ("train-steps-zero",
      ["train", "--out", f"{NEW}/m.pt", "--steps", "0", "--simulator-config", "{ws}/small.yaml"],
      "steps"),
+    ("config-show-which", ["config", "show", "--config", "{ws}/notes.txt"], "session|simulator"),
+    ("config-show-missing", ["config", "show", "session", "--config", "{ws}/missing.yaml"], "missing.yaml"),
     ("keys-out-file", ["keys", "generate", "--out", "{ws}/notes.txt"], "notes.txt"),
     ("keys-out-read-only", ["keys", "generate", "--out", str(READ_ONLY)], "cannot write"),
     ("keys-name-path", ["keys", "generate", "--out", NEW, "--name", "../escape"], "name"),

@@ -59,3 +59,71 @@ def test_shipped_session_config_matches_the_defaults() -> None:
     from agent.session import SessionConfig
 
     assert load_config(REPO / "configs" / "session.yaml", SessionConfig) == SessionConfig()
+
+
+def _leaf_keys(values: dict, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "simulator":
+            keys |= _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_config_show_covers_every_key_of_both_files_with_a_description_and_unit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import yaml
+
+    from agent.cli import config_models, main
+    from agent.config import settings_of
+
+    for name, model in config_models().items():
+        rows = {row.key: row for row in settings_of(model)}
+        shipped_text = (REPO / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+        shipped = _leaf_keys(yaml.safe_load(shipped_text))
+        assert shipped == set(rows), f"configs/{name}.yaml and the model disagree: {shipped ^ set(rows)}"
+        assert not [key for key, row in rows.items() if not row.description]
+        assert main(["config", "show", name, "--defaults"]) == 0
+        printed = capsys.readouterr().out
+        assert all(f"\n{key} " in printed for key in rows)
+        # The shipped file is the generated one: every key under its description and unit.
+        assert main(["config", "show", name, "--defaults", "--yaml"]) == 0
+        assert capsys.readouterr().out == shipped_text, (
+            f"configs/{name}.yaml is stale: micrography config show {name} --defaults --yaml"
+        )
+    session = {row.key: row for row in settings_of(config_models()["session"])}
+    assert session["tiles.dwell_us"].unit == "µs" and session["tiles.dwell_us"].default == 8.0
+    assert session["budget.max_mean_dose_e_per_a2"].unit == "e-/Å²"
+    overridden = session["anomaly.warmup_steps"].description
+    assert overridden.endswith("not used by a session, which warms up for `warmup_steps`")
+
+
+def test_the_configuration_reference_page_is_the_generated_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    assert main(["config", "show", "--defaults", "--markdown"]) == 0
+    generated = capsys.readouterr().out
+    page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert page == generated, "docs/configuration.md is stale: micrography config show --defaults --markdown"
+
+
+def test_config_show_marks_what_a_file_changes_and_refuses_keys_a_session_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+    from agent.session import SessionConfig
+
+    path = tmp_path / "session.yaml"
+    path.write_text("tiles:\n  pixel_size_nm: 0.02\n  dwell_us: 2.0\n")
+    assert main(["config", "show", "session", "--config", str(path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tiles.dwell_us "))
+    assert "= 2.0 [µs]" in line and line.endswith("(default 8.0)")
+    path.write_text("anomaly:\n  warmup_steps: 20\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, SessionConfig)
+    assert str(refused.value) == (
+        f"{path}: <top level>: anomaly.warmup_steps is not used by a session, which warms up for "
+        "`warmup_steps`; set that instead"
+    )
