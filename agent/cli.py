@@ -199,9 +199,13 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
         plt.imsave(out, tile.image, cmap="gray")
     else:
-        import tifffile
+        from simulator.export import write_calibrated_tiff
 
-        tifffile.imwrite(out, tile.image)
+        write_calibrated_tiff(
+            out, tile.image, tile.pixel_size_nm, tile.origin_nm,
+            {"request": tile.request.model_dump(mode="json"), "dose_e_per_a2": tile.dose_e_per_a2,
+             "t_start": tile.t_start, "t_end": tile.t_end, "units": "detected electrons"},
+        )  # fmt: skip
     summary = {
         "file": str(out),
         "shape": list(tile.shape),
@@ -334,6 +338,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"figure: {outputs.figure}")
     print(f"report: {outputs.html}")
     print(f"json:   {outputs.json}")
+    print(f"tables: {', '.join(str(path) for path in outputs.tables)}")
     return 0
 
 
@@ -515,11 +520,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary["imaged_features"] = len(tracker.imaged)
         summary["detected_features"] = len(detected_features(session, specimen))
         summary["discovery_curve"] = tracker.curve
+    from agent.column_table import column_table, vacancy_table, write_tables
+
     report = write_session_report(session, out / "report.png", tracker) if session.steps else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    tables = write_tables(
+        out,
+        column_table(session.graph, session.node_scores(), config.detection_threshold),
+        vacancy_table(session.graph),
+    )
     print(session_summary_table(summary))
     print(f"journal: {journal}\nreport:  {report or 'none (no step taken)'}\nsummary: {out / 'summary.json'}")
+    print(f"tables:  {', '.join(str(path) for path in tables)}")
     if session.interrupted:
         resume = f"micrography run --resume {shlex.quote(str(journal))}"
         if args.instrument:

@@ -197,6 +197,21 @@ class MoleculeGraph:
         return self._view(self._observations)
 
     @property
+    def abnormal(self) -> np.ndarray:
+        """Whether each column's intensity was an outlier for its site (see :class:`Columns`)."""
+        return self._view(self._abnormal)
+
+    @property
+    def width_nm(self) -> np.ndarray:
+        """Fitted column width (Gaussian sigma), nm, averaged over observations."""
+        return self._view(self._width)
+
+    @property
+    def quality(self) -> np.ndarray:
+        """Correlation of each column with a Gaussian of its fitted width, in [-1, 1]."""
+        return self._view(self._quality)
+
+    @property
     def neighbours(self) -> np.ndarray:
         """``(N, K)`` ids of each node's K nearest columns (-1 where fewer exist)."""
         return self._view(self._neighbours)

@@ -37,6 +37,7 @@ from pydantic import Field
 from scipy.spatial import cKDTree
 
 from agent.benchmarking import peak_memory_mb
+from agent.column_table import column_table, vacancy_table, write_tables
 from agent.columns import (
     SPECIES_A,
     SPECIES_B,
@@ -824,18 +825,25 @@ class AnalysisOutputs:
         The multi-panel PNG, the self-contained HTML report and the JSON of every number.
     summary : dict
         The JSON content.
+    tables : tuple of pathlib.Path
+        ``columns.csv``, ``vacancies.csv`` and ``columns.h5``: one row per column and per vacancy
+        site (:mod:`agent.column_table`).
     """
 
     figure: Path
     html: Path
     json: Path
     summary: dict[str, Any]
+    tables: tuple[Path, ...] = ()
 
 
 def run_analysis(
     path: str | Path, out_dir: str | Path, config: AnalyzeConfig | None = None, *, show_progress: bool = False
 ) -> AnalysisOutputs:
-    """Load an image, analyse it and write ``analysis.png``, ``report.html`` and ``analysis.json``.
+    """Load an image, analyse it and write its figure, report, JSON and per-column tables.
+
+    The files: ``analysis.png``, ``report.html``, ``analysis.json``, ``columns.csv``,
+    ``vacancies.csv`` and ``columns.h5``.
 
     Parameters
     ----------
@@ -888,6 +896,11 @@ def run_analysis(
         with clock.stage("report"):
             result.summary = summarise(result, clock.seconds)
             paths = write_outputs(result, out_dir)
+            graph = result.graph if result.graph is not None else MoleculeGraph()
+            scores = result.scores if result.scores is not None and len(result.scores) == len(graph) else None
+            tables = write_tables(
+                out_dir, column_table(graph, scores, config.anomaly_threshold), vacancy_table(graph)
+            )
             # The report's own time and the final peak go into the JSON written last.
             result.summary["timings_s"]["report"] = round(clock.seconds.get("report", 0.0), 3)
     except BaseException:
@@ -905,4 +918,6 @@ def run_analysis(
     from analysis.analyze_report import write_json
 
     write_json(result.summary, paths[2])
-    return AnalysisOutputs(figure=paths[0], html=paths[1], json=paths[2], summary=result.summary)
+    return AnalysisOutputs(
+        figure=paths[0], html=paths[1], json=paths[2], summary=result.summary, tables=tables
+    )

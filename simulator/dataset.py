@@ -713,13 +713,31 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataFileError(f"{path}: cannot read .npy file ({error})") from None
 
 
-def _load_tiff(path: Path) -> np.ndarray:
+HYPERSPY_TIFF_TAGS = {"x_units": 65003, "y_units": 65004, "x_offset": 65006, "y_offset": 65007,
+                      "x_scale": 65009, "y_scale": 65010}  # fmt: skip
+"""Private TIFF tags in which hyperspy and rosettasciio keep each axis's units, offset and scale."""
+
+
+def _load_tiff(path: Path) -> tuple[np.ndarray, float | None, dict[str, Any]]:
+    """Image, pixel size (nm, from a calibrated file) and calibration attributes of a TIFF."""
     if not path.exists():
         raise DataFileError(f"{path}: file not found")
     try:
-        return np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tiff:
+            data = np.asarray(tiff.asarray())
+            tags = {name: tiff.pages[0].tags.get(code) for name, code in HYPERSPY_TIFF_TAGS.items()}
+            values = {name: tag.value for name, tag in tags.items() if tag is not None}
     except (OSError, ValueError, tifffile.TiffFileError) as error:
         raise DataFileError(f"{path}: cannot read as TIFF ({error})") from None
+    pixel_size = _vendor_pixel_size([{"units": values.get("x_units"), "scale": values.get("x_scale")}])
+    attrs: dict[str, Any] = {}
+    if pixel_size is not None:
+        factor = pixel_size / float(values["x_scale"])
+        attrs["origin_nm"] = [
+            float(values.get("x_offset", 0.0)) * factor,
+            float(values.get("y_offset", 0.0)) * factor,
+        ]
+    return data, pixel_size, attrs
 
 
 def _vendor_pixel_size(axes: list[dict[str, Any]]) -> float | None:
@@ -825,7 +843,7 @@ def load_image(path: str | Path, pixel_size_nm: float | None = None) -> Recorded
     if suffix == ".npy":
         data = _load_npy(path)
     elif suffix in (".tif", ".tiff"):
-        data = _load_tiff(path)
+        data, file_pixel_size, attrs = _load_tiff(path)
     elif suffix in VENDOR_READERS:
         data, file_pixel_size, attrs = _load_vendor(path)
     else:

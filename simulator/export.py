@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -261,3 +262,65 @@ def export_specimen(
     config_path = out_dir / CONFIG_FILE
     dump_config(config, config_path)
     return ExportedSpecimen(dataset=dataset, ground_truth=ground_truth, config=config_path)
+
+
+def write_calibrated_tiff(
+    path: str | Path,
+    image: np.ndarray,
+    pixel_size_nm: float,
+    origin_nm: tuple[float, float] = (0.0, 0.0),
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a float32 TIFF that keeps its calibration for ImageJ, hyperspy and rosettasciio.
+
+    The pixel size goes into the resolution tags with ImageJ's ``unit=nm``, and the scale, origin
+    and units of both axes into the private tags hyperspy's TIFF writer uses
+    (:data:`simulator.dataset.HYPERSPY_TIFF_TAGS`), so ``rsciio.tiff.file_reader`` (and
+    ``hyperspy.api.load``) give axes in nm with the stage origin, and :func:`load_image` reads the
+    pixel size back without being told it. Written with tifffile: rosettasciio is an optional
+    extra, and the tags are all it would add.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``.tif`` file.
+    image : numpy.ndarray
+        2-D image.
+    pixel_size_nm : float
+        Pixel size, nm.
+    origin_nm : tuple of float
+        Stage position (x, y) of the first pixel's centre, nm (``Tile.origin_nm``; hyperspy's offset).
+    info : dict, optional
+        JSON-friendly metadata (dose, dwell, request) kept in ImageJ's ``Info`` text.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    import tifffile
+
+    from simulator.dataset import HYPERSPY_TIFF_TAGS as TAGS
+
+    path = Path(path)
+    resolution = 1.0 / pixel_size_nm
+    extratags = [
+        (TAGS["x_units"], "s", 0, "nm", True),
+        (TAGS["y_units"], "s", 0, "nm", True),
+        (TAGS["x_offset"], "d", 1, float(origin_nm[0]), True),
+        (TAGS["y_offset"], "d", 1, float(origin_nm[1]), True),
+        (TAGS["x_scale"], "d", 1, float(pixel_size_nm), True),
+        (TAGS["y_scale"], "d", 1, float(pixel_size_nm), True),
+    ]
+    metadata: dict[str, Any] = {"unit": "nm"}
+    if info:
+        metadata["Info"] = json.dumps(info, default=str)
+    tifffile.imwrite(
+        path,
+        np.asarray(image, dtype=np.float32),
+        imagej=True,
+        resolution=(resolution, resolution),
+        metadata=metadata,
+        extratags=extratags,
+    )
+    return path

@@ -74,6 +74,39 @@ def test_figure_html_and_json_are_written_and_read_back(analysed: AnalysisOutput
     assert f"{summary['columns']['total']:,} columns" in page
 
 
+def test_the_per_column_tables_agree_with_the_summary_and_read_back_from_csv_and_hdf5(
+    analysed: AnalysisOutputs,
+) -> None:
+    import csv
+
+    import h5py
+
+    from agent.column_table import COLUMN_FIELDS, read_tables
+
+    csv_path, vacancy_path, h5_path = analysed.tables
+    columns, vacancies = read_tables(h5_path)
+    summary = analysed.summary
+    # One row per lattice (cation) column; the pure-O columns are counted but are no graph nodes.
+    assert list(columns) == list(COLUMN_FIELDS) and len(columns["x_nm"]) == summary["columns"]["total"]
+    counts = summary["columns"]["counts"]
+    for site in "AB":
+        assert int((columns["site"] == site).sum()) == counts[site]
+    interior = columns["interior"]
+    assert int(columns["anomalous"][interior].sum()) == summary["anomaly"]["anomalous_columns"]
+    assert np.nanmax(columns["score"][interior]) == pytest.approx(summary["anomaly"]["max"])
+    assert len(vacancies["x_nm"]) == sum(summary["columns"]["vacancy_sites"].values())
+    with h5py.File(h5_path) as file:
+        assert file["columns/x_nm"].attrs["unit"] == "nm"
+        assert file["columns/lattice_rotation_deg"].attrs["unit"] == "degrees"
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(columns["x_nm"])
+    for name in ("x_nm", "y_nm", "score", "polarization_pm"):
+        np.testing.assert_array_equal([float(row[name]) for row in rows], columns[name])
+    assert [row["site"] for row in rows] == list(columns["site"])
+    assert vacancy_path.read_text().splitlines()[0] == "x_nm,y_nm,confidence"
+
+
 def test_column_counts_and_species_fractions_match_the_ground_truth(
     analysed: AnalysisOutputs, dataset: Path
 ) -> None:

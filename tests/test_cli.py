@@ -91,6 +91,32 @@ def test_acquire_saves_a_tile_and_reports_it(
     assert summary["dose_e_per_a2"] == pytest.approx(6242, rel=1e-3)
 
 
+def test_an_acquired_tiff_keeps_its_calibration_for_rosettasciio_and_for_analyze(
+    tmp_path: Path, small_config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rsciio.tiff import file_reader
+
+    from simulator.dataset import load_image
+
+    out = tmp_path / "tile.tif"
+    command = ["acquire", "--config", str(small_config_file), "--x", "15", "--y", "12", "--rows", "64",
+               "--cols", "96", "--pixel-size", "0.02", "--dwell", "2", "--out", str(out)]  # fmt: skip
+    assert main(command) == 0
+    summary = json.loads(capsys.readouterr().out)
+    (signal,) = file_reader(str(out))
+    height, width = signal["axes"]
+    # Axes in nm from the tile's stage origin (the first pixel's centre, hyperspy's offset too).
+    assert (height["units"], width["units"]) == ("nm", "nm")
+    assert height["scale"] == width["scale"] == pytest.approx(0.02)
+    assert [width["offset"], height["offset"]] == pytest.approx(summary["origin_nm"])
+    assert summary["origin_nm"] == pytest.approx([15 - 95 * 0.01, 12 - 63 * 0.01])
+    recorded = load_image(out)  # no pixel size given: the file carries it
+    assert recorded.pixel_size_nm == pytest.approx(0.02)
+    assert recorded.attrs["origin_nm"] == pytest.approx(summary["origin_nm"])
+    np.testing.assert_array_equal(recorded.image, signal["data"])
+    assert signal["data"].shape == (64, 96) and signal["data"].mean() == pytest.approx(summary["mean_counts"])
+
+
 def test_user_errors_are_one_line_without_traceback(
     tmp_path: Path, small_config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -178,6 +178,17 @@ def test_a_killed_and_resumed_session_with_a_time_budget_ends_as_the_uninterrupt
     assert not summary["interrupted"]
     assert_summary_timings_are_the_journals(summary, resumed.steps)
     assert not rewrite_backup(journal).exists(), "the rewritten journal's old copy is removed"
+    # The per-column tables: the same columns, species and scores as the uninterrupted session's.
+    from agent.column_table import read_tables
+
+    (columns, vacancies), (expected_columns, expected_vacancies) = (
+        read_tables(folder / "columns.h5") for folder in (out, reference)
+    )
+    assert len(columns["x_nm"]) == summary["nodes"]
+    for name in ("x_nm", "y_nm", "species", "interior", "anomalous"):
+        np.testing.assert_array_equal(columns[name], expected_columns[name], err_msg=name)
+    np.testing.assert_allclose(columns["score"], expected_columns["score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(vacancies["x_nm"], expected_vacancies["x_nm"])
 
 
 def test_ctrl_c_finishes_the_tile_writes_summary_and_report_and_says_how_to_resume(
