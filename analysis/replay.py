@@ -746,12 +746,14 @@ def timing_breakdown(snapshots: list[StepSnapshot]) -> dict[str, Any]:
 
 def format_timings(timings: dict[str, Any]) -> str:
     """The timing breakdown as an aligned text table."""
+    recorded, replayed = timings["recorded"], timings["replayed"]
+    stages = list(dict.fromkeys([*recorded, *replayed]))
+    width = max([len("stage"), *map(len, stages)])
     lines = [
-        f"{'stage':<13} {'recorded median':>16} {'recorded total':>15} "
+        f"{'stage':<{width}} {'recorded median':>16} {'recorded total':>15} "
         f"{'replay median':>14} {'replay total':>13}"
     ]
-    recorded, replayed = timings["recorded"], timings["replayed"]
-    for stage in dict.fromkeys([*recorded, *replayed]):
+    for stage in stages:
         cells = []
         for table in (recorded, replayed):
             figures = table.get(stage)
@@ -760,7 +762,7 @@ def format_timings(timings: dict[str, Any]) -> str:
                 if figures is None
                 else [f"{figures['median_s']:.4f} s", f"{figures['total_s']:.3f} s"]
             )
-        lines.append(f"{stage:<13} {cells[0]:>16} {cells[1]:>15} {cells[2]:>14} {cells[3]:>13}")
+        lines.append(f"{stage:<{width}} {cells[0]:>16} {cells[1]:>15} {cells[2]:>14} {cells[3]:>13}")
     latency = timings["latency"]["median_s"]
     if latency is not None:
         lines.append(
