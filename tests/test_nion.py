@@ -228,8 +228,9 @@ def test_a_kept_operator_rotation_is_refused_before_exposing(bridge: Bridge) -> 
     assert bridge.host.generator.frames == frames
 
 
+@pytest.mark.parametrize("lookahead", [0, 1], ids=["sequential", "pipelined"])
 def test_a_short_guided_session_completes_through_nion(
-    bridge: Bridge, remote: ZmqMicroscope, tmp_path: Path
+    lookahead: int, bridge: Bridge, remote: ZmqMicroscope, tmp_path: Path
 ) -> None:
     bridge.set_scan_rotation(30.0)
     config = SessionConfig(
@@ -238,6 +239,7 @@ def test_a_short_guided_session_completes_through_nion(
         tiles=ScanSettings(pixel_size_nm=0.02, dwell_us=1.0, shape=(128, 128)),
         start_tiles=2,
         warmup_steps=10,
+        lookahead_tiles=lookahead,  # pipelined: the link is driven from the acquisition thread
     )
     session = Session(remote, config, tmp_path / "journal.h5")
     summary = session.run()
