@@ -1077,8 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lookahead",
         type=int,
         metavar="TILES",
-        help="requests decided ahead of the tile being worked on: 0 is the sequential loop, 1 the "
-        "pipelined one (the instrument scans the next tile while the agent works on the last)",
+        help="requests decided ahead of the tile being worked on: 1 (default) the pipelined loop (the "
+        "instrument scans the next tile while the agent works on the last), 0 the sequential one",
     )
     run.add_argument(
         "--real-time",

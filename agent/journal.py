@@ -477,6 +477,8 @@ def read_journal(path: str | Path) -> JournalContents:
             # Recorded before checkpoints were recalibrated on the start tiles: it used its
             # checkpoint as trained, and so must its resume and replay.
             config["recalibrate_checkpoint"] = False
+        # Recorded before the pipelined loop: the session was sequential, and so is its replay.
+        config.setdefault("lookahead_tiles", 0)
         contents = JournalContents(
             path=path,
             config=config,

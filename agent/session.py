@@ -160,12 +160,12 @@ class SessionConfig(StrictModel):
     )
     start_tiles: int = Field(4, ge=1, description="spread-out tiles before the first decision")
     lookahead_tiles: int = Field(
-        0,
+        1,
         ge=0,
         le=4,
-        description="requests decided ahead of the tile being worked on. 0: the sequential loop, the "
-        "instrument waits for every decision. 1: the pipelined loop, the instrument scans the next tile "
-        "(chosen with what was known one tile earlier) while the agent works on the last one",
+        description="requests decided ahead of the tile being worked on. 1: the pipelined loop, the "
+        "instrument scans the next tile (chosen with what was known one tile earlier) while the agent "
+        "works on the last one. 0: the sequential loop, the instrument waits for every decision",
     )
     checkpoint: str | None = Field(
         SHIPPED_MODEL,

@@ -295,3 +295,34 @@ def test_micrography_replay_reproduces_a_pipelined_journal(
     header = next(line for line in table.splitlines() if line.startswith("stage "))
     row = next(line for line in table.splitlines() if line.startswith("instrument_wait "))
     assert header.index("recorded median") + len("recorded median") == row.index(" s ", 16) + 2
+
+
+def test_a_journal_from_before_the_pipelined_loop_resumes_sequential(
+    tmp_path: Path, small_config: SimulatorConfig, small_specimen: Specimen
+) -> None:
+    import json
+
+    import h5py
+
+    sequential = PIPELINED.model_copy(update={"lookahead_tiles": 0})
+    reference, _ = run(small_config, small_specimen, sequential)
+
+    def kill_after_first_guided(record: StepRecord) -> None:
+        if record.kind == "guided":
+            raise KeyboardInterrupt
+
+    journal = tmp_path / "old.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config, small_specimen, sequential, journal, on_step=kill_after_first_guided)
+    # Journals written before lookahead_tiles existed have no such key: they were sequential.
+    with h5py.File(journal, "a") as file:
+        config = json.loads(file.attrs["config"])
+        del config["lookahead_tiles"]
+        file.attrs["config"] = json.dumps(config)
+    assert read_journal(journal).config["lookahead_tiles"] == 0
+    with SimulatedMicroscope(small_config, small_specimen) as microscope:
+        resumed = Session.resume(microscope, journal)
+        assert resumed.config.lookahead_tiles == 0
+        resumed.run()
+    assert [s.request for s in resumed.steps] == [s.request for s in reference.steps]
+    assert [s.decision for s in resumed.steps] == [s.decision for s in reference.steps]

@@ -229,7 +229,8 @@ def test_the_summary_measures_how_long_the_instrument_waited_for_the_agent(
 ) -> None:
     import time
 
-    short = SMALL_SESSION.model_copy(update={"budget": BudgetConfig(max_tiles=4)})
+    # The sequential loop: the instrument waits for every step (tests/test_pipeline.py: the other).
+    short = SMALL_SESSION.model_copy(update={"budget": BudgetConfig(max_tiles=4), "lookahead_tiles": 0})
     with SimulatedMicroscope(small_config, small_specimen) as microscope:
         session = Session(microscope, short, tmp_path / "journal.h5")
         # A slow step callback is agent time between tiles: the instrument waits at least that.
