@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import Field
 
@@ -62,9 +62,8 @@ class InstrumentLedger:
     dose_area_e: float = 0.0
     """Sum over tiles of dose times tile area (electrons)."""
     instrument_time_s: float = 0.0
-    t_first: float | None = None
     t_last: float | None = None
-    clock_resets: int = 0
+    """End of the last tile on the instrument clock, s."""
     tiles: int = 0
     """Tiles after the survey."""
 
@@ -77,9 +76,7 @@ class InstrumentLedger:
         elif tile.t_start >= self.t_last:
             self.instrument_time_s += tile.t_end - self.t_last
         else:
-            self.clock_resets += 1
             self.instrument_time_s += max(tile.t_end - tile.t_start, 0.0)
-        self.t_first = tile.t_start if self.t_first is None else self.t_first
         self.t_last = tile.t_end
         self.tiles += kind != SURVEY_KIND
 
@@ -98,10 +95,6 @@ class InstrumentLedger:
         if limit is not None and self.mean_dose_e_per_a2 >= limit:
             return f"dose budget of {limit:g} e-/A^2 (stage mean) spent"
         return None
-
-    def copy(self) -> InstrumentLedger:
-        """An independent copy (the worker runs ahead of the session's own ledger)."""
-        return InstrumentLedger(**self.__dict__)
 
 
 @dataclass
@@ -190,7 +183,7 @@ class AcquisitionWorker:
         check_tile: Callable[[Tile], None] | None = None,
     ) -> None:
         self.driver = driver
-        self.ledger = ledger.copy()
+        self.ledger = replace(ledger)
         self.budget = budget
         self._stop = stop
         self._check_tile = check_tile

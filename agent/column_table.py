@@ -43,7 +43,8 @@ COLUMN_FIELDS: dict[str, str] = {
     "score": "anomaly score (robust z of the graph autoencoder's error; NaN: not scored)",
     "anomalous": "score above the detection threshold",
 }
-"""The fields of the column table, in order, with what each one is (units: :func:`field_unit`)."""
+"""The fields of the column table, in order, with what each one is (units from the names:
+:func:`agent.config.unit_of`)."""
 
 VACANCY_FIELDS: dict[str, str] = {
     "x_nm": "empty lattice site, x (specimen frame)",
@@ -55,11 +56,6 @@ VACANCY_FIELDS: dict[str, str] = {
 
 class TableError(MicrographyError, OSError):
     """A column table cannot be written or read."""
-
-
-def field_unit(name: str) -> str:
-    """The unit of a table field, from its name (``x_nm`` -> ``nm``), or ``""``."""
-    return unit_of(name)
 
 
 def column_table(
@@ -149,7 +145,7 @@ def write_tables(
                 for name, values in table.items():
                     data = values.astype("S") if values.dtype == object else values
                     dataset = file.create_dataset(f"{group}/{name}", data=data)
-                    dataset.attrs["unit"] = field_unit(name)
+                    dataset.attrs["unit"] = unit_of(name)
                     dataset.attrs["description"] = described.get(name, "")
     except OSError as error:
         raise TableError(f"{out}: could not write the column tables ({error})") from None

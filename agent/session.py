@@ -506,7 +506,6 @@ class Session:
         self._journal_path = Path(journal_path) if journal_path is not None else None
         self._journal: SessionJournal | None = None
         self._next: list[ScanRequest] = []
-        self._start_queue: list[ScanRequest] = []
         (x0, x1), (y0, y1) = self.description.stage_x_nm, self.description.stage_y_nm
         self._ledger = InstrumentLedger(stage_area_a2=(x1 - x0) * (y1 - y0) * 100.0)
         self._decided_after: dict[str, int] = {}  # request id -> the step after which it was chosen
@@ -665,7 +664,7 @@ class Session:
             "budget": self.config.budget.model_dump(mode="json"),
             "tiles": sum(step.kind != "survey" for step in self.steps),
             "steps": len(self.steps),
-            "mean_dose_e_per_a2": self._mean_dose(),
+            "mean_dose_e_per_a2": self._ledger.mean_dose_e_per_a2,
             "instrument_time_s": self._ledger.instrument_time_s,
         }
 
@@ -784,7 +783,7 @@ class Session:
             "tiles": len(guided),
             "survey_tiles": len(self.survey_tiles),
             "nodes": len(self.graph),
-            "mean_dose_e_per_a2": self._mean_dose(),
+            "mean_dose_e_per_a2": self._ledger.mean_dose_e_per_a2,
             "instrument_time_s": self._ledger.instrument_time_s,
             "stop_reason": self.stop_reason,
             "interrupted": self.interrupted,
@@ -961,7 +960,7 @@ class Session:
         else:
             tile = _tile_from_record(recorded, request)
         timings["acquire"] = acquired.acquire_s if acquired is not None else time.perf_counter() - start
-        self._account(tile, kind)
+        self._ledger.account(tile, kind)  # the same for a live tile and its replay
         if kind == "survey":
             self.survey_tiles.append(tile)
             self.registrar.add_survey(tile)
@@ -1045,7 +1044,7 @@ class Session:
             "matched_nodes": merge.matched,
             "columns_found": len(columns),
             "columns_reason": columns.reason,
-            "mean_dose_e_per_a2": self._mean_dose(),
+            "mean_dose_e_per_a2": self._ledger.mean_dose_e_per_a2,
             "instrument_time_s": self._ledger.instrument_time_s,
             "surrogate": policy.surrogate_summary(),
             "wall": None if wall is None else wall.to_record(),
@@ -1111,13 +1110,6 @@ class Session:
             self.on_step(record)
 
     # ------------------------------------------------------------------ budget and dose
-
-    def _account(self, tile: Tile, kind: str) -> None:
-        """Add a tile's dose and instrument time (the same for a live tile and its replay)."""
-        self._ledger.account(tile, kind)
-
-    def _mean_dose(self) -> float:
-        return self._ledger.mean_dose_e_per_a2
 
     def _within_budget(self) -> bool:
         if self._stopping():
