@@ -122,6 +122,8 @@ class Acquired:
         What the driver (or the tile check) raised.
     collected_s : float
         Wall seconds the session waited for this result (set by the session, not the worker).
+    paused_s : float
+        Wall seconds the scan was held back by the operator's pause (not counted in ``wait_s``).
     """
 
     request: ScanRequest
@@ -132,6 +134,7 @@ class Acquired:
     refused: str | None = None
     error: BaseException | None = None
     collected_s: float = 0.0
+    paused_s: float = 0.0
 
 
 STOP_REQUESTED = "stop requested"
@@ -154,6 +157,9 @@ class AcquisitionWorker:
     check_tile : callable, optional
         Called with each tile before the next scan starts; what it raises halts the worker and is
         handed back as that request's ``error`` (a tile the session must refuse).
+    hold : callable, optional
+        Called before each scan starts; blocks while the operator has the session paused and
+        returns the seconds it held (:meth:`agent.operator.OperatorDesk.wait_while_paused`).
 
     Examples
     --------
@@ -181,12 +187,14 @@ class AcquisitionWorker:
         budget: BudgetConfig,
         stop: threading.Event,
         check_tile: Callable[[Tile], None] | None = None,
+        hold: Callable[[], float] | None = None,
     ) -> None:
         self.driver = driver
         self.ledger = replace(ledger)
         self.budget = budget
         self._stop = stop
         self._check_tile = check_tile
+        self._hold = hold
         self._requests: queue.SimpleQueue[tuple[ScanRequest, str] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[Acquired] = queue.SimpleQueue()
         self._abort = threading.Event()
@@ -229,15 +237,16 @@ class AcquisitionWorker:
     def _serve(self) -> None:
         while (item := self._requests.get()) is not None:
             request, kind = item
+            paused = self._hold() if self._hold is not None and self._halted is None else 0.0
             if self._halted is None and self._stop.is_set():
                 self._halted = STOP_REQUESTED
             if self._halted is None and kind != SURVEY_KIND:
                 self._halted = self.ledger.spent(self.budget)
             if self._halted is not None:
-                self._results.put(Acquired(request, kind, refused=self._halted))
+                self._results.put(Acquired(request, kind, refused=self._halted, paused_s=paused))
                 continue
             started = time.perf_counter()
-            wait = None if self._returned is None else started - self._returned
+            wait = None if self._returned is None else max(started - self._returned - paused, 0.0)
             try:
                 tile = self.driver.acquire(request, abort=self._abort)
                 self._returned = time.perf_counter()
@@ -249,4 +258,4 @@ class AcquisitionWorker:
                 self._results.put(Acquired(request, kind, wait_s=wait, error=error))
                 continue
             self.ledger.account(tile, kind)
-            self._results.put(Acquired(request, kind, tile, wait, self._returned - started))
+            self._results.put(Acquired(request, kind, tile, wait, self._returned - started, paused_s=paused))

@@ -12,7 +12,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,22 @@ def summarise(seconds: list[float]) -> dict[str, float]:
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far, megabytes (Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def mean_spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, minimum and maximum of a benchmark figure over seeds.
+
+    Examples
+    --------
+    >>> mean_spread([1.0, 2.0, 3.0])
+    {'mean': 2.0, 'std': 1.0, 'min': 1.0, 'max': 3.0}
+    """
+    return {
+        "mean": float(statistics.fmean(values)),
+        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
 
 
 def machine_info() -> dict[str, Any]:

@@ -72,6 +72,9 @@ def _positive(value: float | None, option: str, unit: str) -> None:
         raise ConfigError(f"{option} must be a positive number of {unit}, got {value:g}")
 
 
+DEFAULT_VIEW_BIND = "127.0.0.1:8765"
+"""Where the live view listens unless told otherwise (loopback: no token needed)."""
+
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -270,6 +273,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from analysis.bench_pipeline import DEAD_TIME_SEEDS, benchmark_pipeline, format_report
 
         report = benchmark_pipeline(seeds=_flat(args.seeds) or DEAD_TIME_SEEDS, guidance=not args.quick)
+    elif args.target == "view":
+        from analysis.bench_view import SEEDS, benchmark_view, format_report
+
+        seeds = _flat(args.seeds) or (SEEDS[:3] if args.quick else SEEDS)
+        report = benchmark_view(seeds=seeds, tiles=16 if args.quick else 30, screenshot=args.screenshot)
     else:  # argparse restricts the choices; kept for type checkers
         raise ConfigError(f"unknown benchmark {args.target!r}")
     print(format_report(report))
@@ -401,6 +409,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         simulator = simulator.model_copy(
             update={"instrument": simulator.instrument.model_copy(update={"real_time": True})}
         )
+    if args.view:
+        from agent.view import parse_bind
+
+        parse_bind(args.view_bind, args.view_token)  # a bad address fails here, before any exposure
     out = Path(
         args.out
         or (Path(args.resume).parent if args.resume else f"runs/session-{config.policy}-seed{config.seed}")
@@ -478,9 +490,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{config.policy} session", total=config.budget.max_tiles, dose=0.0, found=""
             )
 
+            feed: Any = None
+
             def on_step(record: Any) -> None:
                 if tracker is not None:
                     tracker(record)
+                if feed is not None:
+                    feed.on_step(record)
                 if record.kind == "survey":
                     return
                 found = (
@@ -503,6 +519,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "micrography: stopping after the tile in progress (Ctrl-C again to stop at once)"
                 )
 
+            server = None
+            if args.view:
+                from agent.view import SessionFeed, ViewServer
+
+                discovered = None if tracker is None else (lambda: (len(tracker.imaged), tracker.total))
+                feed = SessionFeed(session, discovered)
+                server = ViewServer(feed.hub, feed.state, session.operator, args.view_bind, args.view_token)
+                server.start()  # a port that is taken fails here, before any exposure
+                progress.console.print(f"live view: {server.url}")
             in_main = threading.current_thread() is threading.main_thread()
             previous = signal.signal(signal.SIGINT, stop_after_this_tile) if in_main else None
             try:
@@ -512,6 +537,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:
                 if in_main:
                     signal.signal(signal.SIGINT, previous)
+                if feed is not None:
+                    feed.finished()
+                if server is not None:
+                    server.close()
 
     from analysis.guidance import detected_features, session_summary_table, write_session_report
 
@@ -546,6 +575,72 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """Serve the live view of a journal (finished, or still being written) until Ctrl-C."""
+    import time
+
+    from agent.view import JournalFeed, ViewServer
+
+    journal = paths.input_journal(args.journal, "JOURNAL")
+    feed = JournalFeed(journal)
+    with ViewServer(feed.hub, feed.state, None, args.view_bind, args.view_token) as server:
+        feed.start()
+        print(f"live view of {journal}: {server.url} (Ctrl-C stops serving)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            feed.close()
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """Send one operator action to a session served with ``run --view`` (or print its state)."""
+    import urllib.error
+    import urllib.request
+
+    base = args.url if args.url.endswith("/") else args.url + "/"
+    headers = {"Content-Type": "application/json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    if args.action == "status":
+        request = urllib.request.Request(base + "api/state", headers=headers)
+    else:
+        fields: dict[str, Any] = {"action": args.action, "source": "cli"}
+        if args.region is not None:
+            fields["region_nm"] = args.region
+        if args.setting is not None:
+            fields["setting"] = args.setting
+        if args.value is not None:
+            fields["value"] = args.value
+        request = urllib.request.Request(
+            base + "api/control", data=json.dumps(fields).encode(), headers=headers, method="POST"
+        )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = json.loads(error.read() or b"{}").get("error", error.reason)
+        raise MicrographyError(f"{base}: {detail}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise MicrographyError(
+            f"{base}: no live view answers there ({reason}); start the session with --view"
+        ) from None
+    if args.action == "status":
+        state = body["state"]
+        budget = state.get("budget", {})
+        print(
+            f"{state['phase']}: {budget.get('tiles')} of {budget.get('max_tiles') or '-'} tiles, "
+            f"{len(state.get('marks', []))} marks, stop reason: {state.get('stop_reason') or '-'}"
+        )
+    else:
+        print(f"accepted: {body['accepted']}")
     return 0
 
 
@@ -1105,7 +1200,45 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --instrument and CURVE: the server's public .key file",
     )
+    run.add_argument(
+        "--view",
+        action="store_true",
+        help="serve the live view (docs/live-view.md): watch the session in a browser, pause it, mark "
+        "regions, change the dwell or the budget",
+    )
+    _add_view_bind(run)
     run.set_defaults(handler=cmd_run)
+
+    view = commands.add_parser(
+        "view",
+        help="serve the live view of a journal, finished or still being written (read-only)",
+        description="Serve the live-view page for a session journal; it follows the journal while "
+        "another process writes it. Ctrl-C stops serving.",
+    )
+    view.add_argument("journal", metavar="JOURNAL", help="the session's journal.h5")
+    _add_view_bind(view)
+    view.set_defaults(handler=cmd_view)
+
+    control = commands.add_parser(
+        "control",
+        help="pause, resume or stop a session served with --view; mark regions; change live settings",
+        description="Send one operator action to a session running with `micrography run --view`; it "
+        "is journaled with the step after which it takes effect. `status` prints the session's state.",
+    )
+    from agent.operator import ACTIONS
+
+    control.add_argument("action", choices=["status", *ACTIONS])
+    control.add_argument(
+        "--region", nargs=4, type=float, metavar=("X_MIN", "X_MAX", "Y_MIN", "Y_MAX"),
+        help="for skip and look: the stage region, nm",
+    )  # fmt: skip
+    control.add_argument("--setting", help="for set: dwell_us, budget.max_tiles, budget.max_time_s, ...")
+    control.add_argument(
+        "--value", type=float, help="for set: the new value ('set' without one lifts a limit)"
+    )
+    control.add_argument("--url", default=f"http://{DEFAULT_VIEW_BIND}/", help="the live view's address")
+    control.add_argument("--token", help="the view's token (printed by the session for a non-loopback bind)")
+    control.set_defaults(handler=cmd_control)
 
     replay = commands.add_parser(
         "replay",
@@ -1235,7 +1368,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline: how long a real-time simulated instrument waits for the agent per dwell with the "
         "sequential and the pipelined loop (targets <= 5 %% at 2 us, <= 10 %% at 1 us), and the guided "
         "imaged fraction with both loops (target: pipelined within 0.02 at 25 %%; about 25 minutes; "
-        "--quick skips the guidance part).",
+        "--quick skips the guidance part). "
+        "view: guided sessions with and without the live view and a headless Chromium drawing it: "
+        "step-time overhead (target <= 5 %%) and journaled-to-drawn latency (target <= 0.5 s); "
+        "--screenshot PATH also saves the page (about 5 minutes; --quick: 3 seeds of 16 tiles).",
     )
     bench.add_argument(
         "target",
@@ -1249,6 +1385,7 @@ def build_parser() -> argparse.ArgumentParser:
             "stitching",
             "sweep",
             "pipeline",
+            "view",
         ],
         help="what to measure",
     )
@@ -1266,11 +1403,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seed_list,
         metavar="SEED",
         help="analyze: specimen seeds, one image and one analyze process each, e.g. 0-4 (default 0); "
-        "pipeline: seeds of the dead-time sessions (default 10-14)",
+        "pipeline: seeds of the dead-time sessions (default 10-14); view: session seeds (default 20-24)",
     )
     bench.add_argument(
-        "--quick", action="store_true", help="pipeline: the dead-time part only (no guidance sessions)"
+        "--quick",
+        action="store_true",
+        help="pipeline: the dead-time part only (no guidance sessions); view: 3 seeds of 16 tiles",
     )
+    bench.add_argument("--screenshot", metavar="PNG", help="view: also save a picture of the live page here")
     bench.add_argument(
         "--training-seeds",
         nargs="+",
@@ -1541,6 +1681,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.set_defaults(handler=cmd_config)
     return parser
+
+
+def _add_view_bind(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--view-bind",
+        default=DEFAULT_VIEW_BIND,
+        metavar="HOST:PORT",
+        help=f"where the live view listens (default {DEFAULT_VIEW_BIND}, loopback only; any other "
+        "address needs a token, generated and printed unless --view-token gives one; port 0: any free)",
+    )
+    parser.add_argument("--view-token", metavar="TOKEN", help="the live view's access token")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -510,6 +510,60 @@ def read_journal(path: str | Path) -> JournalContents:
     return contents
 
 
+class JournalTail:
+    """Reads a journal's new steps as they are written (by this process or another one).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The journal file; its header is read here.
+
+    Raises
+    ------
+    JournalError
+        If the file is missing or not a readable Micrography journal.
+
+    Examples
+    --------
+    ::
+
+        tail = JournalTail("runs/session-guided-seed0/journal.h5")
+        while tail.end is None:
+            for step in tail.poll():
+                print(step.index, step.record["kind"])
+            time.sleep(0.2)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with _open_for_reading(self.path) as file:
+            if file.attrs.get("format") != JOURNAL_FORMAT:
+                raise JournalError(f"{self.path}: not a Micrography session journal")
+            self.config: dict[str, Any] = json.loads(file.attrs["config"])
+            self.instrument: dict[str, Any] = json.loads(file.attrs["instrument"])
+            session_id = file.attrs.get("session_id")
+            self.session_id = None if session_id is None else str(session_id)
+        self.next_index = 0
+        """Index of the next step :meth:`poll` will return."""
+        self.end: dict[str, Any] | None = None
+        """The end record, once the session has ended."""
+
+    def poll(self) -> list[JournalStep]:
+        """The complete steps written since the last call, oldest first (the end record is kept apart)."""
+        with h5py.File(self.path, "r", libver="latest", swmr=True, locking=False) as file:
+            indexes = [file[name][()] for name in ("record_index", "image_index", "column_index")]
+            complete = min(len(index) for index in indexes)
+            steps = []
+            while self.next_index < complete:
+                step = _read_step(file, self.next_index, *indexes)
+                self.next_index += 1
+                if step.record.get("kind") == END_KIND:
+                    self.end = step.record
+                else:
+                    steps.append(step)
+        return steps
+
+
 def _read_step(
     file: h5py.File, index: int, record_index: np.ndarray, image_index: np.ndarray, column_index: np.ndarray
 ) -> JournalStep:

@@ -43,6 +43,7 @@ dose in e-/Å², scores in the units of whatever interest the session ingests.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Sequence
@@ -255,6 +256,22 @@ class PeakDoseLedger:
         return float(self._dose.max()) if self._dose.size else 0.0
 
 
+def tile_dose(
+    grid: CandidateGrid, description: InstrumentDescription, dwell_us: float, detector: str
+) -> float:
+    """Dose of one candidate tile at this dwell, e-/Å², after the instrument has accepted the dwell.
+
+    Raises
+    ------
+    agent.errors.ScanRequestError
+        If the instrument refuses the dwell or detector (the stage position is not in question).
+    """
+    probe = grid.request(0, dwell_us, detector, request_id="probe")
+    with contextlib.suppress(OutsideStageError):
+        description.check(probe)
+    return description.dose_of(probe)
+
+
 class AcquisitionPolicy(ABC):
     """Common interface and bookkeeping of all policies.
 
@@ -332,6 +349,9 @@ class AcquisitionPolicy(ABC):
         self.dose_map = DoseMap(description.stage_x_nm, description.stage_y_nm, self.config.dose_map_cell_nm)
         self._lowest_score = math.inf
         self._walls: list[WallSegment] = []
+        self._skipped = np.zeros(m, dtype=bool)  # the operator's "skip" marks
+        self._looked = np.zeros(m, dtype=bool)  # the operator's "look here" marks
+        self._marks: list[tuple[str, tuple[float, float, float, float]]] = []
 
     # ------------------------------------------------------------------ state
 
@@ -370,10 +390,10 @@ class AcquisitionPolicy(ABC):
         """Mask of candidates :meth:`suggest` may return now, shape ``(m,)``.
 
         A candidate is admissible if it lies inside the stage, is neither acquired nor
-        pending, its scan keeps every point of its area within the per-area dose limit, and
-        its dose fits the remaining total dose budget.
+        pending nor marked "skip" by the operator, its scan keeps every point of its area within
+        the per-area dose limit, and its dose fits the remaining total dose budget.
         """
-        mask = self._inside & ~self._acquired
+        mask = self._inside & ~self._acquired & ~self._skipped
         mask[list(self._pending.values())] = False
         mask[self._reserved] = False
         dose = self._dose_per_scan
@@ -448,6 +468,62 @@ class AcquisitionPolicy(ABC):
             self._expose(request.extent_nm, -self.description.dose_of(request))
             self._on_released(index)
 
+    # ------------------------------------------------------------------ operator marks
+
+    def mark_region(self, kind: Literal["skip", "look"], region_nm: Sequence[float]) -> int:
+        """Take an operator's mark on a stage region into account from the next suggestion on.
+
+        Parameters
+        ----------
+        kind : {"skip", "look"}
+            ``"skip"``: candidates whose area overlaps the region are never suggested.
+            ``"look"``: while any candidate inside the region (its centre in it) is admissible,
+            suggestions come from those, ranked by the policy as usual.
+        region_nm : sequence of float
+            ``(x_min, x_max, y_min, y_max)`` in stage nm.
+
+        Returns
+        -------
+        int
+            How many candidates the mark covers.
+        """
+        x0, x1, y0, y1 = (float(v) for v in region_nm)
+        if kind == "skip":
+            e = self.grid.extents
+            covered = (e[:, 0] < x1) & (e[:, 1] > x0) & (e[:, 2] < y1) & (e[:, 3] > y0)
+            self._skipped |= covered
+        elif kind == "look":
+            c = self.grid.centres
+            covered = (c[:, 0] >= x0) & (c[:, 0] <= x1) & (c[:, 1] >= y0) & (c[:, 1] <= y1)
+            self._looked |= covered
+        else:
+            raise PolicyError(f"unknown mark {kind!r}; choose skip or look")
+        self._marks.append((kind, (x0, x1, y0, y1)))
+        return int(covered.sum())
+
+    def clear_marks(self) -> None:
+        """Forget every operator mark ("skip" regions become admissible again)."""
+        self._skipped[:] = False
+        self._looked[:] = False
+        self._marks = []
+
+    @property
+    def marks(self) -> list[tuple[str, tuple[float, float, float, float]]]:
+        """The operator's marks in force, ``(kind, (x_min, x_max, y_min, y_max) nm)``, oldest first."""
+        return list(self._marks)
+
+    def set_dwell(self, dwell_us: float) -> None:
+        """Suggest tiles with this pixel dwell from now on (µs); the dose per scan follows.
+
+        Raises
+        ------
+        agent.driver.DriverError
+            If the instrument does not accept the dwell (checked on a probe request).
+        """
+        config = self.config.model_copy(update={"dwell_us": float(dwell_us)})
+        self._dose_per_scan = tile_dose(self.grid, self.description, config.dwell_us, config.detector)
+        self.config = config
+
     # ------------------------------------------------------------------ interface
 
     def suggest(self, n: int = 1) -> list[ScanRequest]:
@@ -477,6 +553,9 @@ class AcquisitionPolicy(ABC):
                 mask = self.admissible()
                 if not mask.any():
                     break
+                looked = mask & self._looked
+                if looked.any():
+                    mask = looked  # the operator's "look here" comes first, in the policy's own order
                 index = self._choose(mask, chosen)
                 if index is None:
                     break
@@ -610,7 +689,8 @@ class AcquisitionPolicy(ABC):
             with the highest scores: index, x_nm, y_nm, score), ``dose`` (``per_scan``,
             ``total``, ``peak`` and ``limit``/``budget`` in e-/Å², None where unset),
             ``stage_travel_nm`` (along the suggested tours), ``walls`` (domain-wall segments
-            ingested) and ``surrogate`` (its summary, or None).
+            ingested), ``marks`` (the operator's, ``{"kind", "region_nm"}``) and ``surrogate``
+            (its summary, or None).
         """
         best = sorted(self._observations, key=lambda item: -item[3])[:5]
         return {
@@ -621,6 +701,7 @@ class AcquisitionPolicy(ABC):
             "acquired": int(self._acquired.sum()),
             "pending": len(self._pending),
             "admissible": int(self.admissible().sum()),
+            "marks": [{"kind": kind, "region_nm": list(region)} for kind, region in self._marks],
             "best_regions": [
                 {"index": index, "x_nm": float(x), "y_nm": float(y), "score": float(score)}
                 for index, x, y, score in best
@@ -933,6 +1014,18 @@ class GuidedPolicy(AcquisitionPolicy):
         observed = self.surrogate.observed_values
         best = float(observed.max()) if observed.size else 0.0
         self._batch = {"mean": mean, "variance": variance, "covariance": covariance, "best": best}
+
+    @property
+    def decision_posterior(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Mean and variance at every candidate that the last :meth:`suggest` used (read-only copies).
+
+        None before the first suggestion and for Thompson sampling (which draws samples instead);
+        costs nothing, unlike :meth:`posterior`, so a live view can show it after every step.
+        """
+        batch = self._batch
+        if "mean" not in batch:
+            return None
+        return np.array(batch["mean"], dtype=np.float64), np.array(batch["variance"], dtype=np.float64)
 
     def posterior(self) -> tuple[np.ndarray, np.ndarray]:
         """The surrogate's mean and variance of interest at every candidate, score units (squared).

@@ -82,7 +82,8 @@ from agent.driver import MicroscopeDriver, ScanRequest, Tile
 from agent.errors import MicrographyError
 from agent.graph import GraphConfig, MoleculeGraph
 from agent.journal import JournalStep, SessionJournal, read_journal, recover_rewrite
-from agent.policy import POLICY_NAMES, AcquisitionPolicy, PolicyConfig, make_policy
+from agent.operator import OperatorAction, OperatorDesk, OperatorError
+from agent.policy import POLICY_NAMES, AcquisitionPolicy, PolicyConfig, make_policy, tile_dose
 from agent.registration import Placement, Registrar, RegistrationConfig
 from agent.surrogate import SurrogateConfig
 from agent.survey import CandidateGrid, lattice_disorder, survey_features, survey_request
@@ -523,6 +524,10 @@ class Session:
         # When the driver last handed back a tile (wall clock): the instrument waits from then on.
         self._acquire_returned: float | None = None
         self._resumed: dict[str, Any] | None = None
+        self.operator = OperatorDesk(check=self._check_operator_action, on_stop=self.request_stop)
+        """Where pause, resume, stop, region marks and live settings arrive (:mod:`agent.operator`)."""
+        self._worker: AcquisitionWorker | None = None
+        self._paused_before_next = 0.0  # operator pause since the last tile came back, s
         self.complete = False
         """True for a session rebuilt from the journal of one that ended (nothing left to run)."""
 
@@ -561,7 +566,7 @@ class Session:
             self._survey()
         if not self._stopping():
             self._start()
-        while self._within_budget():
+        while self._hold() and self._within_budget():
             if not self._next:
                 self.stop_reason = NOTHING_ADMISSIBLE
                 break
@@ -582,8 +587,14 @@ class Session:
         """
         depth = self.config.lookahead_tiles + 1
         worker = AcquisitionWorker(
-            self.driver, self._ledger, self.config.budget, self._stop, check_tile=self._check_exposed
+            self.driver,
+            self._ledger,
+            self.config.budget,
+            self._stop,
+            check_tile=self._check_exposed,
+            hold=lambda: self.operator.wait_while_paused(self._stop),
         )
+        self._worker = worker
         planned: deque[tuple[ScanRequest, str]] = deque()
         surveying = not self.survey_tiles
         if surveying:
@@ -630,6 +641,7 @@ class Session:
             if surveying and self.features is None and self.survey_tiles:
                 self.features = survey_features(self.survey_tiles, self.grid)
             worker.close(abort=failed)
+            self._worker = None
 
     def request_stop(self, reason: str = "interrupted") -> None:
         """Stop after the step in progress (safe from a signal handler or another thread).
@@ -767,7 +779,9 @@ class Session:
             when this process resumed it, without exposing, and the seconds that took),
             ``interrupted``, ``session_id`` and ``journal`` (its path, or None), among others;
             ``instrument_dead_time_fraction``: the share of the time from the first exposure to
-            the last in which the instrument was not scanning (:meth:`dead_time`).
+            the last in which the instrument was not scanning (:meth:`dead_time`);
+            ``operator_actions`` (every action received, :mod:`agent.operator`) and
+            ``operator_pause_s`` (seconds the operator held the instrument).
         """
         guided = [s for s in self.steps if s.kind != "survey"]
         timings: dict[str, list[float]] = {}
@@ -794,6 +808,10 @@ class Session:
             "instrument_dead_time_fraction": dead["fraction"],
             "resumed": self._resumed,
             "journal": None if self._journal_path is None else str(self._journal_path),
+            # Every action received by this process, applied or not (a stop during the last tile is
+            # journaled nowhere else); the journal has those that took effect, with their steps.
+            "operator_actions": [action.model_dump(mode="json") for action in self.operator.received],
+            "operator_pause_s": self.operator.paused_s,
         }
 
     def dead_time(self) -> dict[str, float | None]:
@@ -861,7 +879,7 @@ class Session:
 
     def _survey(self) -> None:
         for request in self._survey_requests():
-            if self._stopping():
+            if not self._hold() or self._stopping():
                 break
             self._step(request, "survey")
         self.features = survey_features(self.survey_tiles, self.grid)
@@ -908,7 +926,7 @@ class Session:
         policy = self._ensure_policy()
         done = {step.request.request_id for step in self.steps}
         for request in self._start_requests():
-            if request.request_id not in done and self._within_budget():
+            if request.request_id not in done and self._hold() and self._within_budget():
                 self._step(request, "start")
         if not self._next and not self.stop_reason:
             self._next = policy.suggest(1)
@@ -950,15 +968,21 @@ class Session:
             if acquired.wait_s is not None:
                 timings["instrument_wait"] = acquired.wait_s
             timings["agent_wait"] = acquired.collected_s
+            if acquired.paused_s:
+                timings["operator_pause"] = acquired.paused_s
         elif recorded is None:
+            paused, self._paused_before_next = self._paused_before_next, 0.0
+            if paused:
+                timings["operator_pause"] = paused
             if self._acquire_returned is not None:
-                # A sequential loop leaves the instrument idle from one tile's return to the next request.
-                timings["instrument_wait"] = start - self._acquire_returned
+                # A sequential loop leaves the instrument idle from one tile's return to the next
+                # request; the operator's pause is the operator's time, not the agent's.
+                timings["instrument_wait"] = max(start - self._acquire_returned - paused, 0.0)
             tile = self.driver.acquire(request)
             self._acquire_returned = time.perf_counter()
             self._check_exposed(tile)
         else:
-            tile = _tile_from_record(recorded, request)
+            tile = tile_from_record(recorded, request)
         timings["acquire"] = acquired.acquire_s if acquired is not None else time.perf_counter() - start
         self._ledger.account(tile, kind)  # the same for a live tile and its replay
         if kind == "survey":
@@ -1015,6 +1039,7 @@ class Session:
             self._pending_starts.append((request, tile, extent))
         timings["surrogate"] = time.perf_counter() - tick
 
+        operator = self._apply_operator(policy, recorded)
         decision: list[ScanRequest] = []
         tick = time.perf_counter()
         # Start tiles still to come count as requests already out: with look-ahead, the first guided
@@ -1051,6 +1076,8 @@ class Session:
             # What was known when this tile was chosen: the steps up to this one (None: a start tile).
             "decided_after_step": self._decided_after.get(request.request_id),
         }
+        if operator:
+            extra["operator"] = [action.model_dump(mode="json") for action in operator]
         record = StepRecord(
             len(self.steps), kind, request, tile, columns, score,
             [r.model_dump(mode="json") for r in decision], timings, extra, placement,
@@ -1109,6 +1136,58 @@ class Session:
         if self.on_step is not None:
             self.on_step(record)
 
+    # ------------------------------------------------------------------ operator
+
+    def _hold(self) -> bool:
+        """Wait while the operator has the session paused; False once a stop is requested."""
+        self._paused_before_next += self.operator.wait_while_paused(self._stop)
+        return not self._stop.is_set()
+
+    def _check_operator_action(self, action: OperatorAction) -> None:
+        """Refuse, on arrival, an action this session could not apply (a dwell the instrument refuses)."""
+        if action.action != "set":
+            return
+        try:
+            self._updated_config(action.setting or "", action.value)
+        except (ValueError, MicrographyError) as error:
+            raise OperatorError(f"operator action refused: {action.describe()}: {error}") from None
+
+    def _updated_config(self, setting: str, value: float | None) -> SessionConfig:
+        """The configuration with one live setting changed (validated, also by the instrument)."""
+        config = self.config
+        if setting == "dwell_us":
+            tile_dose(self.grid, self.description, float(value or 0.0), self.config.acquisition.detector)
+            return config.model_copy(update={"tiles": config.tiles.model_copy(update={"dwell_us": value})})
+        key = setting.removeprefix("budget.")
+        if key == "max_tiles" and value is not None:
+            if value != int(value):
+                raise OperatorError(f"budget.max_tiles must be a whole number, got {value:g}")
+            value = int(value)
+        budget = BudgetConfig.model_validate({**config.budget.model_dump(), key: value})
+        return config.model_copy(update={"budget": budget})
+
+    def _apply_operator(
+        self, policy: AcquisitionPolicy, recorded: JournalStep | None
+    ) -> list[OperatorAction]:
+        """Apply the operator's actions queued since the last decision (or, replaying, the journaled ones)."""
+        if recorded is not None:
+            actions = [OperatorAction.model_validate(a) for a in recorded.record.get("operator", [])]
+        else:
+            actions = [a.model_copy(update={"step": len(self.steps)}) for a in self.operator.take()]
+        for action in actions:
+            if action.action in ("skip", "look"):
+                assert action.region_nm is not None
+                policy.mark_region(action.action, action.region_nm)  # type: ignore[arg-type]
+            elif action.action == "clear_marks":
+                policy.clear_marks()
+            elif action.action == "set":
+                self.config = self._updated_config(action.setting or "", action.value)
+                if action.setting == "dwell_us":
+                    policy.set_dwell(self.config.tiles.dwell_us)
+                elif self._worker is not None:
+                    self._worker.budget = self.config.budget
+        return actions
+
     # ------------------------------------------------------------------ budget and dose
 
     def _within_budget(self) -> bool:
@@ -1151,7 +1230,7 @@ class Session:
         self._may_replay = self.config.lookahead_tiles + 1
 
 
-def _tile_from_record(step: JournalStep, request: ScanRequest) -> Tile:
+def tile_from_record(step: JournalStep, request: ScanRequest) -> Tile:
     """Rebuild a Tile from a journal step (its image and recorded placement)."""
     meta = step.record.get("tile") or {}
     if step.image is None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from agent.benchmarking import machine_info
+from agent.benchmarking import machine_info, mean_spread
 from agent.session import BudgetConfig, ScanSettings, Session, SessionConfig
 from analysis.bench_guidance import DEFAULT_SEEDS, run_policy_session
 from simulator.config import SimulatorConfig, SpecimenConfig
@@ -43,15 +43,6 @@ DEAD_TIME_SEEDS: tuple[int, ...] = (10, 11, 12, 13, 14)
 LOOKAHEADS: tuple[int, ...] = (0, 1)
 NO_SETTLE_DWELLS_US: tuple[float, ...] = (2.0, 1.0)
 QUICK_SURVEY = ScanSettings(pixel_size_nm=0.25, dwell_us=1.0, shape=(640, 640))
-
-
-def _spread(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "mean": float(statistics.fmean(values)),
-        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
-        "min": float(min(values)),
-        "max": float(max(values)),
-    }
 
 
 def dead_time_session(
@@ -147,8 +138,8 @@ def benchmark_dead_time(
                         "dwell_us": dwell,
                         "stage_settle_s": settle,
                         "lookahead_tiles": lookahead,
-                        "dead_time_fraction": _spread([r["dead_time_fraction"] for r in runs]),
-                        "median_wait_s": _spread([r["median_wait_s"] for r in runs]),
+                        "dead_time_fraction": mean_spread([r["dead_time_fraction"] for r in runs]),
+                        "median_wait_s": mean_spread([r["median_wait_s"] for r in runs]),
                         "runs": runs,
                     }
                 )
@@ -176,9 +167,9 @@ def benchmark_lookahead_guidance(
         rows.append(
             {
                 "budget_fraction": budget,
-                "sequential": _spread(sequential),
-                "pipelined": _spread(pipelined),
-                "difference": _spread([p - s for p, s in zip(pipelined, sequential, strict=True)]),
+                "sequential": mean_spread(sequential),
+                "pipelined": mean_spread(pipelined),
+                "difference": mean_spread([p - s for p, s in zip(pipelined, sequential, strict=True)]),
                 "per_seed": {"sequential": sequential, "pipelined": pipelined},
             }
         )
