@@ -133,7 +133,7 @@ class OperatorDesk:
     True
     >>> _ = desk.submit({"action": "skip", "region_nm": [0, 10, 0, 10], "source": "cli"})
     >>> [a.describe() for a in desk.take()]
-    ['skip x 0.0-10.0 nm, y 0.0-10.0 nm']
+    ['pause', 'skip x 0.0-10.0 nm, y 0.0-10.0 nm']
     """
 
     def __init__(

@@ -80,6 +80,26 @@ class _Client:
                 if message["type"] == "step":
                     self.latencies.append(time.time() - message["step"]["journaled_unix_s"])
 
+    def _browser_processes(self) -> list[Any]:
+        import psutil
+
+        if self._driver is None:
+            return []
+        return psutil.Process(self._driver.service.process.pid).children(recursive=True)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the browser's processes have used so far (0 for the WebSocket client)."""
+        import psutil
+
+        total = 0.0
+        for process in self._browser_processes():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # a renderer that has just exited used nothing more
+                continue
+            total += times.user + times.system
+        return total
+
     def close(self) -> list[float]:
         """Stop; returns the latency of every step drawn (or received), s."""
         if self._driver is not None:
@@ -147,8 +167,10 @@ def view_session(
         if feed is not None:
             server = ViewServer(feed.hub, feed.state, session.operator, "127.0.0.1:0").start()
             client = _Client(server.url, browser)
+        cpu_before = client.cpu_s() if client is not None else 0.0
         try:
             session.run()
+            cpu = (client.cpu_s() - cpu_before) if client is not None else 0.0
             if screenshot is not None and client is not None and client._driver is not None:
                 time.sleep(1.0)
                 Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +188,7 @@ def view_session(
             "feed_ms": 1e3 * float(statistics.median(feed_s)),
             "latencies_s": [round(v, 4) for v in latencies],
             "client": client.kind if client is not None else None,
+            "browser_cpu_s_per_step": cpu / max(len(journaled), 1),
         }
     return result
 
@@ -203,17 +226,19 @@ def benchmark_view(
     """
     rows = []
     with Progress() as progress:
-        task = progress.add_task("view bench sessions", total=2 * len(seeds) + (screenshot is not None))
+        task = progress.add_task("view bench sessions", total=3 * len(seeds) + (screenshot is not None))
         for k, seed in enumerate(seeds):
-            runs: dict[bool, dict[str, Any]] = {}
-            for view in (False, True) if k % 2 == 0 else (True, False):
-                runs[view] = view_session(seed, tiles, view, browser)
+            runs: dict[str, dict[str, Any]] = {}
+            cases = ["without", "with", "remote"]
+            for case in cases if k % 2 == 0 else cases[::-1]:
+                runs[case] = view_session(seed, tiles, case != "without", browser and case == "with")
                 progress.advance(task)
-            rows.append({"seed": seed, "without": runs[False], "with": runs[True]})
+            rows.append({"seed": seed, **runs})
         if screenshot is not None:
             take_screenshot(screenshot)
             progress.advance(task)
     overheads = [r["with"]["median_step_s"] / r["without"]["median_step_s"] - 1 for r in rows]
+    remote = [r["remote"]["median_step_s"] / r["without"]["median_step_s"] - 1 for r in rows]
     latencies = sorted(v for r in rows for v in r["with"]["latencies_s"])
     latency = {
         "median": statistics.median(latencies) if latencies else None,
@@ -238,6 +263,8 @@ def benchmark_view(
         "client": rows[0]["with"]["client"],
         "rows": rows,
         "overhead": mean_spread(overheads),
+        "overhead_remote": mean_spread(remote),
+        "browser_cpu_s_per_step": mean_spread([r["with"]["browser_cpu_s_per_step"] for r in rows]),
         "feed_ms": mean_spread([r["with"]["feed_ms"] for r in rows]),
         "latency_s": latency,
         "screenshot": None if screenshot is None else str(screenshot),
@@ -251,20 +278,26 @@ def format_report(report: dict[str, Any]) -> str:
     """The view benchmark as a text table."""
     lines = [
         f"guided sessions of {report['tiles']} tiles on the default specimen, page: {report['client']}",
-        f"{'seed':>5} {'median step s':>14} {'with view':>10} {'overhead':>9} {'feed ms':>8}"
-        f" {'max lag s':>10}",
+        "median step time, s: without the view; with it and the page in a browser on this machine; with",
+        "it and the page elsewhere (a WebSocket client here); browser CPU s per step; max journaled->drawn",
+        f"{'seed':>5} {'without':>8} {'browser':>8} {'overhead':>9} {'remote':>8} {'overhead':>9}"
+        f" {'feed ms':>8} {'cpu s':>6} {'max lag s':>10}",
     ]
     for row in report["rows"]:
-        without, with_ = row["without"], row["with"]
+        without, with_, remote = row["without"], row["with"], row["remote"]
         lags = with_["latencies_s"]
         lines.append(
-            f"{row['seed']:>5} {without['median_step_s']:>14.3f} {with_['median_step_s']:>10.3f}"
-            f" {with_['median_step_s'] / without['median_step_s'] - 1:>9.1%} {with_['feed_ms']:>8.1f}"
-            f" {max(lags) if lags else float('nan'):>10.3f}"
+            f"{row['seed']:>5} {without['median_step_s']:>8.3f} {with_['median_step_s']:>8.3f}"
+            f" {with_['median_step_s'] / without['median_step_s'] - 1:>9.1%} {remote['median_step_s']:>8.3f}"
+            f" {remote['median_step_s'] / without['median_step_s'] - 1:>9.1%} {with_['feed_ms']:>8.1f}"
+            f" {with_['browser_cpu_s_per_step']:>6.3f} {max(lags) if lags else float('nan'):>10.3f}"
         )
     overhead, latency = report["overhead"], report["latency_s"]
     lines += [
-        f"step-time overhead: {overhead['mean']:.1%} +- {overhead['std']:.1%} (mean +- sd over seeds)",
+        f"step-time overhead, browser here: {overhead['mean']:.1%} +- {overhead['std']:.1%} (mean +- sd over "
+        f"seeds); page elsewhere: {report['overhead_remote']['mean']:.1%}"
+        f" +- {report['overhead_remote']['std']:.1%}",
+        f"browser CPU per step: {report['browser_cpu_s_per_step']['mean']:.3f} s",
         f"feed cost per step: {report['feed_ms']['mean']:.1f} +- {report['feed_ms']['std']:.1f} ms",
         f"journaled -> drawn: median {latency['median']:.3f} s, p95 {latency['p95']:.3f} s, "
         f"max {latency['max']:.3f} s over {latency['steps']} steps",

@@ -63,10 +63,9 @@ def grey_base64(image: np.ndarray, clip_percent: float = 0.5) -> str:
     'AP8='
     """
     values = np.asarray(image, dtype=np.float32)
-    # Every third pixel sets the grey scale as well as all of them do, at a ninth of the cost.
-    finite = (
-        values[::3, ::3][np.isfinite(values[::3, ::3])] if values.ndim == 2 else values[np.isfinite(values)]
-    )
+    # Every third pixel sets a large image's grey scale as well as all of them, at a ninth of the cost.
+    sample = values[::3, ::3] if values.ndim == 2 and values.size > 10_000 else values
+    finite = sample[np.isfinite(sample)]
     low, high = np.percentile(finite, [clip_percent, 100 - clip_percent]) if finite.size else (0.0, 1.0)
     scale = 255.0 / (high - low) if high > low else 0.0
     grey = np.clip((np.nan_to_num(values, nan=low) - low) * scale, 0, 255).astype(np.uint8)

@@ -4,7 +4,7 @@
 
 const view = {
   info: null, survey: null, surveyImage: null, steps: [], tile: null, tileImage: null, tileColumns: null,
-  maps: null, state: {}, latencies: [], drawn: [], socket: null, drag: null,
+  maps: null, state: {}, latencies: [], drawn: [], waiting: [], frame: 0, socket: null, drag: null,
 };
 window.view = view; // for tests and for the curious at the console
 
@@ -146,13 +146,27 @@ function drawTile() {
   const c = view.tileColumns;
   let counts = [0, 0, 0], abnormal = 0;
   if (c) {
-    for (let k = 0; k < c.count; k++) {
-      const site = c.site[k]; counts[site] = (counts[site] || 0) + 1;
-      const x = (c.xy[2 * k] + 0.5) * s, y = (c.xy[2 * k + 1] + 0.5) * s;
-      g.beginPath(); g.arc(x, y, site === 2 ? 1.2 : 2.2, 0, 2 * Math.PI);
-      g.fillStyle = site === 0 ? "#e8505b" : site === 1 ? "#2f8fe8" : "#9aa1b2"; g.fill();
-      if (c.abnormal[k]) { abnormal++; g.beginPath(); g.arc(x, y, 5, 0, 2 * Math.PI); g.strokeStyle = "#ffd400"; g.lineWidth = 1.5; g.stroke(); }
+    // One path per site and one for the rings: a fill per column would cost the browser
+    // (and so, on a shared computer, the session) many times more.
+    const colours = ["#e8505b", "#2f8fe8", "#9aa1b2"], radius = [2.2, 2.2, 1.2];
+    for (let site = 0; site < 3; site++) {
+      g.beginPath();
+      for (let k = 0; k < c.count; k++) {
+        if (c.site[k] !== site) continue;
+        counts[site]++;
+        const x = (c.xy[2 * k] + 0.5) * s, y = (c.xy[2 * k + 1] + 0.5) * s;
+        g.moveTo(x + radius[site], y); g.arc(x, y, radius[site], 0, 2 * Math.PI);
+      }
+      g.fillStyle = colours[site]; g.fill();
     }
+    g.beginPath();
+    for (let k = 0; k < c.count; k++) {
+      if (!c.abnormal[k]) continue;
+      abnormal++;
+      const x = (c.xy[2 * k] + 0.5) * s, y = (c.xy[2 * k + 1] + 0.5) * s;
+      g.moveTo(x + 5, y); g.arc(x, y, 5, 0, 2 * Math.PI);
+    }
+    g.strokeStyle = "#ffd400"; g.lineWidth = 1.5; g.stroke(); g.lineWidth = 1;
   }
   const nm = niceLength(cols * tile.view_pixel_nm / 5);
   g.fillStyle = "#fff"; g.fillRect(12, canvas.height - 18, nm / tile.view_pixel_nm * s, 4);
@@ -301,9 +315,15 @@ function onMessage(event) {
     view.state = m.state;
   } else if (m.type === "ack") { message(`accepted: ${m.accepted}`); return; }
   else if (m.type === "error") { message(m.error, true); return; }
-  redraw();
-  // Seconds from journaling to the page drawn.
-  if (m.type === "step") view.drawn.push(Date.now() / 1000 - m.step.journaled_unix_s);
+  if (m.type === "step") view.waiting.push(m.step.journaled_unix_s);
+  // Messages that arrive together are drawn once, at the browser's next frame.
+  if (!view.frame) view.frame = requestAnimationFrame(() => {
+    view.frame = 0;
+    redraw();
+    const drawn = Date.now() / 1000;  // seconds from journaling to the page drawn, per step
+    for (const t of view.waiting) view.drawn.push(drawn - t);
+    view.waiting = [];
+  });
 }
 
 function message(text, error = false) { const el = $("message"); el.textContent = text; el.className = error ? "light error" : "light"; }
@@ -314,7 +334,13 @@ function connect() {
   view.socket = socket;
   socket.onmessage = onMessage;
   socket.onopen = () => message("connected");
-  socket.onclose = () => { message("connection lost: retrying", true); setTimeout(connect, 1000); };
+  socket.onclose = () => {
+    if (["finished", "stopped"].includes(view.state.phase)) {
+      message(`session ended (${view.state.stop_reason || "done"}); the page keeps its last picture`);
+      return;  // the session's process has stopped serving: nothing to reconnect to
+    }
+    message("connection lost: retrying", true); setTimeout(connect, 1000);
+  };
 }
 
 function send(action) {
