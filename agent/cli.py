@@ -156,7 +156,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"ground truth: {exported.ground_truth}")
     print(f"config:       {exported.config}")
     if args.preview:
-        from simulator.preview import write_preview
+        from analysis.preview import write_preview
 
         with _progress_status("drawing preview"):
             preview = write_preview(specimen, config, Path(args.out) / "preview.png")

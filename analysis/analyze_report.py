@@ -33,6 +33,15 @@ from agent.columns import SPECIES_A, SPECIES_B, SPECIES_O
 from agent.materials import resolve_material
 from agent.protocol.messages import jsonable
 from analysis.analyze import DOMAIN_NAMES, FullFrameAnalysis
+from analysis.figures import (
+    SCORE_UNIT,
+    clipped_norm,
+    colour_wheel_key,
+    empty_panel,
+    labelled_colorbar,
+    pixel_size_label,
+    vector_rgb,
+)
 
 FIGURE_FILE = "analysis.png"
 HTML_FILE = "report.html"
@@ -93,14 +102,6 @@ def binned_majority(
     return np.where(counts.sum(axis=1) > 0, counts.argmax(axis=1), -1).reshape(shape)
 
 
-def vector_rgb(dx: np.ndarray, dy: np.ndarray, scale: float) -> np.ndarray:
-    """Colour wheel image of a vector field: hue = direction, brightness = length / ``scale``."""
-    hue = (np.arctan2(dy, dx) / (2 * np.pi)) % 1.0
-    value = np.clip(np.hypot(dx, dy) / max(scale, 1e-12), 0, 1)
-    hsv = np.stack([np.nan_to_num(hue), np.full_like(hue, 0.85), np.nan_to_num(value)], axis=-1)
-    return mcolors.hsv_to_rgb(hsv)
-
-
 # ----------------------------------------------------------------------------- panels
 
 
@@ -129,7 +130,8 @@ def panel_image(ax: Axes, result: FullFrameAnalysis) -> None:
     rows, cols = image.shape
     p = result.pixel_size_nm
     low, high = np.percentile(shown, [0.5, 99.5])
-    ax.imshow(shown, cmap="gray", vmin=low, vmax=high, extent=(0, cols * p, rows * p, 0))
+    image_shown = ax.imshow(shown, cmap="gray", vmin=low, vmax=high, extent=(0, cols * p, rows * p, 0))
+    labelled_colorbar(ax.figure, image_shown, ax, "HAADF intensity", "as recorded", extend="both")
     _, extent, _ = _window(result)
     ax.add_patch(
         plt.Rectangle(
@@ -141,7 +143,7 @@ def panel_image(ax: Axes, result: FullFrameAnalysis) -> None:
             linewidth=1.0,
         )
     )
-    ax.set_title(f"Image {rows}x{cols} px, {p * 10:.2g} Å/px")
+    ax.set_title(f"Image {rows}×{cols} px, {pixel_size_label(p)} (orange: column window)")
     ax.set_xlabel("x (nm)")
     ax.set_ylabel("y (nm)")
 
@@ -152,7 +154,9 @@ def panel_stage(ax: Axes, result: FullFrameAnalysis, name: str) -> None:
     assert stages is not None
     _, extent, _ = _window(result)
     values = getattr(stages, name)
-    ax.imshow(values, cmap="gray" if name != "contrast" else "magma", extent=extent)
+    shown = ax.imshow(values, cmap="gray" if name != "contrast" else "magma", extent=extent)
+    quantity = "contrast over the floor" if name == "contrast" else "HAADF intensity"
+    labelled_colorbar(ax.figure, shown, ax, quantity, "as recorded")
     if name == "contrast":
         p = result.pixel_size_nm
         ax.plot((stages.cols + 0.5) * p + extent[0], (stages.rows + 0.5) * p + extent[3], "c+", markersize=3)
@@ -165,6 +169,7 @@ def panel_stage(ax: Axes, result: FullFrameAnalysis, name: str) -> None:
         }
         ax.set_title(titles[name])
     ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
 
 
 def panel_columns(ax: Axes, result: FullFrameAnalysis) -> None:
@@ -209,6 +214,8 @@ def panel_columns(ax: Axes, result: FullFrameAnalysis) -> None:
     )
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
 
 
 def panel_nn(ax: Axes, result: FullFrameAnalysis) -> None:
@@ -216,7 +223,7 @@ def panel_nn(ax: Axes, result: FullFrameAnalysis) -> None:
     distances = result.nn_distances_pm
     everything = np.concatenate([v for v in distances.values() if v.size]) if distances else np.zeros(0)
     if everything.size == 0:
-        ax.text(0.5, 0.5, "no interior edges", ha="center", transform=ax.transAxes)
+        empty_panel(ax, "Nearest-neighbour distances", "no interior edges: too few columns were found")
         return
     bins = np.linspace(*np.percentile(everything, [0.5, 99.5]), 80)
     for pair, values in distances.items():
@@ -234,6 +241,7 @@ def panel_nn(ax: Axes, result: FullFrameAnalysis) -> None:
 
 
 def _polar_scale(values: np.ndarray) -> float:
+    # The 95th percentile, so a few large shifts at walls do not dim every domain.
     finite = values[np.isfinite(values)]
     return float(np.percentile(finite, 95)) if finite.size else 1.0
 
@@ -247,9 +255,12 @@ def panel_polarization(ax: Axes, result: FullFrameAnalysis) -> None:
     v = polar.valid
     dx = binned_mean(graph.x_nm[v], graph.y_nm[v], polar.displacement_pm[v, 0], (rows, cols), cell)
     dy = binned_mean(graph.x_nm[v], graph.y_nm[v], polar.displacement_pm[v, 1], (rows, cols), cell)
-    ax.imshow(vector_rgb(dx, dy, _polar_scale(np.hypot(dx, dy))), extent=extent, interpolation="nearest")
+    rim_pm = _polar_scale(np.hypot(dx, dy))
+    ax.imshow(vector_rgb(dx, dy, rim_pm), extent=extent, interpolation="nearest")
     ax.set_title("Polarization: B shift from A-cell centre (measured)")
-    _inset_wheel(ax)
+    colour_wheel_key(ax, rim_pm, "pm")
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
 
 
 def panel_dataset_pxy(ax: Axes, result: FullFrameAnalysis) -> None:
@@ -261,23 +272,18 @@ def panel_dataset_pxy(ax: Axes, result: FullFrameAnalysis) -> None:
     pxy = data["dataset_pxy_all"]
     dx = binned_mean(data["cell_x_nm"], data["cell_y_nm"], pxy[:, 0], (rows, cols), cell)
     dy = binned_mean(data["cell_x_nm"], data["cell_y_nm"], pxy[:, 1], (rows, cols), cell)
-    ax.imshow(vector_rgb(dx, dy, _polar_scale(np.hypot(dx, dy))), extent=extent, interpolation="nearest")
+    rim = _polar_scale(np.hypot(dx, dy))
+    ax.imshow(vector_rgb(dx, dy, rim), extent=extent, interpolation="nearest")
     agreement = data["agreement"]
     ax.set_title(
         f"Dataset Pxy ({data['matched']:,}/{data['cells']:,} cells matched; "
         f"r = {agreement['corr_x']:.2f}, {agreement['corr_y']:.2f})",
         fontsize=9,
     )
-    _inset_wheel(ax)
-
-
-def _inset_wheel(ax: Axes) -> None:
-    inset = ax.inset_axes((0.80, 0.80, 0.18, 0.18))
-    yy, xx = np.mgrid[-1:1:64j, -1:1:64j]
-    wheel = vector_rgb(xx, yy, 1.0)
-    wheel[np.hypot(xx, yy) > 1] = 1.0
-    inset.imshow(wheel, extent=(-1, 1, 1, -1))
-    inset.set_axis_off()
+    # The dataset's Pxy has its own unit (not stated in the files), so the rim says only the value.
+    colour_wheel_key(ax, rim, "")
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
 
 
 def panel_domains(ax: Axes, result: FullFrameAnalysis) -> None:
@@ -296,6 +302,18 @@ def panel_domains(ax: Axes, result: FullFrameAnalysis) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in DOMAIN_COLOURS]
     ax.legend(handles, DOMAIN_NAMES, fontsize=6, loc="lower right", title="lattice frame", title_fontsize=6)
     ax.set_title(f"Domains (lattice at {polar.lattice_orientation_deg:.1f}°)")
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
+
+
+def _class_legend(ax: Axes, classes: dict[int, str], title: str) -> None:
+    """Legend of tab10 class colours: ``{class: text}``, in the order given."""
+    cmap = plt.get_cmap(CLASS_CMAP)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(code % 10)) for code in classes]
+    ax.legend(
+        handles, list(classes.values()), fontsize=7, loc="lower right", title=title, title_fontsize=7,
+        framealpha=0.85,
+    )  # fmt: skip
 
 
 def panel_classes(ax: Axes, result: FullFrameAnalysis, which: str) -> None:
@@ -316,9 +334,14 @@ def panel_classes(ax: Axes, result: FullFrameAnalysis, which: str) -> None:
         linewidths=0,
     )
     fractions = np.bincount(labels, minlength=segmentation.classes) / labels.size
-    ax.set_title(f"{which.upper()} classes: " + ", ".join(f"{f:.0%}" for f in fractions), fontsize=9)
+    _class_legend(
+        ax, {code: f"class {code}: {f:.0%}" for code, f in enumerate(fractions)}, "share of all columns"
+    )
+    ax.set_title(f"{which.upper()} classes of the column patches ({segmentation.classes} classes)")
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
 
 
 def _sample(count: int, limit: int = _SCATTER_LIMIT) -> np.ndarray:
@@ -340,9 +363,19 @@ def panel_latent(ax: Axes, result: FullFrameAnalysis) -> None:
         linewidths=0,
         rasterized=True,
     )
-    ax.set_xlabel("latent 1")
-    ax.set_ylabel("latent 2")
+    fractions = np.bincount(segmentation.vae_class, minlength=segmentation.classes)
+    fractions = fractions / max(fractions.sum(), 1)
+    _class_legend(ax, {code: f"class {code}: {f:.0%}" for code, f in enumerate(fractions)}, "VAE class")
+    ax.set_xlabel("latent 1 (standard units)")
+    ax.set_ylabel("latent 2 (standard units)")
     ax.set_title("VAE latent space of column patches")
+
+
+def _cluster_shares(clusters: np.ndarray, largest: int = 8) -> dict[int, str]:
+    """Legend text of the largest clusters: ``{cluster: 'cluster 3: 12%'}`` (noise is grey)."""
+    labels, counts = np.unique(clusters[clusters >= 0], return_counts=True)
+    order = np.argsort(counts)[::-1][:largest]
+    return {int(labels[i]): f"cluster {int(labels[i])}: {counts[i] / clusters.size:.0%}" for i in order}
 
 
 def panel_projection(ax: Axes, result: FullFrameAnalysis) -> None:
@@ -371,6 +404,10 @@ def panel_projection(ax: Axes, result: FullFrameAnalysis) -> None:
     ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
     clusters = int(np.unique(result.clusters[result.clusters >= 0]).size)
     name = result.config.embedding.upper() if result.config.embedding == "pca" else "t-SNE"
+    ax.set_xlabel(f"{name} component 1")
+    ax.set_ylabel(f"{name} component 2")
+    shares = _cluster_shares(result.clusters)
+    _class_legend(ax, shares, "cluster: share of columns")
     ax.set_title(
         f"GAE embeddings ({name}); {clusters} {result.config.clustering.upper()} clusters", fontsize=9
     )
@@ -400,6 +437,11 @@ def panel_cluster_map(ax: Axes, result: FullFrameAnalysis) -> None:
         )
         shown = np.where(majority >= 0, majority % 10, np.nan)
     ax.imshow(shown, cmap=CLASS_CMAP, vmin=0, vmax=9, extent=extent, interpolation="nearest")
+    minor_shares = {code: text for code, text in _cluster_shares(clusters).items() if code not in bulk}
+    if minor_shares:
+        _class_legend(ax, minor_shares, "minor cluster: share")
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
     ax.set_title(
         f"Minor embedding clusters on the image ({int(minor.sum()):,} columns; "
         f"bulk A/B clusters {sorted(bulk)} and noise white)",
@@ -414,9 +456,13 @@ def panel_anomaly(ax: Axes, result: FullFrameAnalysis, figure: Figure) -> None:
     rows, cols, cell, extent = _grid(result, 2 * graph.lattice_spacing_nm)
     shown = np.where(graph.interior, scores, 0.0)
     grid = binned_max(graph.x_nm, graph.y_nm, shown, (rows, cols), cell)
-    top = max(float(np.nanpercentile(grid, 99.5)), result.config.anomaly_threshold)
-    image = ax.imshow(grid, cmap="inferno", vmin=0, vmax=top, extent=extent, interpolation="nearest")
-    figure.colorbar(image, ax=ax, fraction=0.046, label="node score")
+    threshold = result.config.anomaly_threshold
+    norm, clipped = clipped_norm(grid, percentile=99.5, at_least=threshold, at_most=3 * threshold)
+    image = ax.imshow(grid, cmap="inferno", norm=norm, extent=extent, interpolation="nearest")
+    bar = labelled_colorbar(
+        figure, image, ax, "largest node anomaly score per cell", SCORE_UNIT, extend=clipped
+    )
+    bar.ax.axhline(threshold, color="#00c0ff", linewidth=1.5)
     for spot in result.summary.get("anomaly", {}).get("hotspots", []):
         ax.add_patch(
             plt.Circle(
@@ -430,9 +476,11 @@ def panel_anomaly(ax: Axes, result: FullFrameAnalysis, figure: Figure) -> None:
     anomaly = result.summary.get("anomaly", {})
     ax.set_title(
         f"Anomaly map: {anomaly.get('anomalous_columns', 0):,} columns above "
-        f"{result.config.anomaly_threshold:g}; {len(anomaly.get('hotspots', []))} hot spots circled",
+        f"{threshold:g} (blue line); {len(anomaly.get('hotspots', []))} hot spots circled",
         fontsize=9,
     )
+    ax.set_xlabel("x (nm)")
+    ax.set_ylabel("y (nm)")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -445,15 +493,11 @@ def _polar(result: FullFrameAnalysis) -> bool:
 def panel_not_polar(ax: Axes, result: FullFrameAnalysis) -> None:
     """Why a non-polar material has no polarization or domain maps."""
     material = resolve_material(result.config.material)
-    ax.text(
-        0.5,
-        0.5,
-        f"{material.formula} {material.zone_axis} is not polar:\nno polarization or domain maps",
-        ha="center",
-        va="center",
-        transform=ax.transAxes,
+    empty_panel(
+        ax,
+        "Polarization",
+        f"{material.formula} {material.zone_axis} is not polar: no polarization or domain maps",
     )
-    ax.set_axis_off()
 
 
 def panel_vacancies(ax: Axes, result: FullFrameAnalysis) -> None:
@@ -477,7 +521,19 @@ def panel_vacancies(ax: Axes, result: FullFrameAnalysis) -> None:
     ax.set_ylabel("y (nm)")
 
 
-def _overview(result: FullFrameAnalysis) -> Figure:
+def overview_figure(result: FullFrameAnalysis) -> Figure:
+    """The one-page overview (``analysis.png``): a 3 x 4 grid of every analysis.
+
+    Parameters
+    ----------
+    result : FullFrameAnalysis
+        A finished analysis with its :attr:`~FullFrameAnalysis.summary`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (close it with ``plt.close`` when done).
+    """
     figure, axes = plt.subplots(3, 4, figsize=(22, 16), constrained_layout=True)
     panel_image(axes[0, 0], result)
     panel_stage(axes[0, 1], result, "contrast")
@@ -504,7 +560,19 @@ def _overview(result: FullFrameAnalysis) -> Figure:
     return figure
 
 
-def _section_figures(result: FullFrameAnalysis) -> dict[str, Figure]:
+def section_figures(result: FullFrameAnalysis) -> dict[str, Figure]:
+    """One figure per section of ``report.html``, by section title.
+
+    Parameters
+    ----------
+    result : FullFrameAnalysis
+        A finished analysis with its :attr:`~FullFrameAnalysis.summary`.
+
+    Returns
+    -------
+    dict of str to matplotlib.figure.Figure
+        The figures (close them when done).
+    """
     figures: dict[str, Figure] = {}
     figure, axes = plt.subplots(1, 4, figsize=(18, 4.8), constrained_layout=True)
     for ax, name in zip(axes, ("image", "smoothed", "floor", "contrast"), strict=True):
@@ -669,10 +737,10 @@ def write_outputs(result: FullFrameAnalysis, out_dir: str | Path) -> tuple[Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    overview = _png_bytes(_overview(result), dpi=80)
+    overview = _png_bytes(overview_figure(result), dpi=80)
     figure_path = out_dir / FIGURE_FILE
     figure_path.write_bytes(overview)
-    sections = {title: _png_bytes(figure) for title, figure in _section_figures(result).items()}
+    sections = {title: _png_bytes(figure) for title, figure in section_figures(result).items()}
     html_path = out_dir / HTML_FILE
     html_path.write_text(render_html(result.summary, overview, sections), encoding="utf-8")
     json_path = write_json(result.summary, out_dir / JSON_FILE)

@@ -36,6 +36,7 @@ from agent.errors import MicrographyError
 from agent.session import Session, SessionConfig, StepRecord
 from agent.survey import CandidateGrid
 from analysis.bench_guidance import BUDGET_FRACTIONS, budget_tiles
+from analysis.figures import DOSE_UNIT, SCORE_UNIT
 from analysis.guidance import (
     detected_features,
     recorded_ground_truth,
@@ -494,8 +495,8 @@ def write_compare_figure(series: Sequence[Series], path: str | Path) -> Path:
         (axes[0, 1], "mean_dose_e_per_a2", "imaged_fraction", "fraction of planted features imaged"),
         (axes[1, 0], "tile_fraction", "detected_fraction", "fraction of planted features detected"),
         (axes[1, 1], "mean_dose_e_per_a2", "detected_fraction", "fraction of planted features detected"),
-        (axes[0, 2], "tile_fraction", "mean_dose_e_per_a2", "dose spent, stage mean (e-/A^2)"),
-        (axes[1, 2], "tile_fraction", "best_score", "highest region score so far"),
+        (axes[0, 2], "tile_fraction", "mean_dose_e_per_a2", f"dose spent, stage mean ({DOSE_UNIT})"),
+        (axes[1, 2], "tile_fraction", "best_score", f"highest tile interest so far ({SCORE_UNIT})"),
     ]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = list(dict.fromkeys(entry.group or entry.label for entry in series))
@@ -515,7 +516,7 @@ def write_compare_figure(series: Sequence[Series], path: str | Path) -> Path:
         ax.set_xlabel(
             "fraction of the tiles covering the stage"
             if x_key == "tile_fraction"
-            else "dose spent, stage mean (e-/A^2)"
+            else f"dose spent, stage mean ({DOSE_UNIT})"
         )
         ax.set_ylabel(ylabel)
         if y_key in FRACTION_KEYS:
@@ -540,7 +541,7 @@ def write_compare_figure(series: Sequence[Series], path: str | Path) -> Path:
     axes[1, 0].set_title("Detected (node above threshold) against tiles")
     axes[1, 1].set_title("Detected against dose")
     axes[0, 2].set_title("Dose per tile budget")
-    axes[1, 2].set_title("Best region score found (journals)")
+    axes[1, 2].set_title("Best tile interest found (journals)")
     figure.suptitle(
         "Discovery of planted features by session / policy (band: ± std over seeds; dashed: control layout)"
     )

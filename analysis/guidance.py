@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from agent.driver import ScanRequest
@@ -25,6 +26,7 @@ from agent.journal import JournalContents
 from agent.policy import GuidedPolicy
 from agent.session import DECISION_STAGES, Session, StepRecord
 from agent.survey import CandidateGrid
+from analysis.figures import SCORE_UNIT, clipped_norm, empty_panel, labelled_colorbar, tile_numbers
 from analysis.ground_truth import match_columns
 from simulator.config import SimulatorConfig
 from simulator.drivers import ExposureTruth, SimulatedMicroscope
@@ -297,6 +299,158 @@ def detected_features(
     return {int(f) for f in np.unique(feature[hot]) if f >= 0}
 
 
+def session_report_figure(
+    session: Session, tracker: DiscoveryTracker | None = None, title: str | None = None
+) -> Figure:
+    """A 2 x 3 figure: survey, tiles and walls, anomaly map, survey prior, surrogate mean and std, discovery.
+
+    It draws the session's state as it is when called, so a replay calls it after any step
+    for the figure of the session at that step. Every colour bar says its quantity and unit;
+    the anomaly scale is clipped at the 99th percentile, kept between one and three detection
+    thresholds so one hot cluster does not black out the normal lattice; panels with nothing to
+    show say why.
+
+    Parameters
+    ----------
+    session : Session
+        A session that has run.
+    tracker : DiscoveryTracker, optional
+        Ground-truth discovery curve (simulated specimens); without it the last panel says so.
+    title : str, optional
+        Figure title (default: policy and seed).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (close it with ``plt.close`` when done).
+    """
+    heading = title or f"Session: {session.config.policy} policy, seed {session.config.seed}"
+    (x0, x1), (y0, y1) = session.description.stage_x_nm, session.description.stage_y_nm
+    extent = (x0, x1, y1, y0)
+    figure, axes = plt.subplots(2, 3, figsize=(18, 11), constrained_layout=True)
+    survey = session.survey_tiles[0] if session.survey_tiles else None
+    steps = [step for step in session.steps if step.kind != "survey"]
+    centres = np.array([[step.request.x_nm, step.request.y_nm] for step in steps]).reshape(-1, 2)
+    survey_extent = None
+    if survey is not None:
+        sx0, sx1, sy0, sy1 = survey.extent_nm
+        survey_extent = (sx0, sx1, sy1, sy0)
+
+    ax = axes[0, 0]
+    if survey is not None:
+        shown = ax.imshow(survey.image, cmap="gray", extent=survey_extent)
+        labelled_colorbar(figure, shown, ax, "survey HAADF intensity", "counts")
+    width, height = session.grid.tile_size_nm
+    colours = ["#ffb000" if step.kind == "start" else "#00c0ff" for step in steps]
+    for step, colour in zip(steps, colours, strict=True):
+        corner = (step.request.x_nm - width / 2, step.request.y_nm - height / 2)
+        ax.add_patch(plt.Rectangle(corner, width, height, fill=False, edgecolor=colour, linewidth=0.8))
+    if len(centres) > 1:
+        ax.plot(centres[:, 0], centres[:, 1], color="#00c0ff", linewidth=0.4, alpha=0.4)
+    tile_numbers(ax, centres[:, 0], centres[:, 1], colours, fontsize=7 if len(steps) <= 60 else 5)
+    walls = session.policy.walls if session.policy is not None else []
+    for wall in walls:
+        reach = wall.half_length_nm * np.asarray(wall.direction)
+        ends = np.asarray(wall.point_nm) + np.outer([-1.0, 1.0], reach)
+        ax.plot(ends[:, 0], ends[:, 1], color="#ff40ff", linewidth=2.0)
+    wall_note = f"; magenta: {len(walls)} walls" if walls else ""
+    ax.set_title(f"Survey and {len(steps)} tiles in order (orange: start{wall_note})")
+
+    ax = axes[0, 1]
+    scores = session.node_scores()
+    if scores.size and np.isfinite(scores).any():
+        if survey is not None:
+            ax.imshow(survey.image, cmap="gray", extent=survey_extent, alpha=0.5)
+        threshold = session.config.detection_threshold
+        # Columns on the rim of the scanned area miss neighbours and score high for it; they are
+        # drawn grey, as the detection ignores them.
+        interior = session.graph.interior & np.isfinite(scores)
+        rim = ~session.graph.interior
+        ax.scatter(
+            session.graph.x_nm[rim], session.graph.y_nm[rim], c="0.55", s=0.2, linewidths=0, rasterized=True
+        )
+        norm, clipped = clipped_norm(scores[interior], at_least=threshold, at_most=3 * threshold)
+        order = np.flatnonzero(interior)[np.argsort(scores[interior])]
+        points = ax.scatter(
+            session.graph.x_nm[order],
+            session.graph.y_nm[order],
+            c=scores[order],
+            s=0.2,
+            cmap="inferno",
+            norm=norm,
+            rasterized=True,
+        )
+        bar = labelled_colorbar(figure, points, ax, "node anomaly score", SCORE_UNIT, extend=clipped)
+        bar.ax.axhline(threshold, color="#00c0ff", linewidth=1.5)
+        ax.set_title(f"Anomaly scores (blue line: threshold {threshold:g}; grey: rim of the scan)")
+    else:
+        empty_panel(ax, "Anomaly scores", "no column scored yet (the anomaly model has not been fitted)")
+
+    mean = variance = prior = None
+    policy = session.policy
+    guided = isinstance(policy, GuidedPolicy)
+    if guided:
+        prior = policy.survey_prior
+        if len(policy.surrogate):
+            mean, variance = policy.posterior()
+    no_model = (
+        "no tile scored yet"
+        if guided
+        else f"the {session.config.policy} policy keeps no surrogate: it does not predict tile interest"
+    )
+    rows, cols = session.grid.grid_shape
+    panels = (
+        (axes[0, 2], prior, "Survey prior", "fringe distortion and loss", "z", "cividis",
+         "no survey prior: only the guided policy reads the survey"),
+        (axes[1, 0], mean, "Surrogate mean: predicted tile interest", "tile interest", SCORE_UNIT,
+         "viridis", no_model),
+        (axes[1, 1], None if variance is None else np.sqrt(variance), "Surrogate uncertainty",
+         "std of tile interest", SCORE_UNIT, "magma", no_model),
+    )  # fmt: skip
+    for ax, values, panel_title, quantity, unit, cmap, empty in panels:
+        if values is None:
+            empty_panel(ax, panel_title, empty)
+            continue
+        norm, clipped = clipped_norm(values, floor=None)
+        image = ax.imshow(
+            values.reshape(rows, cols), extent=extent, cmap=cmap, norm=norm, interpolation="nearest"
+        )
+        labelled_colorbar(figure, image, ax, quantity, unit, extend=clipped)
+        ax.plot(centres[:, 0], centres[:, 1], "w.", markersize=2)
+        ax.set_title(f"{panel_title} (white dots: tiles taken)")
+    if guided and policy.walls and prior is not None:
+        # Where the policy expects the walls it has seen to continue (one wall-reach beyond each).
+        reach = policy.config.wall_reach_tiles * max(session.grid.tile_size_nm)
+        for wall in policy.walls:
+            span = (wall.half_length_nm + reach) * np.asarray(wall.direction)
+            ends = np.asarray(wall.point_nm) + np.outer([-1.0, 1.0], span)
+            axes[0, 2].plot(ends[:, 0], ends[:, 1], "--", color="#ff40ff", linewidth=0.7)
+        axes[0, 2].set_title("Survey prior (dashed: walls followed)")
+    ax = axes[1, 2]
+    if tracker is None:
+        empty_panel(ax, "Discovery", "no ground truth (a real specimen): discovery not measured")
+    else:
+        tiles = [point["tiles"] for point in tracker.curve]
+        ax.plot(tiles, [point["imaged_fraction"] for point in tracker.curve], label=session.config.policy)
+        ax.plot(
+            tiles, np.array(tiles) / len(session.grid), "--", color="grey", label="area scanned (raster pace)"
+        )
+        ax.set_xlabel("high-resolution tiles")
+        ax.set_ylabel("fraction of planted features imaged")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper left")
+        ax.set_title(f"Discovery: {len(tracker.imaged)} of {tracker.total} planted features imaged")
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]):
+        if not ax.get_xticks().size:
+            continue  # an empty panel keeps no axes
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y1, y0)
+        ax.set_xlabel("x (nm)")
+        ax.set_ylabel("y (nm)")
+    figure.suptitle(heading)
+    return figure
+
+
 def write_session_report(
     session: Session,
     path: str | Path,
@@ -304,10 +458,7 @@ def write_session_report(
     title: str | None = None,
     dpi: int = 90,
 ) -> Path:
-    """A 2 x 3 figure: survey, tiles and walls, anomaly map, survey prior, surrogate mean and std, discovery.
-
-    It draws the session's state as it is when called, so a replay calls it after any step
-    for the figure of the session at that step.
+    """Write :func:`session_report_figure` as a PNG.
 
     Parameters
     ----------
@@ -316,7 +467,7 @@ def write_session_report(
     path : str or pathlib.Path
         PNG to write.
     tracker : DiscoveryTracker, optional
-        Ground-truth discovery curve (simulated specimens); without it the last panel says so.
+        Ground-truth discovery curve (simulated specimens).
     title : str, optional
         Figure title (default: policy and seed).
     dpi : int
@@ -328,138 +479,7 @@ def write_session_report(
         The PNG written.
     """
     path = Path(path)
-    heading = title or f"Guided session: policy {session.config.policy}, seed {session.config.seed}"
-    (x0, x1), (y0, y1) = session.description.stage_x_nm, session.description.stage_y_nm
-    extent = (x0, x1, y1, y0)
-    figure, axes = plt.subplots(2, 3, figsize=(18, 11), constrained_layout=True)
-    survey = session.survey_tiles[0] if session.survey_tiles else None
-    steps = [step for step in session.steps if step.kind != "survey"]
-    centres = np.array([[step.request.x_nm, step.request.y_nm] for step in steps]).reshape(-1, 2)
-
-    ax = axes[0, 0]
-    if survey is not None:
-        sx0, sx1, sy0, sy1 = survey.extent_nm
-        ax.imshow(survey.image, cmap="gray", extent=(sx0, sx1, sy1, sy0))
-    width, height = session.grid.tile_size_nm
-    for number, step in enumerate(steps):
-        colour = "#ffb000" if step.kind == "start" else "#00c0ff"
-        ax.add_patch(
-            plt.Rectangle(
-                (step.request.x_nm - width / 2, step.request.y_nm - height / 2),
-                width,
-                height,
-                fill=False,
-                edgecolor=colour,
-                linewidth=0.8,
-            )
-        )
-        ax.text(
-            step.request.x_nm,
-            step.request.y_nm,
-            str(number + 1),
-            color=colour,
-            fontsize=6,
-            ha="center",
-            va="center",
-        )
-    if len(centres) > 1:
-        ax.plot(centres[:, 0], centres[:, 1], color="#00c0ff", linewidth=0.6, alpha=0.7)
-    walls = session.policy.walls if session.policy is not None else []
-    for wall in walls:
-        reach = wall.half_length_nm * np.asarray(wall.direction)
-        ends = np.asarray(wall.point_nm) + np.outer([-1.0, 1.0], reach)
-        ax.plot(ends[:, 0], ends[:, 1], color="#ff40ff", linewidth=2.0)
-    wall_note = f"; magenta: {len(walls)} walls" if walls else ""
-    ax.set_title(f"Survey and {len(steps)} tiles in order (orange: start{wall_note})")
-
-    ax = axes[0, 1]
-    if survey is not None:
-        ax.imshow(survey.image, cmap="gray", extent=(sx0, sx1, sy1, sy0), alpha=0.5)
-    scores = session.node_scores()
-    if scores.size and np.isfinite(scores).any():
-        order = np.argsort(scores)
-        points = ax.scatter(
-            session.graph.x_nm[order],
-            session.graph.y_nm[order],
-            c=scores[order],
-            s=0.2,
-            cmap="inferno",
-            vmin=0,
-            vmax=max(np.nanpercentile(scores, 99.5), 3.0),
-            rasterized=True,
-        )
-        figure.colorbar(points, ax=ax, label="node anomaly score")
-    ax.set_title("Anomaly scores of the scanned columns")
-
-    mean = variance = prior = None
-    policy = session.policy
-    guided = isinstance(policy, GuidedPolicy)
-    if guided:
-        prior = policy.survey_prior
-        if len(policy.surrogate):
-            mean, variance = policy.posterior()
-    no_model = "no region scored yet" if guided else "no surrogate for this policy"
-    rows, cols = session.grid.grid_shape
-    for ax, values, title, cmap, empty in (
-        (
-            axes[0, 2],
-            prior,
-            "Survey prior (lattice-fringe distortion and loss, z)",
-            "cividis",
-            "no survey prior for this policy",
-        ),
-        (
-            axes[1, 0],
-            mean,
-            "Surrogate mean of region interest",
-            "viridis",
-            no_model,
-        ),
-        (
-            axes[1, 1],
-            None if variance is None else np.sqrt(variance),
-            "Surrogate uncertainty (std)",
-            "magma",
-            no_model,
-        ),
-    ):
-        if values is None:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
-        else:
-            image = ax.imshow(values.reshape(rows, cols), extent=extent, cmap=cmap, interpolation="nearest")
-            figure.colorbar(image, ax=ax)
-            ax.plot(centres[:, 0], centres[:, 1], "w.", markersize=2)
-        ax.set_title(title)
-    if guided and policy.walls and prior is not None:
-        # Where the policy expects the walls it has seen to continue (one wall-reach beyond each).
-        reach = policy.config.wall_reach_tiles * max(session.grid.tile_size_nm)
-        for wall in policy.walls:
-            span = (wall.half_length_nm + reach) * np.asarray(wall.direction)
-            ends = np.asarray(wall.point_nm) + np.outer([-1.0, 1.0], span)
-            axes[0, 2].plot(ends[:, 0], ends[:, 1], "--", color="#ff40ff", linewidth=0.7)
-        axes[0, 2].set_title("Survey prior (fringe distortion and loss, z); dashed: walls followed")
-    ax = axes[1, 2]
-    if tracker is None:
-        note = "no ground truth: discovery not measured"
-        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
-        ax.set_title("Discovery")
-    else:
-        tiles = [point["tiles"] for point in tracker.curve]
-        ax.plot(tiles, [point["imaged_fraction"] for point in tracker.curve], label=session.config.policy)
-        ax.plot(
-            tiles, np.array(tiles) / len(session.grid), "--", color="grey", label="area scanned (raster pace)"
-        )
-        ax.set_xlabel("high-resolution tiles")
-        ax.set_ylabel("fraction of planted features imaged")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right")
-        ax.set_title(f"Discovery: {len(tracker.imaged)} of {tracker.total} planted features imaged")
-    for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]):
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y1, y0)
-        ax.set_xlabel("x (nm)")
-        ax.set_ylabel("y (nm)")
-    figure.suptitle(heading)
+    figure = session_report_figure(session, tracker, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     plt.close(figure)

@@ -29,6 +29,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patheffects as path_effects
 import matplotlib.pyplot as plt
 import numpy as np
 from pydantic import ValidationError
@@ -61,6 +62,7 @@ from agent.session import (
     tile_interest,
 )
 from agent.survey import CandidateGrid
+from analysis.figures import SCORE_UNIT
 from analysis.guidance import (
     DiscoveryTracker,
     detected_features,
@@ -676,31 +678,44 @@ def write_rank_figure(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5), constrained_layout=True)
     ranks = [
         (o, n, t + 1)
         for t, (o, n) in enumerate(zip(change["old_rank"], change["new_rank"], strict=True))
         if o
     ]
     top = change["top_k"]
+    in_top = np.array([o <= top or n <= top for o, n, _ in ranks], dtype=bool)
+    rank_array = np.array([(o, n) for o, n, _ in ranks], dtype=float).reshape(-1, 2)
+    for ax, xy in ((left, rank_array), (right, np.column_stack([old, new])[[t - 1 for *_, t in ranks]])):
+        ax.scatter(*xy[~in_top].T, color="#1f77b4", s=18, label=f"in neither top {top}")
+        ax.scatter(*xy[in_top].T, color="#d62728", s=18, label=f"in a top {top}")
+    outline = [path_effects.withStroke(linewidth=2, foreground="white")]
     for old_rank, new_rank, tile in ranks:
-        colour = "#d62728" if old_rank <= top or new_rank <= top else "#1f77b4"
-        left.scatter(old_rank, new_rank, color=colour, s=18)
-        left.annotate(str(tile), (old_rank, new_rank), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        left.annotate(
+            str(tile), (old_rank, new_rank), fontsize=7, xytext=(3, 3), textcoords="offset points",
+            path_effects=outline,
+        )  # fmt: skip
     count = max(len(ranks), 1)
-    left.plot([1, count], [1, count], "--", color="grey", linewidth=0.8)
+    left.plot([1, count], [1, count], "--", color="grey", linewidth=0.8, label="same rank")
     left.set_xlim(count + 1, 0)
     left.set_ylim(count + 1, 0)
     left.set_xlabel("region rank as the session scored it (1 = most interesting)")
     left.set_ylabel(f"region rank with {new_label}")
     left.set_title(
         f"Spearman {change['spearman']:.2f}, Kendall {change['kendall']:.2f}, "
-        f"top-{top} overlap {change['top_k_overlap']:.0%} (red: in a top {top})"
+        f"top-{top} overlap {change['top_k_overlap']:.0%}"
     )
-    right.scatter(old, new, s=14)
-    right.set_xlabel("region score as the session scored it")
-    right.set_ylabel(f"region score with {new_label}")
-    right.set_title(f"{change['tiles']} imaged tiles; numbers: acquisition order")
+    left.legend(loc="lower right", fontsize=8)
+    finite = np.concatenate([np.asarray(old, float), np.asarray(new, float)])
+    finite = finite[np.isfinite(finite)]
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+        right.plot([low, high], [low, high], "--", color="grey", linewidth=0.8, label="same score")
+    right.set_xlabel(f"tile interest as the session scored it ({SCORE_UNIT})")
+    right.set_ylabel(f"tile interest with {new_label} ({SCORE_UNIT})")
+    right.set_title(f"{change['tiles']} imaged tiles; numbers on the left: acquisition order")
+    right.legend(loc="upper left", fontsize=8)
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path

@@ -112,7 +112,7 @@ function drawSurvey() {
   const nm = niceLength((x1 - x0) / 5);
   g.fillStyle = "#fff"; g.fillRect(12, canvas.height - 18, nm * t.s, 4);
   g.font = "12px system-ui"; g.fillText(`${nm} nm`, 12, canvas.height - 24);
-  colourBar($("survey-bar"), lim, "tile anomaly interest (GAE score)");
+  colourBar($("survey-bar"), lim, "tile interest (RMS z)");
 }
 
 function drawMark(g, t, kind, r, preview) {
@@ -214,7 +214,9 @@ function drawChart(id, xs, ys, xlabel, ylabel, empty) {
   g.fillText(fmt(ymax), 4, T + 8); g.fillText(fmt(ymin), 4, H - B);
   g.fillText(fmt(xmin), L, H - B + 14); const xm = fmt(xmax); g.fillText(xm, W - R - g.measureText(xm).width, H - B + 14);
   g.fillText(xlabel, (W - g.measureText(xlabel).width) / 2, H - 6);
-  g.save(); g.translate(12, (H - B) / 2 + 30); g.rotate(-Math.PI / 2); g.fillText(ylabel, 0, 0); g.restore();
+  // Centred on the axis, so a long label stays clear of the tick values at its ends.
+  g.save(); g.translate(14, T + (H - T - B) / 2); g.rotate(-Math.PI / 2); g.textAlign = "center";
+  g.fillText(ylabel, 0, 0); g.restore();
   g.strokeStyle = "#2f6fe8"; g.lineWidth = 2; g.beginPath();
   pts.forEach(([x, y], k) => (k ? g.lineTo(X(x), Y(y)) : g.moveTo(X(x), Y(y)))); g.stroke(); g.lineWidth = 1;
 }
@@ -272,8 +274,8 @@ function drawState() {
 function floats(text) { return text ? Array.from(new Float32Array(bytesOf(text).buffer)) : null; }
 
 function redraw() { drawSurvey(); drawTile(); drawCharts(); drawTimings(); drawState();
-  drawMap("mean", view.maps && floats(view.maps.surrogate_mean), "interest (score units)");
-  drawMap("sd", view.maps && floats(view.maps.surrogate_sd), "standard deviation (score units)"); }
+  drawMap("mean", view.maps && floats(view.maps.surrogate_mean), "predicted tile interest (RMS z)");
+  drawMap("sd", view.maps && floats(view.maps.surrogate_sd), "std of tile interest (RMS z)"); }
 
 function bytesOf(text) { const raw = atob(text), out = new Uint8Array(raw.length); for (let k = 0; k < raw.length; k++) out[k] = raw.charCodeAt(k); return out; }
 

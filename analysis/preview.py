@@ -1,4 +1,8 @@
-"""A one-page preview of a synthetic specimen: survey, ground truth, polarization, one tile."""
+"""A one-page preview of a synthetic specimen: survey, ground truth, polarization, one tile.
+
+It lives in :mod:`analysis` (not :mod:`simulator`) because it is a figure: it shares the
+colour-bar, colour-wheel and unit conventions of :mod:`analysis.figures`.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
 from agent.driver import electrons_per_pixel
+from analysis.figures import colour_wheel_key, labelled_colorbar, pixel_size_label, vector_rgb
 from simulator.config import SimulatorConfig
 from simulator.export import render_specimen_image
 from simulator.imaging import add_detector_noise, render_expected_counts
@@ -30,35 +34,43 @@ LABEL_COLOURS: dict[str, str] = {
 """Colour of each ground-truth label in figures (``normal`` is not drawn)."""
 
 
-def _polarization_rgb(specimen: Specimen, cell_nm: float) -> np.ndarray:
-    """Hue = direction, brightness = magnitude of the B-column displacement, on a grid."""
+def polarization_grid(specimen: Specimen, cell_nm: float) -> tuple[np.ndarray, np.ndarray]:
+    """True B-column displacement of the unit cells, averaged on a square grid.
+
+    Parameters
+    ----------
+    specimen : Specimen
+        The specimen (its ground-truth unit cells).
+    cell_nm : float
+        Grid cell edge, nanometres.
+
+    Returns
+    -------
+    dx_pm, dy_pm : numpy.ndarray
+        ``(rows, cols)`` mean displacement, picometres (0 where a cell holds no unit cell).
+    """
     cells = specimen.unit_cells()
     width, height = specimen.size_nm
     cols, rows = int(np.ceil(width / cell_nm)), int(np.ceil(height / cell_nm))
     col = np.clip((cells.center_nm[0] // cell_nm).astype(int), 0, cols - 1)
     row = np.clip((cells.center_nm[1] // cell_nm).astype(int), 0, rows - 1)
     flat = row * cols + col
-    count = np.bincount(flat, minlength=rows * cols)
-    dx = np.bincount(flat, cells.displacement_nm[0], rows * cols) / np.maximum(count, 1)
-    dy = np.bincount(flat, cells.displacement_nm[1], rows * cols) / np.maximum(count, 1)
-    hue = (np.arctan2(dy, dx) / (2 * np.pi)) % 1.0
-    magnitude = np.hypot(dx, dy)
-    value = np.clip(magnitude / max(specimen.config.polar_displacement_nm, 1e-9), 0, 1)
-    hsv = np.stack([hue, np.full_like(hue, 0.85), value], axis=1).reshape(rows, cols, 3)
-    return mcolors.hsv_to_rgb(hsv)
+    count = np.maximum(np.bincount(flat, minlength=rows * cols), 1)
+    dx = np.bincount(flat, cells.displacement_nm[0], rows * cols) / count
+    dy = np.bincount(flat, cells.displacement_nm[1], rows * cols) / count
+    return (1000 * dx).reshape(rows, cols), (1000 * dy).reshape(rows, cols)
 
 
-def write_preview(
+def preview_figure(
     specimen: Specimen,
     config: SimulatorConfig,
-    path: str | Path,
     *,
     survey_pixel_nm: float = 0.25,
     survey_dwell_us: float = 20.0,
     tile_pixel_nm: float = 0.02,
     tile_px: int = 256,
 ) -> Path:
-    """Write a 2x2 PNG: survey, ground-truth overlay, polarization map, one atomic-resolution tile.
+    """A 2x2 figure: survey, ground-truth overlay, polarization map, one atomic-resolution tile.
 
     Parameters
     ----------
@@ -66,8 +78,6 @@ def write_preview(
         The specimen.
     config : SimulatorConfig
         Imaging and instrument parameters.
-    path : str or pathlib.Path
-        PNG to write.
     survey_pixel_nm : float
         Pixel size of the survey panels, nanometres.
     survey_dwell_us : float
@@ -79,10 +89,9 @@ def write_preview(
 
     Returns
     -------
-    pathlib.Path
-        The PNG written.
+    matplotlib.figure.Figure
+        The figure (close it with ``plt.close`` when done).
     """
-    path = Path(path)
     width, height = specimen.size_nm
     extent = (0.0, width, height, 0.0)
     rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(3,)))
@@ -90,8 +99,9 @@ def write_preview(
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 12), constrained_layout=True)
     ax = axes[0, 0]
-    ax.imshow(survey, cmap="gray", extent=extent)
-    ax.set_title(f"Survey, {survey_pixel_nm * 10:g} Å/px, {survey_dwell_us:g} µs dwell (HAADF counts)")
+    shown = ax.imshow(survey, cmap="gray", extent=extent)
+    labelled_colorbar(figure, shown, ax, "HAADF intensity", "counts")
+    ax.set_title(f"Survey, {pixel_size_label(survey_pixel_nm)}, {survey_dwell_us:g} µs dwell")
 
     ax = axes[0, 1]
     ax.imshow(survey, cmap="gray", extent=extent, alpha=0.6)
@@ -132,8 +142,11 @@ def write_preview(
     ax.set_title("Ground truth: labelled columns")
 
     ax = axes[1, 0]
-    ax.imshow(_polarization_rgb(specimen, 0.8), extent=extent, interpolation="nearest")
-    ax.set_title("Polarization: B-column shift (hue = direction, brightness = size)")
+    dx_pm, dy_pm = polarization_grid(specimen, 0.8)
+    rim_pm = 1000 * specimen.config.polar_displacement_nm
+    ax.imshow(vector_rgb(dx_pm, dy_pm, rim_pm), extent=extent, interpolation="nearest")
+    colour_wheel_key(ax, rim_pm, "pm")
+    ax.set_title("Polarization: true B-column shift (hue = direction)")
 
     # The tile shows the dislocation core least cluttered by walls and amorphous material.
     half = 0.5 * tile_px * tile_pixel_nm
@@ -162,7 +175,8 @@ def write_preview(
     )
     ax = axes[1, 1]
     tile_extent = (centre[0] - half, centre[0] + half, centre[1] + half, centre[1] - half)
-    ax.imshow(tile, cmap="gray", extent=tile_extent)
+    shown = ax.imshow(tile, cmap="gray", extent=tile_extent)
+    labelled_colorbar(figure, shown, ax, "HAADF intensity", "counts")
     inside = specimen.columns_in(centre[0] - half, centre[0] + half, centre[1] - half, centre[1] + half)
     for site, colour, name in ((SITE_A, "#ff4040", "A (Bi/Sm)"), (SITE_B, "#40a0ff", "B (Fe)")):
         chosen = inside[specimen.site[inside] == site]
@@ -191,7 +205,7 @@ def write_preview(
             label="dislocation core",
         )
     ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
-    ax.set_title(f"Tile {tile_px}x{tile_px} px at {tile_pixel_nm * 10:g} Å/px with true columns")
+    ax.set_title(f"Tile {tile_px}×{tile_px} px at {pixel_size_label(tile_pixel_nm)} with true columns")
 
     for ax in axes.flat:
         ax.set_xlabel("x (nm)")
@@ -200,6 +214,28 @@ def write_preview(
         f"Synthetic Sm-BFO specimen, seed {specimen.seed}: {len(specimen):,} columns, "
         f"{len(specimen.features)} planted features"
     )
+    return figure
+
+
+def write_preview(specimen: Specimen, config: SimulatorConfig, path: str | Path) -> Path:
+    """Write :func:`preview_figure` as a PNG.
+
+    Parameters
+    ----------
+    specimen : Specimen
+        The specimen.
+    config : SimulatorConfig
+        Imaging and instrument parameters.
+    path : str or pathlib.Path
+        PNG to write.
+
+    Returns
+    -------
+    pathlib.Path
+        The PNG written.
+    """
+    path = Path(path)
+    figure = preview_figure(specimen, config)
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
