@@ -471,7 +471,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             from analysis.guidance import DiscoveryTracker
 
             grid = CandidateGrid.tiling(driver.describe(), config.tiles.shape, config.tiles.pixel_size_nm)
-            tracker = DiscoveryTracker(specimen, grid)
+            simulated = driver
+
+            def true_offset(request: Any) -> tuple[float, float]:
+                return simulated.exposure_truth(request.request_id).offset_nm
+
+            tracker = DiscoveryTracker(specimen, grid, true_offset)
             truth = tracker.candidates if config.policy == "oracle" else None
         elif config.policy == "oracle":
             raise ConfigError(
@@ -547,6 +552,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if specimen is not None and tracker is not None:
         summary["planted_features"] = tracker.total
         summary["imaged_features"] = len(tracker.imaged)
+        summary["strict_planted_features"] = tracker.strict_total
+        summary["strict_imaged_features"] = len(tracker.strict_imaged)
         summary["detected_features"] = len(detected_features(session, specimen))
         summary["discovery_curve"] = tracker.curve
     from agent.column_table import column_table, vacancy_table, write_tables
@@ -1500,7 +1507,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEED",
         help="seed of the control specimen (default 100; -1 skips it)",
     )
-    guidance.add_argument("--policies", nargs="+", metavar="POLICY", help="policies (default: all)")
+    guidance.add_argument(
+        "--policies",
+        nargs="+",
+        metavar="POLICY",
+        help="policies and ablations of the guided one (no_gp, gp_position, survey_only; default: all)",
+    )
     guidance.add_argument(
         "--budgets", nargs="+", type=float, metavar="FRACTION", help="budget fractions (default 0.1 0.25 0.5)"
     )

@@ -128,6 +128,20 @@ class PolicyConfig(StrictModel):
             "domain wall seen in an imaged tile runs into (defects gather on walls); 0 turns it off"
         ),
     )
+    interest_transform: Literal["none", "log1p"] = Field(
+        "none",
+        description=(
+            "GP policies: what the surrogate models, the tile interest as measured or log(1 + interest) "
+            "(interest is heavy-tailed: about 1 on normal lattice, hundreds on a dislocation core)"
+        ),
+    )
+    use_surrogate: bool = Field(
+        True,
+        description=(
+            "guided policy: false drops the Gaussian process (an ablation: the same survey, wall and "
+            "saturation terms with their fixed weights, nothing learned from the tiles)"
+        ),
+    )
     wall_reach_tiles: float = Field(
         6.0, gt=0, description="guided policy: how far along a wall its bonus reaches, in tile widths (1/e)"
     )
@@ -984,8 +998,34 @@ class GuidedPolicy(AcquisitionPolicy):
             self.survey_prior = survey_interest(_require_features(survey_features, grid, "the survey prior"))
         self._rng = np.random.default_rng(self.config.seed)
         self._batch: dict[str, Any] = {}
+        self._scores_seen: list[float] = []
+        self._predictions: list[tuple[float, float, float]] = []
+
+    @property
+    def model_unit(self) -> str:
+        """Unit of the surrogate's values (means, spreads, the calibration): the interest's, or its log."""
+        return "log(1 + RMS z)" if self.config.interest_transform == "log1p" else "RMS z"
+
+    def model_values(self, scores: np.ndarray) -> np.ndarray:
+        """Tile interest as the surrogate models it (:attr:`PolicyConfig.interest_transform`).
+
+        Parameters
+        ----------
+        scores : numpy.ndarray
+            Tile interest, score units.
+
+        Returns
+        -------
+        numpy.ndarray
+            The same, or ``sign(s) * log(1 + |s|)`` (a log that keeps the sign of a negative score).
+        """
+        values = np.asarray(scores, dtype=np.float64)
+        if self.config.interest_transform == "log1p":
+            return np.sign(values) * np.log1p(np.abs(values))
+        return values
 
     def _observe(self, indices: np.ndarray, positions_nm: np.ndarray, scores: np.ndarray) -> None:
+        scores = self.model_values(scores)
         features = None
         if self._features is not None:
             # Off-grid observations take the features of the candidate containing them.
@@ -996,11 +1036,50 @@ class GuidedPolicy(AcquisitionPolicy):
             features = np.array(
                 [self._features[r] if r >= 0 else np.zeros(self._features.shape[1]) for r in rows]
             ).reshape(len(rows), -1)
+        self._scores_seen.extend(float(v) for v in scores)
+        if not self.config.use_surrogate:
+            return
+        if len(self.surrogate) >= self.surrogate.config.fit_min_points:
+            # What the model predicted for these tiles before seeing them: its calibration.
+            mean, variance = self.surrogate(positions_nm, features)
+            spread = np.sqrt(np.clip(variance, 0.0, None) + self.surrogate.noise_variance)
+            self._predictions.extend(zip(scores.tolist(), mean.tolist(), spread.tolist(), strict=True))
         self.surrogate.update(positions_nm, scores, features)
+
+    def calibration(self) -> dict[str, Any]:
+        """How often the measured interest of a new tile fell inside the model's predictive intervals.
+
+        Each tile ingested once the surrogate had fitted (``fit_min_points`` tiles) is compared
+        with the prediction made just before: mean and standard deviation of the predictive
+        distribution (posterior variance plus observation noise), score units.
+
+        Returns
+        -------
+        dict
+            ``tiles`` (how many were predicted), ``within_68`` and ``within_95`` (share within
+            1 and 1.96 standard deviations; None before any), ``median_abs_z`` and
+            ``predictions`` (per tile: measured, mean, sd).
+        """
+        if not self._predictions:
+            return {"tiles": 0, "within_68": None, "within_95": None, "median_abs_z": None, "predictions": []}
+        measured, mean, spread = (np.array(column) for column in zip(*self._predictions, strict=True))
+        z = np.abs(measured - mean) / np.maximum(spread, 1e-12)
+        return {
+            "tiles": int(z.size),
+            "within_68": float(np.mean(z <= 1.0)),
+            "within_95": float(np.mean(z <= 1.96)),
+            "median_abs_z": float(np.median(z)),
+            "predictions": [list(row) for row in self._predictions],
+        }
 
     def _begin_batch(self, n: int) -> None:
         acquisition = self.config.acquisition
         centres = self.grid.centres
+        if not self.config.use_surrogate:
+            # No model: every candidate has the same (zero) value; the fixed terms decide.
+            zeros = np.zeros(len(self.grid))
+            self._batch = {"mean": zeros, "variance": zeros.copy(), "covariance": None, "best": 0.0}
+            return
         if acquisition == "thompson":
             samples = self.surrogate.sample(centres, self._features, n, self._rng)
             self._batch = {"samples": samples}
@@ -1066,7 +1145,8 @@ class GuidedPolicy(AcquisitionPolicy):
 
     def _score_spread(self) -> float:
         """Standard deviation of the scores ingested so far (1 before two exist): the unit of the bonuses."""
-        observed = self.surrogate.observed_values
+        use_model = self.config.use_surrogate
+        observed = self.surrogate.observed_values if use_model else np.asarray(self._scores_seen)
         return float(observed.std()) if observed.size > 1 else 1.0
 
     def _prior_bonus(self) -> np.ndarray | float:

@@ -72,6 +72,14 @@ class SurrogateConfig(StrictModel):
     lengthscale_bounds_nm: tuple[float, float] = Field(
         (1.0, 5000.0), description="(min, max) the fitted position lengthscale may take, nm"
     )
+    lengthscale_prior_sigma: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "width of a log-normal prior on the position lengthscale around lengthscale_nm (natural-log "
+            "units; 0.5 keeps it within a factor 2.7 at one sigma); None fits it by maximum likelihood"
+        ),
+    )
     feature_lengthscale: float = Field(
         1.0, gt=0, description="initial lengthscale over standardised survey features"
     )
@@ -281,7 +289,10 @@ class GPSurrogate:
 
     @property
     def _position_kernel(self) -> gp.kernels.Kernel:
-        kernel = self._kernel
+        return self._position_kernel_of(None)
+
+    def _position_kernel_of(self, model: gp.models.GPModel | None) -> gp.kernels.Kernel:
+        kernel = self._kernel if model is None else model.kernel
         return kernel.kern0 if isinstance(kernel, gp.kernels.Sum) else kernel
 
     # ------------------------------------------------------------------ validation
@@ -440,10 +451,19 @@ class GPSurrogate:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.config.learning_rate)
         loss_fn = Trace_ELBO().differentiable_loss
         loss = torch.tensor(math.nan)
+        sigma = self.config.lengthscale_prior_sigma
+        prior_log_length = math.log(self.config.lengthscale_nm / self._scale_nm)
         with self._scope("exact"):
             for _ in range(steps):
                 optimizer.zero_grad()
                 loss = loss_fn(model.model, model.guide)
+                if sigma is not None:
+                    # MAP rather than maximum likelihood: a log-normal prior on the lengthscale, so
+                    # a few outlying tiles cannot shrink it to the bound (every tile independent).
+                    # Written out here because the kernel's lengthscale stays a bounded PyroParam,
+                    # which the sparse GP takes over as it is.
+                    length = self._position_kernel_of(model).lengthscale
+                    loss = loss + 0.5 * ((torch.log(length) - prior_log_length) / sigma) ** 2
                 loss.backward()
                 optimizer.step()
         self._last_fit_s = time.perf_counter() - start

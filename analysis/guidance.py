@@ -9,6 +9,7 @@ back into the session's decisions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,9 +219,29 @@ def specimen_frame_nodes(session: Session, exposures: dict[str, ExposureTruth]) 
     return points + correction[graph.first_tile]
 
 
+STRICT_MARGIN_NM = 1.0
+"""Strict scoring: how far inside an acquired tile a column must lie to count as imaged, nm."""
+
+STRICT_SHARE = 0.5
+"""Strict scoring: share of a feature's columns (or vacant sites) that must be imaged."""
+
+
 @dataclass
 class DiscoveryTracker:
     """Follows which planted features a session has imaged, step by step (an ``on_step`` callback).
+
+    Two scorings, reported side by side:
+
+    *lenient* (``imaged``)
+        A feature counts once the candidate tile holding the request's centre holds any of its
+        columns (or vacant sites), edge included, each column carrying one feature (the
+        specimen's label priority).
+    *strict* (``strict_imaged``)
+        A feature counts once at least :data:`STRICT_SHARE` of its columns and vacant sites lie
+        at least :data:`STRICT_MARGIN_NM` inside the tiles acquired, placed where they truly
+        landed (``true_offset``); a column may belong to several features
+        (:meth:`~simulator.specimen.Specimen.feature_members`), and a feature with no column
+        left is not counted as planted.
 
     Parameters
     ----------
@@ -228,21 +249,38 @@ class DiscoveryTracker:
         Ground truth.
     grid : CandidateGrid
         The session's candidate tiles.
+    true_offset : callable, optional
+        Maps a request to the true offset ``(x, y)`` of its tile from the requested position,
+        nm (placement error and drift, :class:`~simulator.drivers.ExposureTruth`); None takes
+        tiles where they were requested.
     """
 
     specimen: Specimen
     grid: CandidateGrid
+    true_offset: Callable[[ScanRequest], tuple[float, float]] | None = None
     candidates: list[set[int]] = field(init=False)
     imaged: set[int] = field(default_factory=set)
+    strict_imaged: set[int] = field(default_factory=set)
     curve: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.candidates = feature_candidates(self.specimen, self.grid)
+        members = self.specimen.feature_members()
+        self._member_x = np.asarray(members["x_nm"], dtype=np.float64)
+        self._member_y = np.asarray(members["y_nm"], dtype=np.float64)
+        self._member_feature = np.asarray(members["feature_id"], dtype=np.int64)
+        self._member_count = np.bincount(self._member_feature, minlength=len(self.specimen.features))
+        self._covered = np.zeros(self._member_x.size, dtype=bool)
 
     @property
     def total(self) -> int:
-        """Number of planted features."""
+        """Number of planted features (lenient scoring: every feature the specimen lists)."""
         return len(self.specimen.features)
+
+    @property
+    def strict_total(self) -> int:
+        """Number of planted features that kept at least one column or vacant site (strict scoring)."""
+        return int(np.count_nonzero(self._member_count))
 
     def __call__(self, record: StepRecord) -> None:
         """Update after one session step."""
@@ -252,11 +290,27 @@ class DiscoveryTracker:
         centre = self.grid.index_of(0.5 * (x_min + x_max), 0.5 * (y_min + y_max))
         if centre >= 0:
             self.imaged |= self.candidates[centre]
+        dx, dy = self.true_offset(record.request) if self.true_offset is not None else (0.0, 0.0)
+        margin = STRICT_MARGIN_NM
+        inside = (
+            (self._member_x >= x_min + dx + margin)
+            & (self._member_x <= x_max + dx - margin)
+            & (self._member_y >= y_min + dy + margin)
+            & (self._member_y <= y_max + dy - margin)
+        )
+        self._covered |= inside
+        covered = np.bincount(self._member_feature[self._covered], minlength=self._member_count.size)
+        count = self._member_count
+        share = np.divide(covered, count, out=np.zeros(covered.size), where=count > 0)
+        self.strict_imaged = {int(f) for f in np.flatnonzero(share >= STRICT_SHARE)}
         self.curve.append(
             {
                 "tiles": float(len(self.curve) + 1),
                 "mean_dose_e_per_a2": float(record.extra.get("mean_dose_e_per_a2", np.nan)),
                 "imaged_fraction": len(self.imaged) / self.total if self.total else float("nan"),
+                "strict_imaged_fraction": (
+                    len(self.strict_imaged) / self.strict_total if self.strict_total else float("nan")
+                ),
             }
         )
 
@@ -393,19 +447,21 @@ def session_report_figure(
         prior = policy.survey_prior
         if len(policy.surrogate):
             mean, variance = policy.posterior()
-    no_model = (
-        "no tile scored yet"
-        if guided
-        else f"the {session.config.policy} policy keeps no surrogate: it does not predict tile interest"
-    )
+    if not guided:
+        no_model = f"the {session.config.policy} policy keeps no surrogate: it does not predict tile interest"
+    elif not policy.config.use_surrogate:
+        no_model = "the surrogate is switched off (acquisition.use_surrogate: false)"
+    else:
+        no_model = "no tile scored yet"
+    model_unit = policy.model_unit if guided else SCORE_UNIT
     rows, cols = session.grid.grid_shape
     panels = (
         (axes[0, 2], prior, "Survey prior", "fringe distortion and loss", "z", "cividis",
          "no survey prior: only the guided policy reads the survey"),
-        (axes[1, 0], mean, "Surrogate mean: predicted tile interest", "tile interest", SCORE_UNIT,
+        (axes[1, 0], mean, "Surrogate mean: predicted tile interest", "tile interest", model_unit,
          "viridis", no_model),
         (axes[1, 1], None if variance is None else np.sqrt(variance), "Surrogate uncertainty",
-         "std of tile interest", SCORE_UNIT, "magma", no_model),
+         "std of tile interest", model_unit, "magma", no_model),
     )  # fmt: skip
     for ax, values, panel_title, quantity, unit, cmap, empty in panels:
         if values is None:
@@ -433,13 +489,23 @@ def session_report_figure(
         tiles = [point["tiles"] for point in tracker.curve]
         ax.plot(tiles, [point["imaged_fraction"] for point in tracker.curve], label=session.config.policy)
         ax.plot(
+            tiles,
+            [point["strict_imaged_fraction"] for point in tracker.curve],
+            ":",
+            color="C0",
+            label=f"{session.config.policy}, strict (half of a feature 1 nm inside tiles)",
+        )
+        ax.plot(
             tiles, np.array(tiles) / len(session.grid), "--", color="grey", label="area scanned (raster pace)"
         )
         ax.set_xlabel("high-resolution tiles")
         ax.set_ylabel("fraction of planted features imaged")
         ax.set_ylim(0, 1)
         ax.legend(loc="upper left")
-        ax.set_title(f"Discovery: {len(tracker.imaged)} of {tracker.total} planted features imaged")
+        ax.set_title(
+            f"Discovery: {len(tracker.imaged)} of {tracker.total} planted features imaged "
+            f"({len(tracker.strict_imaged)} of {tracker.strict_total} strict)"
+        )
     for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]):
         if not ax.get_xticks().size:
             continue  # an empty panel keeps no axes
@@ -507,6 +573,11 @@ def session_summary_table(summary: dict[str, Any]) -> str:
     if "imaged_features" in summary:
         lines.append(f"features imaged {summary['imaged_features']} of {summary['planted_features']}")
         lines.append(f"features found  {summary['detected_features']} scored above the detection threshold")
+    if "strict_imaged_features" in summary:
+        lines.append(
+            f"strictly imaged {summary['strict_imaged_features']} of {summary['strict_planted_features']} "
+            "(half of a feature's columns 1 nm inside tiles)"
+        )
     timings = summary.get("median_timings_s", {})
     if timings:
         latency = sum(v for k, v in timings.items() if k in DECISION_STAGES)

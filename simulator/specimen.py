@@ -181,6 +181,11 @@ class Specimen:
         Removed columns: ``x_nm``, ``y_nm``, ``site``, ``feature_id``.
     features : list of PlantedFeature
         Region-level ground truth.
+    members : dict of numpy.ndarray or None
+        Every column and vacant site of each planted feature, ``x_nm``, ``y_nm`` and
+        ``feature_id``, before the label priority gives each column a single feature (a column
+        of a vacancy cluster on a wall is listed under both); None for a specimen read from
+        files that do not hold it (:meth:`feature_members` then falls back on ``feature_id``).
     """
 
     config: SpecimenConfig
@@ -197,6 +202,7 @@ class Specimen:
     vacancies: dict[str, np.ndarray]
     features: list[PlantedFeature]
     bin_size_nm: float = 2.0
+    members: dict[str, np.ndarray] | None = field(default=None, repr=False)
     _bin_start: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64), repr=False)
     _bins_x: int = 0
     _bins_y: int = 0
@@ -210,6 +216,7 @@ class Specimen:
         vacancies: dict[str, np.ndarray],
         features: list[PlantedFeature],
         bin_size_nm: float = 2.0,
+        members: dict[str, np.ndarray] | None = None,
     ) -> Specimen:
         """Build a specimen from column arrays, sorting them by spatial bin for window queries.
 
@@ -227,6 +234,8 @@ class Specimen:
             Region-level ground truth.
         bin_size_nm : float
             Edge of the square bins of the spatial index, nanometres.
+        members : dict of numpy.ndarray, optional
+            Every column and vacant site of each feature (:attr:`Specimen.members`).
 
         Returns
         -------
@@ -248,6 +257,7 @@ class Specimen:
             vacancies=vacancies,
             features=features,
             bin_size_nm=bin_size_nm,
+            members=members,
             _bin_start=bin_start,
             _bins_x=bins_x,
             _bins_y=bins_y,
@@ -293,6 +303,25 @@ class Specimen:
     def thickness_factor(self, x_nm: np.ndarray, y_nm: np.ndarray) -> np.ndarray:
         """Relative specimen thickness at stage positions (1 at the centre); see :func:`thickness_factor`."""
         return thickness_factor(x_nm, y_nm, self.config, self.seed)
+
+    def feature_members(self) -> dict[str, np.ndarray]:
+        """Positions of every column and vacant site of each planted feature.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            ``x_nm``, ``y_nm`` (nanometres) and ``feature_id``, one entry per (point, feature)
+            pair: :attr:`members` when the specimen was generated here, else the columns by
+            their single ``feature_id`` and the vacant sites.
+        """
+        if self.members is not None:
+            return self.members
+        planted = self.feature_id >= 0
+        return {
+            "x_nm": np.concatenate([self.x_nm[planted], self.vacancies["x_nm"]]),
+            "y_nm": np.concatenate([self.y_nm[planted], self.vacancies["y_nm"]]),
+            "feature_id": np.concatenate([self.feature_id[planted], self.vacancies["feature_id"]]),
+        }
 
     def label_counts(self) -> dict[str, int]:
         """Number of columns carrying each ground-truth label."""
@@ -718,6 +747,7 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
     extra_y: list[np.ndarray] = []
     extra_weight: list[np.ndarray] = []
     extra_feature: list[np.ndarray] = []
+    interfaces: list[tuple[np.ndarray, int]] = []
     for _ in range(config.amorphous_patches):
         center = _random_point(rng, config)
         radius = config.amorphous_patch_radius_nm
@@ -736,6 +766,7 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
         interface = (depth >= 0) & (depth < a)
         label[interface] = LABEL_CODE["amorphous"]
         feature_id[interface] = feature.feature_id
+        interfaces.append((interface, feature.feature_id))
         # Fill the blob with atoms at about the crystal's column density.
         box = 1.6 * radius
         n_candidates = rng.poisson((2 * box) ** 2 * 2 / a**2)
@@ -759,6 +790,23 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
         else np.zeros(0, np.int32),
     }
 
+    # Every column and vacant site of each feature, before the label priority gives each column
+    # one feature: a vacancy cluster on a wall belongs to the cluster and to the wall.
+    pairs = [(np.flatnonzero(mask & keep), fid) for masks in label_masks.values() for mask, fid in masks]
+    pairs += [(np.flatnonzero(interface & keep), fid) for interface, fid in interfaces]
+    stacked = [np.stack([index, np.full(index.size, fid)], 1) for index, fid in pairs]
+    column_pairs = np.unique(np.concatenate(stacked), axis=0) if stacked else np.zeros((0, 2), np.int64)
+    members = {
+        "x_nm": np.concatenate([x[column_pairs[:, 0]], *extra_x, vacancies["x_nm"]]),
+        "y_nm": np.concatenate([y[column_pairs[:, 0]], *extra_y, vacancies["y_nm"]]),
+        "feature_id": np.concatenate([column_pairs[:, 1], *extra_feature, vacancies["feature_id"]]).astype(
+            np.int32
+        ),
+    }
+    mx, my = members["x_nm"], members["y_nm"]
+    on_specimen = (mx >= 0) & (mx <= width) & (my >= 0) & (my <= height)
+    members = {name: values[on_specimen] for name, values in members.items()}
+
     polarization = np.where(is_b[:, None], polar[:, :2], 0.0)
     n_extra = sum(part.size for part in extra_x)
     columns = {
@@ -779,4 +827,4 @@ def generate_specimen(config: SpecimenConfig | None = None, seed: int = 0) -> Sp
         & (columns["y_nm"] <= height)
     )
     columns = {name: values[inside] for name, values in columns.items()}
-    return Specimen.from_columns(config, seed, columns, vacancies, features)
+    return Specimen.from_columns(config, seed, columns, vacancies, features, members=members)

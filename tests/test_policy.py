@@ -653,3 +653,38 @@ def test_ingest_walls_checks_its_input_and_reports(small_grid: CandidateGrid) ->
     assert GuidedPolicy.follows_walls and not ImageGPPolicy.follows_walls
     baselines = (RasterPolicy, RandomPolicy, SurveyContrastPolicy, OraclePolicy)
     assert not any(policy.follows_walls for policy in baselines)
+
+
+def test_without_the_surrogate_the_fixed_terms_decide_and_nothing_is_learned(grid: CandidateGrid) -> None:
+    survey = np.zeros((len(grid), len(SURVEY_FEATURES)))
+    bright = 37
+    survey[bright, SURVEY_FEATURES.index("fringe_distortion")] = 5.0  # the survey prior points here
+    config = PolicyConfig(name="g", use_surrogate=False, survey_prior=1.0, travel_cost_per_um=0.0)
+    surrogate = GPSurrogate(FAST_GP, stage_x_nm=STEM.stage_x_nm, stage_y_nm=STEM.stage_y_nm)
+    policy = GuidedPolicy(grid, STEM, surrogate, config, survey_features=survey)
+    # A very interesting tile elsewhere teaches an ablated policy nothing.
+    seen = grid.request(200, 2.0, request_id="seen")
+    policy.ingest([seen], [50.0])
+    assert len(policy.surrogate) == 0
+    (chosen,) = policy.suggest(1)
+    assert index_of(grid, chosen) == bright
+    assert policy.calibration()["tiles"] == 0
+
+
+def test_calibration_compares_each_new_tile_with_the_prediction_made_before_it(grid: CandidateGrid) -> None:
+    surrogate = GPSurrogate(FAST_GP, stage_x_nm=STEM.stage_x_nm, stage_y_nm=STEM.stage_y_nm)
+    policy = GuidedPolicy(grid, STEM, surrogate, PolicyConfig(name="g"))
+    rng = np.random.default_rng(3)
+    picks = rng.choice(len(grid), size=20, replace=False)
+    for k, index in enumerate(picks):
+        request = grid.request(int(index), 2.0, request_id=f"t{k}")
+        policy.ingest([request], interest(grid.centres[[index]]) + rng.normal(0, 0.05, 1))
+    calibration = policy.calibration()
+    # The first fit_min_points tiles meet an unfitted model and are not judged.
+    assert calibration["tiles"] == 20 - FAST_GP.fit_min_points
+    assert len(calibration["predictions"]) == calibration["tiles"]
+    assert 0.0 <= calibration["within_68"] <= calibration["within_95"] <= 1.0
+    measured, mean, spread = np.array(calibration["predictions"]).T
+    z = np.abs(measured - mean) / spread
+    assert calibration["within_68"] == pytest.approx(np.mean(z <= 1.0))
+    assert np.all(spread > 0)

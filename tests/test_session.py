@@ -246,3 +246,29 @@ def test_the_summary_measures_how_long_the_instrument_waited_for_the_agent(
     assert summary["instrument_scan_time_s"] == pytest.approx(sum(scans))
     assert summary["instrument_dead_time_fraction"] == pytest.approx(sum(waits) / (sum(waits) + sum(scans)))
     assert summary["median_timings_s"]["instrument_wait"] >= 0.2
+
+
+@pytest.mark.parametrize("ablation", ["no_gp", "gp_position", "survey_only", "guided_log1p"])
+def test_every_ablation_of_the_guided_policy_runs_a_session(
+    small_config: SimulatorConfig, small_specimen: Specimen, ablation: str
+) -> None:
+    from analysis.bench_guidance import ABLATIONS
+
+    policy, changes = ABLATIONS[ablation]
+    sections = {
+        name: getattr(SMALL_SESSION, name).model_copy(update=values) for name, values in changes.items()
+    }
+    config = SMALL_SESSION.model_copy(
+        update={"policy": policy, "budget": BudgetConfig(max_tiles=8), **sections}
+    )
+    session = run_session(small_config, small_specimen, config, None)
+    assert session.summary()["tiles"] == 8
+    guided = session.policy
+    acquisition = changes.get("acquisition", {})
+    assert all(getattr(guided.config, key) == value for key, value in acquisition.items())
+    surrogate = changes.get("surrogate", {})
+    assert all(getattr(guided.surrogate.config, key) == value for key, value in surrogate.items())
+    learned = len(guided.surrogate) > 0
+    assert learned == guided.config.use_surrogate
+    # Only a model that learns is judged on its predictions.
+    assert (guided.calibration()["tiles"] > 0) == guided.config.use_surrogate

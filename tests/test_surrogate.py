@@ -186,3 +186,57 @@ def test_config_rejects_inconsistent_settings() -> None:
         SurrogateConfig(lengthscale_nm=0.5, lengthscale_bounds_nm=(1.0, 100.0))
     with pytest.raises(ValueError, match="extra"):
         SurrogateConfig(lenghtscale_nm=3.0)
+
+
+def _heavy_tailed_policy(transform: str, prior_sigma: float | None):  # type: ignore[no-untyped-def]
+    """A guided policy fed 40 tiles of a smooth field (about 1) of which three score in the hundreds."""
+    from agent.policy import GuidedPolicy, PolicyConfig
+    from agent.survey import CandidateGrid
+    from tests.test_policy import STEM, interest
+
+    grid = CandidateGrid.tiling(STEM, (500, 500), 0.02)  # 10 nm tiles
+    surrogate = GPSurrogate(
+        SurrogateConfig(lengthscale_prior_sigma=prior_sigma),
+        stage_x_nm=STEM.stage_x_nm,
+        stage_y_nm=STEM.stage_y_nm,
+    )
+    policy = GuidedPolicy(grid, STEM, surrogate, PolicyConfig(name="g", interest_transform=transform))
+    rng = np.random.default_rng(3)
+    for k, index in enumerate(rng.choice(len(grid), 40, replace=False)):
+        value = float(interest(grid.centres[[index]])[0]) + rng.normal(0, 0.05)
+        if k in (10, 20, 30):
+            value = 300.0 + rng.uniform(0, 500)  # a dislocation core's tile
+        policy.ingest([grid.request(int(index), 2.0, request_id=f"t{k}")], [value])
+    return policy, grid
+
+
+def test_a_heavy_tailed_score_does_not_pin_the_lengthscale_to_its_bound() -> None:
+    low = SurrogateConfig().lengthscale_bounds_nm[0]
+    pinned, _ = _heavy_tailed_policy("none", None)
+    # Maximum likelihood on raw interest makes every tile independent: the failure guarded against.
+    assert pinned.surrogate.summary()["lengthscale_nm"] < 1.05 * low
+    held, grid = _heavy_tailed_policy("log1p", 0.5)
+    pitch = grid.tile_size_nm[0]
+    assert held.surrogate.summary()["lengthscale_nm"] > 0.5 * pitch
+    assert held.model_unit == "log(1 + RMS z)"
+    assert held.surrogate.observed_values.max() < 7.0  # log(1 + 800)
+
+
+def test_uncertainty_shrinks_near_imaged_tiles_and_not_far_from_them() -> None:
+    policy, grid = _heavy_tailed_policy("log1p", 0.5)
+    _, variance = policy.posterior()
+    sd = np.sqrt(variance)
+    acquired = policy.acquired
+    centres = grid.centres
+    distance = np.min(
+        np.hypot(*(centres[:, None, :] - centres[acquired][None, :, :]).transpose(2, 0, 1)), axis=1
+    )
+    pitch = grid.tile_size_nm[0]
+    neighbours = (distance > 0) & (distance <= 1.01 * pitch)
+    far = distance >= 2.9 * pitch
+    assert far.any() and neighbours.any()
+    # Beside an imaged tile the model knows more than three pitches from any, where it keeps its
+    # prior uncertainty: the map is not "imaged or not" (a lengthscale at its bound).
+    assert np.median(sd[neighbours]) < 0.95 * np.median(sd[far])
+    assert np.median(sd[acquired]) < 0.8 * np.median(sd[neighbours])
+    assert np.median(sd[far]) > 0.97 * sd.max()

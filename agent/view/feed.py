@@ -454,6 +454,7 @@ class SessionFeed:
             "surrogate_mean": _b64(mean.astype("<f4")),
             "surrogate_sd": _b64(np.sqrt(np.clip(variance, 0.0, None)).astype("<f4")),
             "grid_shape": list(policy.grid.grid_shape),
+            "unit": getattr(policy, "model_unit", "RMS z"),
         }
 
 

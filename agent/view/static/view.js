@@ -274,8 +274,9 @@ function drawState() {
 function floats(text) { return text ? Array.from(new Float32Array(bytesOf(text).buffer)) : null; }
 
 function redraw() { drawSurvey(); drawTile(); drawCharts(); drawTimings(); drawState();
-  drawMap("mean", view.maps && floats(view.maps.surrogate_mean), "predicted tile interest (RMS z)");
-  drawMap("sd", view.maps && floats(view.maps.surrogate_sd), "std of tile interest (RMS z)"); }
+  const unit = (view.maps && view.maps.unit) || "RMS z";
+  drawMap("mean", view.maps && floats(view.maps.surrogate_mean), `predicted tile interest (${unit})`);
+  drawMap("sd", view.maps && floats(view.maps.surrogate_sd), `std of tile interest (${unit})`); }
 
 function bytesOf(text) { const raw = atob(text), out = new Uint8Array(raw.length); for (let k = 0; k < raw.length; k++) out[k] = raw.charCodeAt(k); return out; }
 
