@@ -474,7 +474,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             simulated = driver
 
             def true_offset(request: Any) -> tuple[float, float]:
-                return simulated.exposure_truth(request.request_id).offset_nm
+                try:
+                    return simulated.exposure_truth(request.request_id).offset_nm
+                except KeyError:
+                    # Steps rebuilt from the journal on --resume were not exposed here: as requested.
+                    return (0.0, 0.0)
 
             tracker = DiscoveryTracker(specimen, grid, true_offset)
             truth = tracker.candidates if config.policy == "oracle" else None

@@ -63,6 +63,11 @@ from agent.survey import SURVEY_FEATURES, CandidateGrid
 POLICY_NAMES: tuple[str, ...] = ("guided", "raster", "random", "survey", "image_gp", "oracle")
 """Names :func:`make_policy` accepts."""
 
+LEARNED_INPUTS: tuple[str, ...] = ("survey_prior", "wall_interest")
+"""Inputs of the guided policy's model besides position with ``learn_weights``: the survey prior
+where positive (:func:`survey_interest`, standard deviations above the mean) and
+:meth:`GuidedPolicy.wall_interest` (0-1)."""
+
 Acquisition = Literal["ucb", "ei", "thompson", "uncertainty"]
 
 _SNAP_DECIMALS = 6
@@ -133,6 +138,14 @@ class PolicyConfig(StrictModel):
         description=(
             "GP policies: what the surrogate models, the tile interest as measured or log(1 + interest) "
             "(interest is heavy-tailed: about 1 on normal lattice, hundreds on a dislocation core)"
+        ),
+    )
+    learn_weights: bool = Field(
+        False,
+        description=(
+            "guided policy: the survey prior and the walls followed become inputs of the Gaussian "
+            "process (linear terms whose weights it learns from the tiles; survey_prior and wall_follow "
+            "are then the prior means and spreads of those weights) instead of fixed bonuses"
         ),
     )
     use_surrogate: bool = Field(
@@ -971,6 +984,7 @@ class GuidedPolicy(AcquisitionPolicy):
     kind: ClassVar[str] = "guided"
     score_source: ClassVar[Literal["graph", "image"]] = "graph"
     follows_walls: ClassVar[bool] = True
+    learns_weights: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -984,8 +998,16 @@ class GuidedPolicy(AcquisitionPolicy):
         if surrogate is None:
             surrogate = GPSurrogate(stage_x_nm=description.stage_x_nm, stage_y_nm=description.stage_y_nm)
         self.surrogate = surrogate
+        self.learned = self.config.learn_weights and self.learns_weights
+        """True when the survey prior and the walls are model inputs (``learn_weights``)."""
         self._features: np.ndarray | None = None
-        if surrogate.feature_dim:
+        if self.learned:
+            if surrogate.feature_dim != len(LEARNED_INPUTS) or surrogate.config.feature_kernel != "linear":
+                raise PolicyError(
+                    f"learn_weights needs a surrogate with a linear kernel over {len(LEARNED_INPUTS)} inputs "
+                    f"({', '.join(LEARNED_INPUTS)}); build the policy with make_policy"
+                )
+        elif surrogate.feature_dim:
             features = _require_features(survey_features, grid, "a surrogate with use_survey_features")
             if features.shape[1] != surrogate.feature_dim:
                 raise PolicyError(
@@ -1024,21 +1046,40 @@ class GuidedPolicy(AcquisitionPolicy):
             return np.sign(values) * np.log1p(np.abs(values))
         return values
 
+    def _candidate_inputs(self) -> np.ndarray | None:
+        """Model inputs besides position at every candidate: survey features, or the learned inputs."""
+        if not self.learned:
+            return self._features
+        # Only distorted or fading fringes (a positive prior) say something; a linear weight on the
+        # whole signed prior would, once negative, send the policy to the most perfect lattice.
+        prior = np.zeros(len(self.grid)) if self.survey_prior is None else np.maximum(self.survey_prior, 0.0)
+        return np.column_stack([prior, self.wall_interest()])
+
+    def _rows_of(self, inputs: np.ndarray, indices: Sequence[int], positions_nm: np.ndarray) -> np.ndarray:
+        """Inputs of observed tiles: their candidate's (an off-grid tile takes the one containing it)."""
+        rows = [
+            int(index) if index >= 0 else self.grid.index_of(x, y)
+            for index, (x, y) in zip(indices, positions_nm, strict=True)
+        ]
+        return np.array([inputs[r] if r >= 0 else np.zeros(inputs.shape[1]) for r in rows]).reshape(
+            len(rows), inputs.shape[1]
+        )
+
     def _observe(self, indices: np.ndarray, positions_nm: np.ndarray, scores: np.ndarray) -> None:
         scores = self.model_values(scores)
-        features = None
-        if self._features is not None:
-            # Off-grid observations take the features of the candidate containing them.
-            rows = [
-                index if index >= 0 else self.grid.index_of(x, y)
-                for index, (x, y) in zip(indices, positions_nm, strict=True)
-            ]
-            features = np.array(
-                [self._features[r] if r >= 0 else np.zeros(self._features.shape[1]) for r in rows]
-            ).reshape(len(rows), -1)
+        inputs = self._candidate_inputs()
+        features = None if inputs is None else self._rows_of(inputs, indices, positions_nm)
         self._scores_seen.extend(float(v) for v in scores)
         if not self.config.use_surrogate:
             return
+        if self.learned and len(self.surrogate):
+            # Walls seen since change the inputs of earlier tiles too: refit on the current ones.
+            earlier = self._observations[: len(self.surrogate)]
+            self.surrogate.replace_features(
+                self._rows_of(
+                    inputs, [o[0] for o in earlier], np.array([[o[1], o[2]] for o in earlier]).reshape(-1, 2)
+                )
+            )
         if len(self.surrogate) >= self.surrogate.config.fit_min_points:
             # What the model predicted for these tiles before seeing them: its calibration.
             mean, variance = self.surrogate(positions_nm, features)
@@ -1081,14 +1122,14 @@ class GuidedPolicy(AcquisitionPolicy):
             self._batch = {"mean": zeros, "variance": zeros.copy(), "covariance": None, "best": 0.0}
             return
         if acquisition == "thompson":
-            samples = self.surrogate.sample(centres, self._features, n, self._rng)
+            samples = self.surrogate.sample(centres, self._candidate_inputs(), n, self._rng)
             self._batch = {"samples": samples}
             return
         if n > 1:
-            mean, covariance = self.surrogate.predict(centres, self._features, full_cov=True)
+            mean, covariance = self.surrogate.predict(centres, self._candidate_inputs(), full_cov=True)
             variance = np.clip(np.diag(covariance).copy(), 0.0, None)
         else:
-            mean, variance = self.surrogate(centres, self._features)
+            mean, variance = self.surrogate(centres, self._candidate_inputs())
             covariance = None
         observed = self.surrogate.observed_values
         best = float(observed.max()) if observed.size else 0.0
@@ -1114,7 +1155,7 @@ class GuidedPolicy(AcquisitionPolicy):
         mean, variance : numpy.ndarray
             Shape ``(m,)`` each, for the candidates in grid order.
         """
-        return self.surrogate(self.grid.centres, self._features)
+        return self.surrogate(self.grid.centres, self._candidate_inputs())
 
     def acquisition_values(self) -> np.ndarray:
         """Acquisition value of every candidate now, without costs, in score units.
@@ -1151,7 +1192,7 @@ class GuidedPolicy(AcquisitionPolicy):
 
     def _prior_bonus(self) -> np.ndarray | float:
         """Survey prior in score units: ``survey_prior`` x spread of the observed scores x interest."""
-        if self.survey_prior is None:
+        if self.survey_prior is None or self.learned:
             return 0.0
         spread = self._score_spread()
         return self.config.survey_prior * spread * self.survey_prior
@@ -1192,7 +1233,7 @@ class GuidedPolicy(AcquisitionPolicy):
 
     def _wall_bonus(self) -> np.ndarray | float:
         """Wall-following bonus in score units: ``wall_follow`` x spread of the observed scores."""
-        if self.config.wall_follow <= 0 or not self._walls:
+        if self.config.wall_follow <= 0 or not self._walls or self.learned:
             return 0.0
         spread = self._score_spread()
         return self.config.wall_follow * spread * self.wall_interest()
@@ -1249,6 +1290,7 @@ class ImageGPPolicy(GuidedPolicy):
 
     kind: ClassVar[str] = "image_gp"
     score_source: ClassVar[Literal["graph", "image"]] = "image"
+    learns_weights: ClassVar[bool] = False
     # Walls are found from atomic columns, which this image-statistics anchor is meant to do without.
     follows_walls: ClassVar[bool] = False
 
@@ -1390,6 +1432,17 @@ def make_policy(
             surrogate_config = SurrogateConfig(
                 use_survey_features=survey_features is not None, seed=config.seed
             )
+        if config.learn_weights:
+            # The fixed weights become the prior of learned ones: mean, and as wide (standardised units).
+            learned = surrogate_config.model_copy(
+                update={"use_survey_features": True, "feature_kernel": "linear"}
+            )
+            weights = (config.survey_prior, config.wall_follow)
+            surrogate = GPSurrogate(
+                learned, len(LEARNED_INPUTS), **stage,
+                feature_variances=[max(w, 0.1) ** 2 for w in weights], feature_weight_means=weights,
+            )  # fmt: skip
+            return GuidedPolicy(grid, description, surrogate, config, survey_features)
         feature_dim = 0
         if surrogate_config.use_survey_features:
             feature_dim = _require_features(

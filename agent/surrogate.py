@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Self
 
@@ -93,6 +93,14 @@ class SurrogateConfig(StrictModel):
     fit_steps_update: int = Field(15, ge=0, description="Adam steps of each later refit (warm-started)")
     learning_rate: float = Field(0.05, gt=0, description="Adam learning rate")
     use_survey_features: bool = Field(False, description="additive kernel over survey features")
+    feature_kernel: Literal["rbf", "linear"] = Field(
+        "rbf",
+        description=(
+            "kernel over the features: an ARD RBF, or one linear term per feature (Bayesian linear "
+            "regression: interest = sum of weight x feature, each weight with a Gaussian prior whose "
+            "variance is fitted)"
+        ),
+    )
     noise_init: float = Field(0.1, gt=0, description="initial noise variance, standardised units")
     noise_bounds: tuple[float, float] = Field(
         (1e-4, 2.0), description="(min, max) fitted noise variance, standardised units"
@@ -158,6 +166,13 @@ class GPSurrogate:
     stage_x_nm, stage_y_nm : tuple of float or None
         Stage range ``(min, max)`` in nanometres; positions are normalised by the larger
         extent so lengthscales mean the same on any stage. None: origin 0 and a 1 µm scale.
+    feature_variances : sequence of float or None
+        Linear feature kernel only: the initial prior variance of each feature's weight, in
+        standardised units (the physical prior; fitted from there); None: 1 each.
+    feature_weight_means : sequence of float or None
+        Linear feature kernel only: the prior mean of each weight, standardised units (what is
+        believed before any tile: interest rises with the survey's fringe distortion); the
+        model's prior mean is then ``sum(weight_mean * feature)``. None: zero.
 
     Examples
     --------
@@ -178,6 +193,8 @@ class GPSurrogate:
         *,
         stage_x_nm: tuple[float, float] | None = None,
         stage_y_nm: tuple[float, float] | None = None,
+        feature_variances: Sequence[float] | None = None,
+        feature_weight_means: Sequence[float] | None = None,
     ) -> None:
         self.config = config if config is not None else SurrogateConfig()
         if feature_dim < 0:
@@ -188,6 +205,26 @@ class GPSurrogate:
                 "columns (4 for agent.survey.survey_features) or turn use_survey_features off"
             )
         self.feature_dim = int(feature_dim) if self.config.use_survey_features else 0
+        variances = (
+            [1.0] * self.feature_dim if feature_variances is None else [float(v) for v in feature_variances]
+        )
+        if len(variances) != self.feature_dim or not all(math.isfinite(v) and v > 0 for v in variances):
+            raise SurrogateError(
+                f"feature_variances must give one positive variance per feature ({self.feature_dim}), "
+                f"got {feature_variances}"
+            )
+        self._feature_variances = variances
+        means = (
+            [0.0] * self.feature_dim
+            if feature_weight_means is None
+            else [float(v) for v in feature_weight_means]
+        )
+        if len(means) != self.feature_dim or not all(math.isfinite(v) for v in means):
+            raise SurrogateError(
+                f"feature_weight_means must give one finite mean per feature ({self.feature_dim}), "
+                f"got {feature_weight_means}"
+            )
+        self._weight_means = torch.tensor(means, dtype=_DTYPE)
         if stage_x_nm is not None and stage_y_nm is not None:
             self._origin = np.array([stage_x_nm[0], stage_y_nm[0]], dtype=np.float64)
             extent = max(stage_x_nm[1] - stage_x_nm[0], stage_y_nm[1] - stage_y_nm[0])
@@ -222,7 +259,8 @@ class GPSurrogate:
         config = self.config
         dims = 2 + self.feature_dim
         position_class = gp.kernels.Matern52 if config.kernel == "matern52" else gp.kernels.RBF
-        share = _FEATURE_VARIANCE_SHARE if self.feature_dim else 0.0
+        linear = config.feature_kernel == "linear"
+        share = _FEATURE_VARIANCE_SHARE if self.feature_dim and not linear else 0.0
         position = position_class(
             input_dim=2,
             variance=torch.tensor(1.0 - share, dtype=_DTYPE),
@@ -241,6 +279,18 @@ class GPSurrogate:
         )
         if not self.feature_dim:
             return position
+        if linear:
+            # One linear term per feature, so each weight has its own prior variance (ARD).
+            terms: gp.kernels.Kernel | None = None
+            for column, variance in enumerate(self._feature_variances):
+                term = gp.kernels.Linear(
+                    input_dim=1, variance=torch.tensor(variance, dtype=_DTYPE), active_dims=[2 + column]
+                )
+                term.variance = PyroParam(
+                    torch.tensor(variance, dtype=_DTYPE), constraints.interval(1e-4, 100.0)
+                )
+                terms = term if terms is None else gp.kernels.Sum(terms, term)
+            return gp.kernels.Sum(position, terms)
         features = gp.kernels.RBF(
             input_dim=self.feature_dim,
             variance=torch.tensor(share, dtype=_DTYPE),
@@ -253,6 +303,12 @@ class GPSurrogate:
         )
         features.variance = PyroParam(torch.tensor(share, dtype=_DTYPE), constraints.interval(1e-3, 50.0))
         return gp.kernels.Sum(position, features)
+
+    def _prior_mean(self, X: torch.Tensor) -> torch.Tensor:
+        """Prior mean at design rows ``X``: the features weighted by their prior means (0 without)."""
+        if not self.feature_dim or self.config.feature_kernel != "linear":
+            return torch.zeros(X.shape[0], dtype=X.dtype)
+        return X[:, 2:] @ self._weight_means
 
     @contextmanager
     def _scope(self, model: str) -> Iterator[None]:
@@ -351,6 +407,40 @@ class GPSurrogate:
         view.setflags(write=False)
         return view
 
+    def replace_features(self, features: Any) -> None:
+        """Replace the features of the observations made so far (no refit until the next update).
+
+        For features that change as a session goes on (how strongly a candidate lies on a
+        domain wall seen since): the next :meth:`update` fits on the current values.
+
+        Parameters
+        ----------
+        features : array_like
+            Shape ``(len(self), feature_dim)``.
+
+        Raises
+        ------
+        SurrogateError
+            If the shape is wrong or a value is NaN or infinite.
+        """
+        _, values = self._inputs(self._positions, features, "observation")
+        self._features = values
+
+    def linear_weight_variances(self) -> list[float] | None:
+        """Fitted prior variance of each feature's weight, standardised units (linear kernel only).
+
+        A feature the interest follows gains variance as tiles come in; one it ignores loses it.
+        """
+        if not self.feature_dim or self.config.feature_kernel != "linear":
+            return None
+        terms = self._kernel.kern1
+        variances = []
+        while isinstance(terms, gp.kernels.Sum):
+            variances.append(float(terms.kern1.variance.detach()))
+            terms = terms.kern0
+        variances.append(float(terms.variance.detach()))
+        return variances[::-1]
+
     def update(self, positions_nm: Any, values: Any, features: Any = None) -> None:
         """Append observations and refit the hyper-parameters with a bounded number of steps.
 
@@ -399,7 +489,7 @@ class GPSurrogate:
         if self._exact is None:
             self._exact = gp.models.GPRegression(
                 X, y, self._build_kernel(), noise=torch.tensor(self.config.noise_init, dtype=_DTYPE),
-                jitter=self.config.jitter,
+                mean_function=self._prior_mean, jitter=self.config.jitter,
             )  # fmt: skip
             self._exact.noise = PyroParam(
                 torch.tensor(self.config.noise_init, dtype=_DTYPE), self._noise_constraint
@@ -415,8 +505,9 @@ class GPSurrogate:
         chosen = torch.as_tensor(_farthest_points(X.numpy(), self.config.inducing_points))
         if self._sparse is None:
             self._sparse = gp.models.SparseGPRegression(
-                X, y, self._build_kernel(), X[chosen].clone(), approx="VFE", jitter=self.config.jitter
-            )
+                X, y, self._build_kernel(), X[chosen].clone(), mean_function=self._prior_mean, approx="VFE",
+                jitter=self.config.jitter,
+            )  # fmt: skip
             self._sparse.noise = PyroParam(
                 torch.tensor(self.config.noise_init, dtype=_DTYPE), self._noise_constraint
             )
@@ -498,7 +589,7 @@ class GPSurrogate:
         X = self._design(positions, feature_values)
         if self._exact is None:
             with torch.no_grad(), self._scope("prior"):
-                mean = torch.zeros(X.shape[0], dtype=_DTYPE)
+                mean = self._prior_mean(X)
                 kernel = self._prior_kernel
                 spread = kernel(X) if full_cov else kernel(X, diag=True)
         else:
@@ -580,7 +671,7 @@ class GPSurrogate:
         scale2 = self._value_std**2
         feature_variance: float | None = None
         feature_lengthscales: list[float] | None = None
-        if isinstance(self._kernel, gp.kernels.Sum):
+        if isinstance(self._kernel, gp.kernels.Sum) and self.config.feature_kernel == "rbf":
             feature_variance = float(self._kernel.kern1.variance.detach()) * scale2
             feature_lengthscales = [float(v) for v in self._kernel.kern1.lengthscale.detach()]
         return {
@@ -592,6 +683,7 @@ class GPSurrogate:
             "noise": self.noise_variance,
             "feature_variance": feature_variance,
             "feature_lengthscales": feature_lengthscales,
+            "linear_weight_variances": self.linear_weight_variances(),
             "value_mean": self._value_mean,
             "value_std": self._value_std,
             "last_fit_s": self._last_fit_s,

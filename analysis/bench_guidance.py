@@ -48,13 +48,22 @@ ABLATIONS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "guided",
         {"acquisition": {"interest_transform": "log1p"}, "surrogate": {"lengthscale_prior_sigma": 0.5}},
     ),
+    "guided_learned": (
+        "guided",
+        {
+            "acquisition": {"interest_transform": "log1p", "learn_weights": True},
+            "surrogate": {"lengthscale_prior_sigma": 0.5},
+        },
+    ),
 }
 """Variants of the guided policy: name -> (policy, settings changed per section of the session config).
 
 ``no_gp`` keeps the survey prior, wall following and saturation with their fixed weights but
 learns nothing from the tiles; ``gp_position`` is the Gaussian process on stage position alone;
 ``survey_only`` ranks candidates by the survey prior (and travel) only; ``guided_log1p`` models
-log(1 + interest) with a log-normal prior on the lengthscale (heavy-tailed interest).
+log(1 + interest) with a log-normal prior on the lengthscale (heavy-tailed interest);
+``guided_learned`` also makes the survey prior and the walls inputs of the model, with weights it
+learns (``acquisition.learn_weights``).
 """
 
 VARIANTS: tuple[str, ...] = (*POLICY_NAMES, *ABLATIONS)

@@ -688,3 +688,25 @@ def test_calibration_compares_each_new_tile_with_the_prediction_made_before_it(g
     z = np.abs(measured - mean) / spread
     assert calibration["within_68"] == pytest.approx(np.mean(z <= 1.0))
     assert np.all(spread > 0)
+
+
+def test_learned_weights_start_from_the_survey_prior_and_replace_the_bonuses(grid: CandidateGrid) -> None:
+    survey = np.zeros((len(grid), len(SURVEY_FEATURES)))
+    bright = 37
+    survey[bright, SURVEY_FEATURES.index("fringe_distortion")] = 5.0
+    config = PolicyConfig(
+        name="g", learn_weights=True, survey_prior=1.0, wall_follow=4.0, travel_cost_per_um=0.0
+    )
+    policy = make_policy("guided", grid, STEM, config, survey_features=survey, surrogate_config=FAST_GP)
+    assert isinstance(policy, GuidedPolicy) and policy.learned
+    assert policy.surrogate.config.feature_kernel == "linear" and policy.surrogate.feature_dim == 2
+    assert policy._prior_bonus() == 0.0  # the prior is in the model now, not added beside it
+    (first,) = policy.suggest(1)
+    assert index_of(grid, first) == bright
+    # A wall seen in a tile makes its continuation an input of every later prediction.
+    policy.ingest([first], [1.0])
+    policy.ingest_walls([horizontal_wall(75.0)])
+    assert policy._candidate_inputs()[:, 1].max() == pytest.approx(1.0)
+    mismatched = GPSurrogate(FAST_GP, stage_x_nm=STEM.stage_x_nm, stage_y_nm=STEM.stage_y_nm)
+    with pytest.raises(PolicyError, match="learn_weights needs a surrogate with a linear kernel"):
+        GuidedPolicy(grid, STEM, mismatched, config, survey_features=survey)

@@ -240,3 +240,48 @@ def test_uncertainty_shrinks_near_imaged_tiles_and_not_far_from_them() -> None:
     assert np.median(sd[neighbours]) < 0.95 * np.median(sd[far])
     assert np.median(sd[acquired]) < 0.8 * np.median(sd[neighbours])
     assert np.median(sd[far]) > 0.97 * sd.max()
+
+
+def test_a_linear_input_the_interest_follows_gains_weight_and_an_idle_one_loses_it() -> None:
+    rng = np.random.default_rng(4)
+    positions = rng.uniform(0, 100, (60, 2))
+    followed, idle = rng.normal(0, 1, 60), rng.normal(0, 1, 60)
+    # Interest follows the first input (a survey feature), not the second, nor position.
+    values = 3.0 * followed + rng.normal(0, 0.3, 60)
+    config = SurrogateConfig(use_survey_features=True, feature_kernel="linear", fit_steps_initial=200)
+    surrogate = GPSurrogate(
+        config, 2, stage_x_nm=(0, 100), stage_y_nm=(0, 100), feature_variances=[0.5, 0.5],
+        feature_weight_means=[0.0, 0.0],
+    )  # fmt: skip
+    surrogate.update(positions[:8], values[:8], np.column_stack([followed, idle])[:8])
+    early = surrogate.linear_weight_variances()
+    surrogate.update(positions[8:], values[8:], np.column_stack([followed, idle])[8:])
+    late = surrogate.linear_weight_variances()
+    assert early is not None and late is not None
+    assert late[0] > 0.5 and late[0] >= early[0] * 0.9
+    assert late[1] < 0.1
+    # The model then predicts the interest from the input alone, anywhere on the stage.
+    query = np.array([[50.0, 50.0], [50.0, 50.0]])
+    mean, _ = surrogate(query, np.array([[2.0, 0.0], [-2.0, 0.0]]))
+    assert mean[0] - mean[1] == pytest.approx(12.0, rel=0.15)
+
+
+def test_linear_inputs_start_from_their_prior_mean_and_can_be_refreshed() -> None:
+    config = SurrogateConfig(use_survey_features=True, feature_kernel="linear")
+    surrogate = GPSurrogate(
+        config,
+        1,
+        stage_x_nm=(0, 100),
+        stage_y_nm=(0, 100),
+        feature_variances=[1.0],
+        feature_weight_means=[2.0],
+    )
+    mean, _ = surrogate(np.array([[10.0, 10.0], [90.0, 90.0]]), np.array([[1.0], [0.0]]))
+    assert mean.tolist() == pytest.approx([2.0, 0.0])  # before any tile: the prior belief
+    surrogate.update(np.array([[10.0, 10.0], [60.0, 60.0]]), np.array([1.0, 2.0]), np.array([[0.0], [0.0]]))
+    surrogate.replace_features(np.array([[1.0], [0.5]]))
+    assert surrogate._features.tolist() == [[1.0], [0.5]]
+    with pytest.raises(SurrogateError, match=r"features must have shape \(2, 1\)"):
+        surrogate.replace_features(np.ones((3, 1)))
+    with pytest.raises(SurrogateError, match="one positive variance per feature"):
+        GPSurrogate(config, 1, feature_variances=[1.0, 2.0])
