@@ -75,7 +75,7 @@ from agent.anomaly import (
     resolve_checkpoint,
     single_thread_torch,
 )
-from agent.columns import ColumnFinderConfig, Columns, find_columns
+from agent.columns import ColumnFinderConfig, Columns, find_columns, lattice_extent
 from agent.config import StrictModel
 from agent.domains import WallConfig, WallSegment, wall_in_tile
 from agent.driver import MicroscopeDriver, ScanRequest, Tile
@@ -332,6 +332,33 @@ def tile_interest(
         return math.nan
     scores = scorer.score(graph.to_pyg(nodes)).score
     return float(region_scores(scores, np.zeros(nodes.size, dtype=np.int64), 1, top_fraction)[0])
+
+
+def scanned_extent(
+    placed: Columns, placement: Placement, tile: Tile, lattice_spacing_nm: float
+) -> tuple[float, float, float, float]:
+    """Where a placed tile counts as scanned: its registered extent, cut to the lattice it found.
+
+    Columns along a film edge inside the tile (or in a tile that landed past the edge) are then
+    the rim of the scan, not anomalies (:func:`agent.columns.lattice_extent`).
+
+    Parameters
+    ----------
+    placed : Columns
+        The tile's columns in the specimen frame (``placement.apply(columns)``).
+    placement : Placement
+        The tile's placement.
+    tile : Tile
+        The tile.
+    lattice_spacing_nm : float
+        Lattice spacing, nm.
+
+    Returns
+    -------
+    tuple of float
+        ``(x_min, x_max, y_min, y_max)``, nm.
+    """
+    return lattice_extent(placed.x_nm, placed.y_nm, placement.extent_nm(tile), lattice_spacing_nm)
 
 
 def apply_moves(graph: MoleculeGraph, placement: Placement) -> np.ndarray:
@@ -1006,7 +1033,7 @@ class Session:
                 "the configuration or the software changed since"
             )
         placed = placement.apply(columns)
-        extent = placement.extent_nm(tile)
+        extent = scanned_extent(placed, placement, tile, self.config.graph.lattice_spacing_nm)
         timings["register"] = time.perf_counter() - tick
         tick = time.perf_counter()
         moved = apply_moves(self.graph, placement)

@@ -56,6 +56,7 @@ from agent.session import (
     SessionError,
     StepRecord,
     apply_moves,
+    scanned_extent,
     session_column_config,
     session_scorer,
     single_thread_torch,
@@ -599,7 +600,10 @@ def rescore_tiles(
             # The recorded placement: re-scoring changes the model, not where the tiles were.
             placement = step.placement or Placement.nominal(step.tile)
             moved = apply_moves(graph, placement)
-            merge = graph.merge(placement.apply(columns), placement.extent_nm(step.tile))
+            placed = placement.apply(columns)
+            merge = graph.merge(
+                placed, scanned_extent(placed, placement, step.tile, config.graph.lattice_spacing_nm)
+            )
             updated = np.union1d(merge.updated_nodes, moved)
             starts += step.kind == "start"
             ready = step.kind == "guided" or starts >= config.start_tiles

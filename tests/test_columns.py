@@ -222,3 +222,43 @@ def test_columns_table_selects_and_counts(high_dose_tile: Tile) -> None:
         "B_vacancy",
     }
     assert abs(columns.species_counts()["A"] - columns.species_counts()["B"]) < 0.1 * len(columns)
+
+
+def _tile_at(specimen, config, origin_nm: tuple[float, float], size_px: int = 256, pixel_nm: float = 0.02):  # type: ignore[no-untyped-def]
+    """A noisy simulated tile whose pixel (0, 0) is centred at ``origin_nm``, and its extent."""
+    from agent.driver import electrons_per_pixel
+    from simulator.imaging import add_detector_noise, render_expected_counts
+
+    per_pixel = electrons_per_pixel(config.instrument.beam_current_pa, 4.0)
+    expected = render_expected_counts(
+        specimen, origin_nm, (size_px, size_px), pixel_nm, per_pixel, config.imaging
+    )
+    image = add_detector_noise(expected, config.imaging, np.random.default_rng(0))
+    x0, y0 = origin_nm[0] - 0.5 * pixel_nm, origin_nm[1] - 0.5 * pixel_nm
+    return image, (x0, x0 + size_px * pixel_nm, y0, y0 + size_px * pixel_nm)
+
+
+def test_the_lattice_extent_cuts_the_vacuum_past_the_specimen_edge_and_nothing_else(
+    small_config, small_specimen
+) -> None:  # type: ignore[no-untyped-def]
+    from agent.columns import lattice_extent
+
+    width, height = small_specimen.size_nm
+    spacing = small_specimen.config.lattice_nm
+
+    def found(origin: tuple[float, float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        image, extent = _tile_at(small_specimen, small_config, origin)
+        columns = find_columns_in_image(image.astype(np.float32), 0.02)
+        # Column positions are from the image's corner: move them onto the stage.
+        return lattice_extent(columns.x_nm + extent[0], columns.y_nm + extent[2], extent, spacing), extent
+
+    # A tile that runs 2 nm past the right edge and 1.5 nm past the bottom edge of the film.
+    lattice, extent = found((width - 3.1, height - 3.6))
+    assert lattice[0] == extent[0] and lattice[2] == extent[2]
+    assert abs(lattice[1] - width) < 0.6 and abs(lattice[3] - height) < 0.6
+    # Inside the film, vacancy clusters and substitutions included, the tile keeps its extent.
+    for cluster in (f for f in small_specimen.features if f.kind in ("vacancy", "substitution")):
+        cx, cy = cluster.center_nm
+        origin = (min(max(cx - 2.56, 0.5), width - 5.7), min(max(cy - 2.56, 0.5), height - 5.7))
+        lattice, extent = found(origin)
+        assert lattice == extent, cluster.kind
