@@ -468,19 +468,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         truth = None
         if specimen is not None:
             from agent.survey import CandidateGrid
-            from analysis.guidance import DiscoveryTracker
+            from analysis.guidance import DiscoveryTracker, true_offsets
 
             grid = CandidateGrid.tiling(driver.describe(), config.tiles.shape, config.tiles.pixel_size_nm)
-            simulated = driver
-
-            def true_offset(request: Any) -> tuple[float, float]:
-                try:
-                    return simulated.exposure_truth(request.request_id).offset_nm
-                except KeyError:
-                    # Steps rebuilt from the journal on --resume were not exposed here: as requested.
-                    return (0.0, 0.0)
-
-            tracker = DiscoveryTracker(specimen, grid, true_offset)
+            tracker = DiscoveryTracker(specimen, grid, true_offsets(driver))
             truth = tracker.candidates if config.policy == "oracle" else None
         elif config.policy == "oracle":
             raise ConfigError(

@@ -1067,11 +1067,11 @@ class GuidedPolicy(AcquisitionPolicy):
 
     def _observe(self, indices: np.ndarray, positions_nm: np.ndarray, scores: np.ndarray) -> None:
         scores = self.model_values(scores)
-        inputs = self._candidate_inputs()
-        features = None if inputs is None else self._rows_of(inputs, indices, positions_nm)
         self._scores_seen.extend(float(v) for v in scores)
         if not self.config.use_surrogate:
             return
+        inputs = self._candidate_inputs()
+        features = None if inputs is None else self._rows_of(inputs, indices, positions_nm)
         if self.learned and len(self.surrogate):
             # Walls seen since change the inputs of earlier tiles too: refit on the current ones.
             earlier = self._observations[: len(self.surrogate)]
@@ -1186,8 +1186,8 @@ class GuidedPolicy(AcquisitionPolicy):
 
     def _score_spread(self) -> float:
         """Standard deviation of the scores ingested so far (1 before two exist): the unit of the bonuses."""
-        use_model = self.config.use_surrogate
-        observed = self.surrogate.observed_values if use_model else np.asarray(self._scores_seen)
+        # The values the model learned from (the surrogate's own, when there is one).
+        observed = np.asarray(self._scores_seen)
         return float(observed.std()) if observed.size > 1 else 1.0
 
     def _prior_bonus(self) -> np.ndarray | float:

@@ -345,10 +345,7 @@ class GPSurrogate:
 
     @property
     def _position_kernel(self) -> gp.kernels.Kernel:
-        return self._position_kernel_of(None)
-
-    def _position_kernel_of(self, model: gp.models.GPModel | None) -> gp.kernels.Kernel:
-        kernel = self._kernel if model is None else model.kernel
+        kernel = self._kernel
         return kernel.kern0 if isinstance(kernel, gp.kernels.Sum) else kernel
 
     # ------------------------------------------------------------------ validation
@@ -553,7 +550,7 @@ class GPSurrogate:
                     # a few outlying tiles cannot shrink it to the bound (every tile independent).
                     # Written out here because the kernel's lengthscale stays a bounded PyroParam,
                     # which the sparse GP takes over as it is.
-                    length = self._position_kernel_of(model).lengthscale
+                    length = self._position_kernel.lengthscale
                     loss = loss + 0.5 * ((torch.log(length) - prior_log_length) / sigma) ** 2
                 loss.backward()
                 optimizer.step()

@@ -31,7 +31,7 @@ from agent.errors import ConfigError
 from agent.policy import POLICY_NAMES, GuidedPolicy
 from agent.session import DECISION_STAGES, BudgetConfig, Session, SessionConfig, StepRecord
 from agent.survey import CandidateGrid
-from analysis.guidance import DiscoveryTracker, detected_features
+from analysis.guidance import DiscoveryTracker, detected_features, true_offsets
 from simulator.config import SimulatorConfig
 from simulator.drivers import SimulatedMicroscope
 from simulator.layouts import layout_specimen
@@ -167,9 +167,7 @@ def run_policy_session(
             update={"policy": base_policy, "seed": seed, "budget": BudgetConfig(max_tiles=budget),
                     "session_id": base.session_id or f"bench-{policy}-{layout}-{seed}", **sections}
         )  # fmt: skip
-        tracker = DiscoveryTracker(
-            specimen, grid, lambda request: microscope.exposure_truth(request.request_id).offset_nm
-        )
+        tracker = DiscoveryTracker(specimen, grid, true_offsets(microscope))
         results: dict[float, dict[str, float]] = {}
         latencies: list[float] = []
         holder: dict[str, Session] = {}

@@ -219,6 +219,31 @@ def specimen_frame_nodes(session: Session, exposures: dict[str, ExposureTruth]) 
     return points + correction[graph.first_tile]
 
 
+def true_offsets(microscope: SimulatedMicroscope) -> Callable[[ScanRequest], tuple[float, float]]:
+    """Where each tile of ``microscope`` truly landed, as :class:`DiscoveryTracker` wants it.
+
+    Parameters
+    ----------
+    microscope : SimulatedMicroscope
+        The simulated instrument a session runs on.
+
+    Returns
+    -------
+    callable
+        Request to the true offset ``(x, y)`` of its tile from the requested position, nm;
+        ``(0, 0)`` for a request this instrument did not expose (steps rebuilt from a journal
+        on resume).
+    """
+
+    def offset(request: ScanRequest) -> tuple[float, float]:
+        try:
+            return microscope.exposure_truth(request.request_id).offset_nm
+        except KeyError:
+            return (0.0, 0.0)
+
+    return offset
+
+
 STRICT_MARGIN_NM = 1.0
 """Strict scoring: how far inside an acquired tile a column must lie to count as imaged, nm."""
 
