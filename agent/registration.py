@@ -23,6 +23,9 @@ before its columns are merged into the stitched graph:
    and thickness make every column's brightness a fingerprint), all at once with FFTs on the
    lattice-indexed columns, and the winning cell is refined by the mean displacement of the
    matched columns: a few picometres.
+5. **Onto the stitched lattice** (:func:`snap_to_overlap`): a tile the survey or the prediction
+   placed that still overlaps stitched columns is moved onto their lattice by local
+   nearest-neighbour matching, so that its overlap never doubles the columns there.
 
 The result is a :class:`Placement`: the measured offset of the tile's first pixel, the drift
 velocity within the frame, their uncertainty and how they were measured. A tile that cannot
@@ -89,6 +92,12 @@ class RegistrationConfig(StrictModel):
     search_sigmas: float = Field(3.0, gt=0, description="search window half-width, in prior sigmas")
     min_overlap_columns: int = Field(
         50, ge=4, description="columns matched in the overlap for an overlap registration"
+    )
+    min_lock_columns: int = Field(
+        12,
+        ge=3,
+        description="stitched columns a survey-placed or predicted tile must overlap to be snapped onto "
+        "their lattice (fewer are merged as placed)",
     )
     min_species_agreement: float = Field(
         0.6, gt=0.5, le=1.0, description="share of overlap columns whose species must agree (A on B: ~0.2)"
@@ -746,6 +755,116 @@ def _lattice_phase(positions: np.ndarray, basis: np.ndarray, origin: np.ndarray)
     return np.angle(np.exp(2j * math.pi * fraction).mean(axis=0)) / (2 * math.pi)
 
 
+@dataclass(frozen=True)
+class LatticeSnap:
+    """A tile moved onto the lattice of the stitched columns it overlaps.
+
+    Parameters
+    ----------
+    shift_nm : numpy.ndarray
+        Shift ``(dx, dy)`` added to the tile's placement, nm (at most about 1.6 half diagonals).
+    matched : int
+        Tile columns that coincide with stitched columns after the shift.
+    agreement : float
+        Share of them whose species agree.
+    reference : numpy.ndarray
+        Indices (into the reference columns) of the matched stitched columns.
+    """
+
+    shift_nm: np.ndarray
+    matched: int
+    agreement: float
+    reference: np.ndarray
+
+
+def snap_to_overlap(
+    points: np.ndarray,
+    species: np.ndarray,
+    reference_points: np.ndarray,
+    reference_species: np.ndarray,
+    vectors: LatticeVectors,
+    min_columns: int = 12,
+    min_agreement: float = 0.6,
+) -> LatticeSnap | None:
+    """The smallest shift that puts a tile's columns on the stitched columns they overlap.
+
+    A tile placed by the survey or by the prediction alone sits up to a few tenths of a
+    nanometre off the lattice of the columns already stitched where it overlaps them; merged as
+    it is, every overlapping column would become a second node beside the first. This finds the
+    tile's sub-cell phase against the stitched columns from their nearest-neighbour
+    displacements (a circular mean in lattice coordinates, so a phase near a cell boundary does
+    not split), then takes the nearest lattice translation of that phase at which the species
+    agree. It is local, nearest-neighbour matching, so strain and small distortions of the
+    stitched graph across the search window do not matter (as they do for lattice indexing).
+
+    Parameters
+    ----------
+    points : numpy.ndarray
+        The tile's columns ``(x, y)`` where the tile is placed now, nm, shape ``(n, 2)``.
+    species : numpy.ndarray
+        Their species codes.
+    reference_points, reference_species : numpy.ndarray
+        The stitched columns near the tile, nm, and their species.
+    vectors : LatticeVectors
+        The lattice vectors of the specimen (drift removed), nm.
+    min_columns : int
+        Overlapping columns needed (fewer: None).
+    min_agreement : float
+        Share of matched columns whose species must agree (an A-on-B shift gives about 0.2).
+
+    Returns
+    -------
+    LatticeSnap or None
+        None when fewer than ``min_columns`` columns overlap or no nearby translation puts
+        agreeing species on each other.
+
+    Examples
+    --------
+    >>> a = 0.4
+    >>> i, j = np.meshgrid(np.arange(10), np.arange(10), indexing="ij")
+    >>> a_sites = np.stack([i.ravel() * a, j.ravel() * a], 1)
+    >>> lattice = np.concatenate([a_sites, a_sites + a / 2])
+    >>> kinds = np.repeat([SPECIES_A, 1], 100)
+    >>> vectors = LatticeVectors(np.array([a, 0.0]), np.array([0.0, a]), 0.0, 100)
+    >>> snap = snap_to_overlap(lattice + [0.13, -0.05], kinds, lattice, kinds, vectors)
+    >>> np.round(snap.shift_nm, 3).tolist(), snap.matched
+    ([-0.13, 0.05], 200)
+    """
+    if len(points) < min_columns or len(reference_points) < min_columns:
+        return None
+    basis = np.stack([0.5 * (vectors.a1 + vectors.a2), 0.5 * (vectors.a1 - vectors.a2)], 1)
+    cell = float(np.hypot(*basis[:, 0]))
+    tree = cKDTree(reference_points)
+    # Within the combined A+B lattice every point is at most cell / sqrt 2 from a column.
+    distance, nearest = tree.query(points, distance_upper_bound=0.75 * cell)
+    near = np.isfinite(distance)
+    if np.count_nonzero(near) < min_columns:
+        return None
+    displacement = reference_points[nearest[near]] - points[near]
+    fraction = np.linalg.solve(basis, displacement.T).T
+    phase = np.angle(np.exp(2j * np.pi * fraction).mean(axis=0)) / (2 * np.pi)
+    steps = np.arange(-2, 3)
+    m, n = np.meshgrid(steps, steps, indexing="ij")
+    candidates = (phase + np.stack([m.ravel(), n.ravel()], 1)) @ basis.T
+    order = np.argsort(np.hypot(*candidates.T), kind="stable")
+    tolerance = 0.35 * cell
+    for candidate in candidates[order]:
+        if np.hypot(*candidate) > 1.6 * cell:
+            break
+        moved = points + candidate
+        distance, nearest = tree.query(moved, distance_upper_bound=tolerance)
+        matched = np.flatnonzero(np.isfinite(distance))
+        if matched.size < min_columns:
+            continue
+        agreement = float(np.mean(species[matched] == reference_species[nearest[matched]]))
+        if agreement < min_agreement:
+            continue
+        same = matched[species[matched] == reference_species[nearest[matched]]]
+        fine = np.median(reference_points[nearest[same]] - moved[same], axis=0)
+        return LatticeSnap(candidate + fine, int(matched.size), agreement, nearest[matched])
+    return None
+
+
 def register_to_graph(
     points: np.ndarray,
     scattering: np.ndarray,
@@ -1199,6 +1318,24 @@ class Registrar:
                 sigma = math.hypot(survey_match.sigma_nm, drift_sigma)
                 quality = survey_match.correlation
         self.part_of(tile_id)
+        if method in ("survey", "predicted") and not is_first and vectors is not None and len(columns):
+            # Placed without the overlap search, the tile may still overlap stitched columns;
+            # merged off their lattice, each of those would become a second node.
+            true_vectors = _specimen_vectors(vectors, velocity, t_line, tile.pixel_size_nm)
+            snapped = self._snap(corrected + offset, columns, tile, graph, true_vectors, offset)
+            if snapped is not None:
+                snap, anchor = snapped
+                offset = offset + snap.shift_nm
+                matched = snap.matched
+                self._join(tile_id, anchor)
+                if method == "predicted":
+                    method, quality = "lattice", 0.0
+                    reason = (
+                        f"lattice-locked to {snap.matched} stitched columns at the prediction: no cell "
+                        "search was possible; the cell is the prediction's"
+                    )
+                else:
+                    reason = f"lattice-locked to {snap.matched} stitched columns at the survey's placement"
         if method == "predicted" and not is_first:
             registered = False
             reason = (
@@ -1272,6 +1409,42 @@ class Registrar:
             moves.append((tiles, shift))
         return moves
 
+    def _snap(
+        self,
+        placed: np.ndarray,
+        columns: Columns,
+        tile: Tile,
+        graph: Any,
+        vectors: LatticeVectors,
+        offset: np.ndarray,
+    ) -> tuple[LatticeSnap, str] | None:
+        """Snap a tile placed at ``offset`` onto the stitched columns it overlaps, and the part it joins."""
+        x_min, x_max, y_min, y_max = tile.extent_nm
+        margin = 0.5
+        nodes = graph.nodes_in(x_min + offset[0] - margin, x_max + offset[0] + margin,
+                               y_min + offset[1] - margin, y_max + offset[1] + margin)  # fmt: skip
+        if nodes.size < self.config.min_lock_columns:
+            return None
+        snap = snap_to_overlap(
+            placed,
+            columns.species,
+            np.stack([graph.x_nm[nodes], graph.y_nm[nodes]], 1),
+            graph.species[nodes],
+            vectors,
+            self.config.min_lock_columns,
+            self.config.min_species_agreement,
+        )
+        if snap is None:
+            return None
+        tiles, counts = np.unique(graph.first_tile[nodes[snap.reference]], return_counts=True)
+        parts: dict[str, int] = {}
+        for index, count in zip(tiles, counts, strict=True):
+            part = self.part_of(graph.tile_ids[int(index)])
+            parts[part] = parts.get(part, 0) + int(count)
+        # The part with the most columns under the tile anchors it (ties: the first by name).
+        anchor = max(sorted(parts), key=parts.__getitem__)
+        return snap, anchor
+
     @staticmethod
     def _drift_corrected(columns: Columns, velocity: np.ndarray, t_line: float) -> np.ndarray:
         t = columns.row_px * t_line
@@ -1319,14 +1492,7 @@ class Registrar:
             for part in labels
         }
         priority = np.array([ranks[part] for part in sorted(labels, key=labels.__getitem__)])[label]
-        # Undo the drift shear in the lattice vectors: they become the specimen's.
-        shear = velocity * t_line / tile.pixel_size_nm
-        true_vectors = LatticeVectors(
-            vectors.a1 + shear * vectors.a1[1],
-            vectors.a2 + shear * vectors.a2[1],
-            vectors.sigma_nm,
-            vectors.count,
-        )
+        true_vectors = _specimen_vectors(vectors, velocity, t_line, tile.pixel_size_nm)
         return _OverlapContext(
             reference=np.stack([graph.x_nm[nodes], graph.y_nm[nodes]], 1),
             scattering=graph.scattering[nodes],
@@ -1362,6 +1528,19 @@ class Registrar:
             reference_fingerprint=context.fingerprint,
             group_priority=context.priority,
         )  # fmt: skip
+
+
+def _specimen_vectors(
+    vectors: LatticeVectors, velocity: np.ndarray, t_line: float, pixel_size_nm: float
+) -> LatticeVectors:
+    """A tile's lattice vectors with the drift shear undone: the specimen's, nm."""
+    shear = velocity * t_line / pixel_size_nm
+    return LatticeVectors(
+        vectors.a1 + shear * vectors.a1[1],
+        vectors.a2 + shear * vectors.a2[1],
+        vectors.sigma_nm,
+        vectors.count,
+    )
 
 
 @dataclass(frozen=True)

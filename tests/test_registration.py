@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.columns import ColumnFinderConfig, find_columns
+from agent.columns import SPECIES_A, SPECIES_B, ColumnFinderConfig, find_columns
 from agent.driver import ScanRequest, Tile
 from agent.graph import MoleculeGraph
 from agent.journal import read_journal
@@ -17,6 +17,7 @@ from agent.registration import (
     Registrar,
     RegistrationConfig,
     frame_velocity,
+    snap_to_overlap,
     tile_velocity,
 )
 from agent.session import BudgetConfig, ScanSettings, Session, SessionConfig
@@ -118,6 +119,64 @@ def test_a_periodic_lattice_is_never_claimed_one_cell_off(periodic) -> None:
     assert "cannot tell one cell from the next" in placed.reason
     assert placed.sigma_nm >= RegistrationConfig().placement_sigma_nm
     # Snapped to the lattice: the overlap has no duplicate columns even so.
+    assert duplicate_pairs(graph) == 0
+
+
+def perovskite_columns(
+    cells: int = 12, a: float = SPACING, shear: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A and B column positions (nm) of a square cation lattice, optionally sheared along x."""
+    i, j = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+    a_sites = np.stack([i.ravel() * a, j.ravel() * a], 1)
+    points = np.concatenate([a_sites, a_sites + a / 2])
+    points[:, 0] += shear * points[:, 1]
+    return points, np.repeat([SPECIES_A, SPECIES_B], cells * cells).astype(np.int8)
+
+
+SQUARE = LatticeVectors(np.array([SPACING, 0.0]), np.array([0.0, SPACING]), 0.0, 100)
+
+
+@pytest.mark.parametrize("shift", [(0.13, -0.05), (-0.19, 0.0), (0.14, 0.14)])
+def test_snap_puts_a_tile_off_the_lattice_back_on_it(shift: tuple[float, float]) -> None:
+    reference, kinds = perovskite_columns()
+    # The tile: the same columns, moved off the lattice (the last one near a cell corner).
+    snap = snap_to_overlap(reference + shift, kinds, reference, kinds, SQUARE)
+    assert snap is not None and snap.agreement == 1.0
+    moved = reference + shift + snap.shift_nm
+    # Onto the lattice, by the nearest lattice translation at which A lies on A.
+    whole = np.linalg.solve(np.stack([SQUARE.a1, SQUARE.a2], 1), (moved - reference).T).T
+    assert np.allclose(whole, np.round(whole), atol=1e-6)
+    assert np.hypot(*snap.shift_nm) < 0.45
+
+
+def test_snap_never_puts_a_on_b_and_follows_a_distorted_reference() -> None:
+    reference, kinds = perovskite_columns(cells=30, shear=0.004)  # 0.05 nm of shear across it
+    undistorted, _ = perovskite_columns(cells=30)
+    # Moved by half a diagonal, every A column lies on a B one: the snap must go to A on A.
+    tile = undistorted[:450] + np.array([SPACING / 2, SPACING / 2]) + 0.03
+    snap = snap_to_overlap(tile, kinds[:450], reference, kinds, SQUARE)
+    assert snap is not None and snap.agreement == 1.0 and snap.matched >= 400
+    distance = np.hypot(*(tile[:, None] + snap.shift_nm - reference[None]).transpose(2, 0, 1))
+    nearest = distance.argmin(axis=1)
+    on_column = distance.min(axis=1) < 0.03
+    assert on_column.mean() > 0.9
+    assert np.all(kinds[nearest[on_column]] == kinds[:450][on_column])
+
+
+def test_snap_needs_enough_overlapping_columns() -> None:
+    reference, kinds = perovskite_columns()
+    assert snap_to_overlap(reference[:8] + 0.1, kinds[:8], reference, kinds, SQUARE) is None
+    far = reference + 100.0
+    assert snap_to_overlap(far, kinds, reference, kinds, SQUARE) is None
+
+
+def test_a_thin_overlap_without_a_cell_search_is_still_snapped_to_the_lattice(periodic) -> None:
+    # 0.34 nm of overlap: too few columns to score cells, enough to find the lattice's phase.
+    # Merged where the prediction put it, each of those columns would be a second node.
+    _, placed, graph = place_pair(periodic, (0.13, 0.05), dx=9.9)
+    assert placed.method == "lattice" and placed.registered
+    assert "at the prediction" in placed.reason and 12 <= placed.matched_columns < 50
+    assert placed.sigma_nm >= RegistrationConfig().placement_sigma_nm
     assert duplicate_pairs(graph) == 0
 
 
