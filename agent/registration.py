@@ -1399,10 +1399,20 @@ class Registrar:
                 context.vectors, np.zeros(2), self.config.search_sigmas * self.config.placement_sigma_nm,
                 self.config,
             )  # fmt: skip
-            if match is None:
-                continue
+            if match is not None:
+                offset = match.offset_nm
+            else:
+                # No cell search possible (the indexing slipped): at least the part's columns
+                # under the tile go onto its lattice, the cell nearest where the part is now.
+                snap = snap_to_overlap(
+                    points[near], context.species[members][near], placed, columns.species, context.vectors,
+                    self.config.min_lock_columns, self.config.min_species_agreement,
+                )  # fmt: skip
+                if snap is None:
+                    continue
+                offset = snap.shift_nm
             tiles = tuple(sorted(t for t in self._parent if self.part_of(t) == part))
-            shift = (float(match.offset_nm[0]), float(match.offset_nm[1]))
+            shift = (float(offset[0]), float(offset[1]))
             for name in tiles:
                 self.shifts[name] = self.shifts.get(name, np.zeros(2)) + np.asarray(shift)
             self._join(part, tile_id)
