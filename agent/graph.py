@@ -388,7 +388,13 @@ class MoleculeGraph:
         tolerance = self.config.match_tolerance_fraction * spacing
         x_min, x_max, y_min, y_max = extent_nm
         weight_new = self._observation_weight(columns, extent_nm)
-        existing = self.nodes_in(x_min - tolerance, x_max + tolerance, y_min - tolerance, y_max + tolerance)
+        # Columns may lie outside the scanned area (cut to the lattice it found): they match too.
+        existing = self.nodes_in(
+            min(x_min, float(columns.x_nm.min())) - tolerance,
+            max(x_max, float(columns.x_nm.max())) + tolerance,
+            min(y_min, float(columns.y_nm.min())) - tolerance,
+            max(y_max, float(columns.y_nm.max())) + tolerance,
+        )
         matched_new = np.zeros(0, dtype=np.int64)
         matched_old = np.zeros(0, dtype=np.int64)
         if existing.size:

@@ -276,3 +276,18 @@ def test_lattice_rotation_sees_a_rotated_grain_not_the_frame_rotation() -> None:
     assert np.all((rotation[inner_rim] > -0.5) & (rotation[inner_rim] < 6.5))
     assert np.all((rotation[outer_rim] < 0.5) & (rotation[outer_rim] > -6.5))
     assert np.median(rotation[inner_rim]) > 0.5 and np.median(rotation[outer_rim]) < -0.5
+
+
+def test_columns_outside_a_cut_scanned_area_still_match_the_nodes_they_fall_on() -> None:
+    # The scanned area of a tile is cut to the lattice it found (a film edge, a dim strip); the
+    # columns beyond the cut are still columns seen before, not new nodes beside the old ones.
+    spacing = 0.4
+    i, j = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
+    xy = np.stack([i.ravel() * spacing, j.ravel() * spacing], 1) + 0.2
+    species = np.full(len(xy), SPECIES_A, dtype=np.int8)
+    graph = MoleculeGraph(GraphConfig(lattice_spacing_nm=spacing))
+    graph.merge(_lattice_columns(xy, species, spacing), (0.0, 8.0, 0.0, 8.0))
+    again = _lattice_columns(xy + 0.01, species, spacing)
+    report = graph.merge(again, (0.0, 5.0, 0.0, 8.0))  # the second tile's area cut at x = 5 nm
+    assert report.added == 0 and report.matched == len(xy)
+    assert len(graph) == len(xy)
