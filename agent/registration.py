@@ -749,6 +749,11 @@ def _lattice_grid(
     return grids
 
 
+def _combined_basis(vectors: LatticeVectors) -> np.ndarray:
+    """Columns ``(a1 + a2) / 2`` and ``(a1 - a2) / 2``: the cells of the combined A+B pattern, nm."""
+    return np.stack([0.5 * (vectors.a1 + vectors.a2), 0.5 * (vectors.a1 - vectors.a2)], 1)
+
+
 def _lattice_phase(positions: np.ndarray, basis: np.ndarray, origin: np.ndarray) -> np.ndarray:
     """Circular mean of the positions' fractional lattice coordinates about ``origin``, in [-1/2, 1/2)."""
     fraction = np.linalg.solve(basis, (positions - origin).T).T
@@ -832,7 +837,7 @@ def snap_to_overlap(
     """
     if len(points) < min_columns or len(reference_points) < min_columns:
         return None
-    basis = np.stack([0.5 * (vectors.a1 + vectors.a2), 0.5 * (vectors.a1 - vectors.a2)], 1)
+    basis = _combined_basis(vectors)
     cell = float(np.hypot(*basis[:, 0]))
     tree = cKDTree(reference_points)
     # Within the combined A+B lattice every point is at most cell / sqrt 2 from a column.
@@ -840,9 +845,7 @@ def snap_to_overlap(
     near = np.isfinite(distance)
     if np.count_nonzero(near) < min_columns:
         return None
-    displacement = reference_points[nearest[near]] - points[near]
-    fraction = np.linalg.solve(basis, displacement.T).T
-    phase = np.angle(np.exp(2j * np.pi * fraction).mean(axis=0)) / (2 * np.pi)
+    phase = _lattice_phase(reference_points[nearest[near]] - points[near], basis, np.zeros(2))
     steps = np.arange(-2, 3)
     m, n = np.meshgrid(steps, steps, indexing="ij")
     candidates = (phase + np.stack([m.ravel(), n.ravel()], 1)) @ basis.T
@@ -856,10 +859,11 @@ def snap_to_overlap(
         matched = np.flatnonzero(np.isfinite(distance))
         if matched.size < min_columns:
             continue
-        agreement = float(np.mean(species[matched] == reference_species[nearest[matched]]))
+        agrees = species[matched] == reference_species[nearest[matched]]
+        agreement = float(np.mean(agrees))
         if agreement < min_agreement:
             continue
-        same = matched[species[matched] == reference_species[nearest[matched]]]
+        same = matched[agrees]
         fine = np.median(reference_points[nearest[same]] - moved[same], axis=0)
         return LatticeSnap(candidate + fine, int(matched.size), agreement, nearest[matched])
     return None
@@ -933,7 +937,7 @@ def register_to_graph(
     if len(points) < config.min_overlap_columns or len(reference_points) < config.min_overlap_columns:
         return None
     # The combined A+B pattern repeats every half diagonal: its cells are (a1 +- a2) / 2.
-    basis = np.stack([0.5 * (vectors.a1 + vectors.a2), 0.5 * (vectors.a1 - vectors.a2)], 1)
+    basis = _combined_basis(vectors)
     origin = points[0] + prior_offset_nm
     if reference_group is None:
         groups = [np.arange(len(reference_points))]

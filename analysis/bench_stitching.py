@@ -287,13 +287,7 @@ def summarise_cases(cases: list[dict[str, Any]]) -> dict[str, Any]:
         by_method[method] = {
             "tiles": len(chosen),
             "residual_median_nm": _median([t["residual_nm"] for t in chosen]),
-            "survey_frame_residual_median_nm": _median(
-                [
-                    t["survey_frame_residual_nm"]
-                    for t in chosen
-                    if t.get("survey_frame_residual_nm") is not None
-                ]
-            ),
+            "survey_frame_residual_median_nm": _median([t["survey_frame_residual_nm"] for t in chosen]),
             "within_2_sigma": float(np.mean([t["residual_nm"] <= 2 * t["claimed_sigma_nm"] for t in chosen]))
             if chosen
             else None,
